@@ -1,0 +1,79 @@
+"""What every dataset builder returns, and the helpers builders share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset, Subset
+
+
+class TensorImages(Dataset):
+    """Images held in memory as one uint8 tensor [N, C, H, W]; the fast path for small datasets."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | Sequence[int]) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 [N, C, H, W] images, got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.targets = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+
+@dataclass
+class DataSplits:
+    """Raw splits (samples not yet transformed) plus what the model and transforms need to know."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    classes: list[str]
+    channels: int
+    size: tuple[int, int] | None  # every sample's (H, W) when fixed; None when images vary in size
+    skipped: int = 0  # files found but not readable as images
+
+    def split(self, name: str) -> Dataset:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+def targets_of(dataset: Dataset) -> np.ndarray:
+    """Labels of a dataset without decoding its images."""
+    if isinstance(dataset, Subset):
+        return targets_of(dataset.dataset)[np.asarray(dataset.indices)]
+    for attr in ("targets", "labels", "_labels"):
+        if hasattr(dataset, attr):
+            return np.asarray(getattr(dataset, attr))
+    return np.asarray([label for _, label in dataset])
+
+
+def stratified_split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split off ``fraction`` of ``dataset`` with the class proportions kept, reproducibly."""
+    if fraction <= 0:
+        return dataset, Subset(dataset, [])
+    labels = targets_of(dataset)
+    keep, held = train_test_split(
+        np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed
+    )
+    return Subset(dataset, np.sort(keep).tolist()), Subset(dataset, np.sort(held).tolist())
+
+
+class Transformed(Dataset):
+    """Applies a per-sample transform to the image of another dataset's (image, label) pairs."""
+
+    def __init__(self, dataset: Dataset, transform: Callable | None) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return (self.transform(image) if self.transform else image), label

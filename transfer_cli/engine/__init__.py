@@ -1,0 +1,1 @@
+"""The generic training loop, its hooks, device/precision helpers and checkpoint files."""

@@ -1,0 +1,64 @@
+"""Device choice, mixed precision and reproducibility settings."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from transfer_cli.errors import UserError
+
+_AMP_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[name]:
+        usable = [d for d, ok in available.items() if ok]
+        raise UserError(f"trainer.device={name} is not available on this machine. Available: auto, {', '.join(usable)}.")
+    return torch.device(name)
+
+
+@dataclass
+class Precision:
+    """torch.autocast for the forward pass and a GradScaler (active only for fp16) for the backward."""
+
+    name: str
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.dtype = _AMP_DTYPES[self.name]
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.name == "16-mixed" and self.device.type == "cuda")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def configure_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,121 @@
+"""One flat training loop. Everything optional (evaluation, logging, checkpoints, progress) is a hook."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from transfer_cli.engine.device import Precision
+from transfer_cli.engine.metrics import Meter, logit_metrics
+from transfer_cli.methods.base import Method
+
+
+@dataclass
+class State:
+    """What hooks can see and change while fitting."""
+
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    max_epochs: int
+    steps_per_epoch: int  # batches per epoch
+    epoch: int = 0  # 0-based index of the current epoch
+    step: int = 0  # optimizer steps taken so far
+    batch: int = 0  # index of the current batch within the epoch
+    meter: Meter = field(default_factory=Meter)
+    epoch_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> metrics, this epoch
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per (epoch, split)
+    best: dict[str, Any] = field(default_factory=dict)
+    stop: bool = False
+
+
+class Hook:
+    def before_fit(self, state: State) -> None: ...
+    def before_epoch(self, state: State) -> None: ...
+    def after_step(self, state: State) -> None: ...
+    def after_epoch(self, state: State) -> None: ...
+    def after_fit(self, state: State) -> None: ...
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    return batch
+
+
+def fit(
+    state: State,
+    loader: Iterable,
+    device: torch.device,
+    precision: Precision,
+    hooks: Sequence[Hook] = (),
+    accumulate: int = 1,
+    grad_clip: float | None = None,
+) -> State:
+    method, optimizer, scaler = state.method, state.optimizer, precision.scaler
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    for hook in hooks:
+        hook.before_fit(state)
+    for epoch in range(state.epoch, state.max_epochs):
+        state.epoch, state.meter, state.epoch_metrics = epoch, Meter(), {}
+        method.train()
+        for hook in hooks:
+            hook.before_epoch(state)
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        for index, batch in enumerate(loader):
+            state.batch = index
+            batch = to_device(batch, device)
+            with precision.autocast():
+                out = method.training_step(batch)
+            scaler.scale(out["loss"] / accumulate).backward()
+            if (index + 1) % accumulate == 0 or index + 1 == state.steps_per_epoch:
+                if grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                state.scheduler.step()
+                state.step += 1
+            state.meter.update(out)
+            for hook in hooks:
+                hook.after_step(state)
+        seconds = time.perf_counter() - start
+        train = state.meter.compute()
+        state.epoch_metrics["train"] = {**train, "lr": lr, "seconds": seconds,
+                                        "samples_per_s": state.meter.count / seconds}
+        for hook in hooks:
+            hook.after_epoch(state)
+        if state.stop:
+            break
+    for hook in hooks:
+        hook.after_fit(state)
+    return state
+
+
+@torch.no_grad()
+def predict(method: Method, loader: DataLoader, device: torch.device, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, on the CPU) and labels for every sample of ``loader``."""
+    method.eval()
+    logits, labels = [], []
+    for x, y in loader:
+        with precision.autocast():
+            out = method.predict(to_device(x, device))
+        logits.append(out.float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(method: Method, loader: DataLoader, device: torch.device, precision: Precision) -> dict[str, float]:
+    start = time.perf_counter()
+    logits, labels = predict(method, loader, device, precision)
+    seconds = time.perf_counter() - start
+    return {**logit_metrics(logits, labels), "seconds": seconds, "samples_per_s": len(labels) / seconds}

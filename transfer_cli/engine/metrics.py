@@ -1,0 +1,52 @@
+"""Classification metrics shared by training, validation and `transfer eval`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
+
+
+def accuracy_columns(num_classes: int) -> tuple[int, ...]:
+    return (1, 5) if num_classes >= 5 else (1,)
+
+
+class Meter:
+    """Running sums kept on the device, so training never waits for the GPU until someone reads them."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def update(self, out: dict[str, torch.Tensor]) -> None:
+        labels, logits = out["labels"], out["logits"]
+        n = labels.shape[0]
+        for key, value in out.items():
+            if key.startswith("loss"):
+                self._add(key, value.detach().float() * n)
+        for k in accuracy_columns(logits.shape[1]):
+            self._add(f"acc{k}", topk_correct(logits, labels, k))
+        self.count += n
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def compute(self) -> dict[str, float]:
+        if not self.count:
+            return {}
+        out = {}
+        for key, total in self.sums.items():
+            scale = 100.0 if key.startswith("acc") else 1.0
+            out[key] = scale * total.item() / self.count
+        return out
+
+
+def logit_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    metrics = {"loss": F.cross_entropy(logits.float(), labels).item()}
+    for k in accuracy_columns(logits.shape[1]):
+        metrics[f"acc{k}"] = 100.0 * topk_correct(logits, labels, k).item() / len(labels)
+    return metrics

@@ -1,0 +1,83 @@
+"""A backbone (body + feature size + stage split) and the classifier built on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from transfer_cli.data.transforms import InputSpec, WeightsMeta
+from transfer_cli.errors import UserError
+from transfer_cli.models.input import InputAdapter
+
+Stage = list[str]  # parameter-name prefixes inside the body
+
+
+@dataclass
+class Backbone:
+    name: str
+    body: nn.Module  # images -> features [N, feature_dim]
+    feature_dim: int
+    stages: list[Stage]  # stem first, head excluded
+    channels: int  # input channels the first layer takes
+    min_size: int = 8
+    fixed_size: int | None = None  # some architectures take exactly one input size (ViT: 224)
+    weights_meta: WeightsMeta | None = None
+
+
+def detach_head(name: str, model: nn.Module) -> tuple[nn.Module, int]:
+    """Replace the model's last Linear layer (its classifier) with Identity; return (body, feature_dim)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"backbone={name} has no linear classifier layer to replace, so it cannot be used here.")
+    path, last = linears[-1]
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, nn.Identity())
+    return model, last.in_features
+
+
+def in_stage(param_name: str, stage: Stage) -> bool:
+    return any(param_name == p or param_name.startswith(p + ".") for p in stage)
+
+
+def complete_stages(body: nn.Module, stages: list[Stage]) -> list[Stage]:
+    """Drop stages without parameters; give parameters no stage claims (e.g. ViT's class token) to the stem."""
+    names = [n for n, _ in body.named_parameters()]
+    stages = [s for s in stages if any(in_stage(n, s) for n in names)]
+    orphans = [n for n in names if not any(in_stage(n, s) for s in stages)]
+    if orphans:
+        stages[0] = stages[0] + orphans
+    return stages
+
+
+def describe_stage(stage: Stage) -> str:
+    return "+".join(stage) if len(stage) <= 3 else f"{stage[0]}+...({len(stage)})"
+
+
+class Classifier(nn.Module):
+    """InputAdapter -> backbone body -> linear head. What every method trains and every checkpoint holds."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, spec: InputSpec) -> None:
+        super().__init__()
+        self.backbone_name = backbone.name
+        self.stages = backbone.stages
+        self.spec = spec
+        self.input = InputAdapter(spec)
+        self.body = backbone.body
+        self.head = nn.Linear(backbone.feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.input(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def stage_parameters(self, index: int) -> list[nn.Parameter]:
+        stage = self.stages[index]
+        return [p for n, p in self.body.named_parameters() if in_stage(n, stage)]
+
+    def stage_modules(self, index: int) -> list[nn.Module]:
+        stage = self.stages[index]
+        return [m for n, m in self.body.named_modules() if n and in_stage(n, stage)]

@@ -1,0 +1,72 @@
+"""Stage split of torchvision architectures: stem first, then blocks, head excluded.
+
+``method.freeze=k`` freezes the first k stages. Families with a known layout get their natural
+stages; everything else falls back to the top-level children, expanding the main feature container.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from transfer_cli.models.backbone import Stage, complete_stages
+
+_EXPAND = ("features", "trunk_output", "layers")  # containers whose children are the blocks
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _resnet(model: nn.Module) -> list[Stage]:
+    return [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+
+
+def _vgg(model: nn.Module) -> list[Stage]:
+    stages: list[Stage] = [[]]
+    for name, layer in model.features.named_children():
+        stages[-1].append(f"features.{name}")
+        if isinstance(layer, nn.MaxPool2d):
+            stages.append([])
+    return [*stages, ["classifier"]]
+
+
+def _densenet(model: nn.Module) -> list[Stage]:
+    stages: list[Stage] = [["features.conv0", "features.norm0"]]
+    for name, _ in model.features.named_children():
+        if name.startswith("denseblock"):
+            stages.append([f"features.{name}"])
+        elif name.startswith("transition") or name == "norm5":
+            stages[-1].append(f"features.{name}")
+    return stages
+
+
+def _vit(model: nn.Module) -> list[Stage]:
+    blocks = [[f"encoder.layers.{n}"] for n, _ in model.encoder.layers.named_children()]
+    blocks[-1].append("encoder.ln")
+    return [["conv_proj", "class_token", "encoder.pos_embedding"], *blocks]
+
+
+def _generic(model: nn.Module) -> list[Stage]:
+    stages: list[Stage] = []
+    for name, child in model.named_children():
+        if name in _EXPAND and isinstance(child, nn.Sequential):
+            stages += [[f"{name}.{n}"] for n, c in child.named_children() if _has_params(c)]
+        elif _has_params(child):
+            stages.append([name])
+    return stages
+
+
+_FAMILIES = {
+    "resnet": _resnet,
+    "resnext": _resnet,
+    "wide_resnet": _resnet,
+    "vgg": _vgg,
+    "densenet": _densenet,
+    "vit": _vit,
+}
+
+
+def torchvision_stages(name: str, body: nn.Module) -> list[Stage]:
+    family = next((f for f in _FAMILIES if name.startswith(f)), None)
+    split = _FAMILIES[family] if family else _generic
+    return complete_stages(body, split(body))

@@ -1,0 +1,92 @@
+"""Optimizers and learning-rate schedules (registered in OPTIMIZERS and SCHEDULERS).
+
+Every schedule steps once per optimizer step, so warmup and decay are smooth whatever the epoch size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+from transfer_cli.registries import OPTIMIZERS, SCHEDULERS
+
+Params = list[dict[str, Any]]
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(params: Params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+        nesterov: bool = False) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+@OPTIMIZERS.register("adam")
+def adam(params: Params, lr: float = 1e-3, betas: list[float] = (0.9, 0.999), eps: float = 1e-8,
+         weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(params: Params, lr: float = 1e-3, betas: list[float] = (0.9, 0.999), eps: float = 1e-8,
+          weight_decay: float = 0.01) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+@OPTIMIZERS.register("adagrad")
+def adagrad(params: Params, lr: float = 0.01, lr_decay: float = 0.0, weight_decay: float = 0.0,
+            eps: float = 1e-10) -> torch.optim.Optimizer:
+    return torch.optim.Adagrad(params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
+
+
+@OPTIMIZERS.register("rmsprop")
+def rmsprop(params: Params, lr: float = 1e-3, alpha: float = 0.99, momentum: float = 0.0,
+            weight_decay: float = 0.0, eps: float = 1e-8) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(params, lr=lr, alpha=alpha, momentum=momentum, weight_decay=weight_decay, eps=eps)
+
+
+def _with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, after: Callable[[int], float]) -> LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return after(step - warmup_steps)
+
+    return LambdaLR(optimizer, factor)
+
+
+@SCHEDULERS.register("none")
+def constant(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
+             warmup_epochs: float = 0.0) -> LRScheduler:
+    return _with_warmup(optimizer, round(warmup_epochs * steps_per_epoch), lambda _: 1.0)
+
+
+@SCHEDULERS.register("cosine")
+def cosine(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
+           warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0) -> LRScheduler:
+    warmup = round(warmup_epochs * steps_per_epoch)
+    decay_steps = max(1, total_steps - warmup)
+
+    def after(step: int) -> float:
+        progress = min(1.0, step / decay_steps)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return _with_warmup(optimizer, warmup, after)
+
+
+@SCHEDULERS.register("step")
+def step(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
+         step_epochs: float = 30.0, gamma: float = 0.1, warmup_epochs: float = 0.0) -> LRScheduler:
+    warmup = round(warmup_epochs * steps_per_epoch)
+    every = max(1, round(step_epochs * steps_per_epoch))
+    return _with_warmup(optimizer, warmup, lambda s: gamma ** (s // every))
+
+
+@SCHEDULERS.register("onecycle")
+def onecycle(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
+             pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4) -> LRScheduler:
+    # The configured learning rate is the peak; OneCycle warms up to it and anneals below it.
+    max_lr = [group["lr"] for group in optimizer.param_groups]
+    return OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(total_steps, 1), pct_start=pct_start,
+                      div_factor=div_factor, final_div_factor=final_div_factor)

@@ -1,0 +1,54 @@
+"""Builds the pieces of a run from the config: data, model, loaders. Shared by train and eval."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transfer_cli.config import DatasetConfig
+from transfer_cli.data.splits import DataSplits, Transformed
+from transfer_cli.data.transforms import InputSpec, resolve_input, sample_transform
+from transfer_cli.models.backbone import Classifier
+from transfer_cli.registries import BACKBONES, DATASETS
+
+
+@dataclass
+class Built:
+    splits: DataSplits
+    model: Classifier
+    spec: InputSpec
+
+
+def build_data(cfg: DatasetConfig) -> DataSplits:
+    return DATASETS.get(cfg.name)(cfg)
+
+
+def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weights: str) -> Built:
+    bb = BACKBONES.get(backbone)(weights=weights, in_channels=splits.channels)
+    spec = resolve_input(data_cfg, splits, bb.channels, bb.min_size, bb.fixed_size, bb.weights_meta)
+    return Built(splits, Classifier(bb, len(splits.classes), spec), spec)
+
+
+def rebuild_model(backbone: str, num_classes: int, spec: InputSpec, in_channels: int) -> Classifier:
+    """The architecture of a checkpoint, randomly initialised (its weights are loaded next)."""
+    bb = BACKBONES.get(backbone)(weights="none", in_channels=in_channels)
+    return Classifier(bb, num_classes, spec)
+
+
+def make_loader(dataset: Dataset, splits: DataSplits, spec: InputSpec, cfg: DatasetConfig, train: bool,
+                device: torch.device, seed: int = 0, batch_size: int | None = None) -> DataLoader:
+    transform = sample_transform(spec, splits.size, cfg.augment, train)
+    size = batch_size or (cfg.batch_size if train else cfg.eval_batch_size or 2 * cfg.batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        Transformed(dataset, transform) if transform else dataset,
+        batch_size=size,
+        shuffle=train,
+        drop_last=train and len(dataset) > size,  # a last batch of one breaks BatchNorm statistics
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+        generator=generator,
+    )

@@ -1,0 +1,128 @@
+"""One small generic registry: name -> builder, with config checking against the builder's signature."""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from transfer_cli.errors import UserError, choices
+
+_SCALARS = (int, float, bool, str)
+
+
+class Registry:
+    """Maps names to builder functions or classes.
+
+    ``kind`` is the config key the registry serves (``optimizer``, ``method`` ...), so error messages
+    name the exact key a user has to change.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+            key = name or fn.__name__
+            if key in self._entries:
+                raise ValueError(f"{self.kind} {key!r} is registered twice")
+            self._entries[key] = fn
+            return fn
+
+        return add
+
+    def add(self, name: str, fn: Callable[..., Any]) -> None:
+        self.register(name)(fn)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> Callable[..., Any]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UserError(
+                f"{self.kind}={name!r} is not a known {self.kind}. Known: {choices(self.names(), 60)}."
+            ) from None
+
+    def check(self, cfg: Mapping[str, Any], provided: tuple[str, ...] = ()) -> None:
+        """Reject keys the builder does not take and values of the wrong type, before any work starts.
+
+        ``provided`` names the arguments the pipeline passes itself (e.g. ``params``), which a
+        config may not set.
+        """
+        name = cfg.get("name")
+        fn = self.get(name)
+        params = _parameters(fn)
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+        allowed = [k for k, p in params.items() if k not in provided and p.kind is not p.VAR_KEYWORD]
+        for key, value in cfg.items():
+            if key == "name":
+                continue
+            if key in provided or (key not in params and not takes_any):
+                raise UserError(
+                    f"{self.kind}.{key} is not an option of {self.kind} {name!r}. "
+                    f"Allowed keys: {choices(['name', *allowed])}."
+                )
+            hint = hints.get(key)
+            if hint is not None and not _matches(value, hint):
+                raise UserError(
+                    f"{self.kind}.{key}={value!r} has the wrong type for {self.kind} {name!r}: "
+                    f"expected {_describe(hint)}."
+                )
+
+    def build(self, cfg: Mapping[str, Any], **provided: Any) -> Any:
+        """Check ``cfg`` and call the builder named by ``cfg['name']`` with the rest as keyword arguments."""
+        self.check(cfg, tuple(provided))
+        kwargs = {k: _plain(v) for k, v in cfg.items() if k != "name"}
+        return self.get(cfg["name"])(**provided, **kwargs)
+
+
+def _parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    params = dict(inspect.signature(fn).parameters)
+    params.pop("self", None)
+    return params
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python, so builders never see ListConfig/DictConfig."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    value = _plain(value)
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (list, tuple, Sequence):
+        args = typing.get_args(hint)
+        inner = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and all(_matches(v, inner) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in _SCALARS:
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + choices(typing.get_args(hint))
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -1,0 +1,1 @@
+"""Metrics tables, summaries, plots and console output."""

@@ -1,0 +1,53 @@
+"""Figures: learning curves per run and the confusion matrix of an evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from transfer_cli.engine.checkpoint import atomic_write  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+    plt.close(fig)
+
+
+def plot_curves(metrics: pd.DataFrame, path: Path) -> None:
+    """Loss and top-1 accuracy per epoch, one line per split."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, column, label in ((axes[0], "loss", "loss"), (axes[1], "acc1", "top-1 accuracy (%)")):
+        for split, rows in metrics.groupby("split", sort=False):
+            if len(rows) > 1:
+                ax.plot(rows["epoch"], rows[column], marker="o", ms=3, label=split)
+            else:
+                ax.scatter(rows["epoch"], rows[column], label=split, zorder=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
+    n = len(classes)
+    side = min(max(4.0, 0.45 * n + 2), 24.0)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(matrix, cmap="Blues")
+    if n <= 30:
+        ax.set_xticks(range(n), classes, rotation=90)
+        ax.set_yticks(range(n), classes)
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i, j] > threshold else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    _save(fig, path)

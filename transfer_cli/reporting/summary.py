@@ -1,0 +1,34 @@
+"""summary.json + summary.md: what a run achieved, with what, on what."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torchvision
+
+from transfer_cli import __version__
+from transfer_cli.engine.checkpoint import atomic_write_text
+
+
+def versions() -> dict[str, str]:
+    return {"transfer_cli": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__}
+
+
+def command_line() -> str:
+    """The command as typed; the CLI puts ``transfer <command>`` in argv[0]."""
+    return " ".join(sys.argv)
+
+
+def write_summary(folder: Path, summary: dict[str, Any], tables: dict[str, pd.DataFrame]) -> None:
+    atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    lines = [f"# {summary.get('name', 'run')}", "", f"`{summary.get('command', '')}`", ""]
+    for title, df in tables.items():
+        lines += [f"## {title}", "", df.to_markdown(index=False, floatfmt=".4g"), ""]
+    atomic_write_text(folder / "summary.md", "\n".join(lines))

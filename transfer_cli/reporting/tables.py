@@ -1,0 +1,34 @@
+"""Tables written as CSV + Markdown (pandas) and shown with rich."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from rich.table import Table
+
+from transfer_cli.engine.checkpoint import atomic_write, atomic_write_text
+
+
+def write_table(df: pd.DataFrame, path: Path, markdown: bool = True) -> None:
+    """``path`` is the CSV; a Markdown twin goes next to it when ``markdown`` is set."""
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+    if markdown:
+        atomic_write_text(path.with_suffix(".md"), df.to_markdown(index=False, floatfmt=".4g") + "\n")
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def rich_table(df: pd.DataFrame, title: str | None = None, highlight: Sequence[int] = ()) -> Table:
+    table = Table(title=title, header_style="bold")
+    for column in df.columns:
+        table.add_column(str(column), justify="right" if pd.api.types.is_numeric_dtype(df[column]) else "left")
+    for i, row in enumerate(df.itertuples(index=False)):
+        table.add_row(*(_cell(v) for v in row), style="bold green" if i in highlight else None)
+    return table

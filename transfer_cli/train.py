@@ -1,0 +1,136 @@
+"""`transfer train`: config -> data -> model -> method -> optimizer -> loop -> tables, checkpoints, plots."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from transfer_cli.engine.checkpoint import atomic_write_text, read_checkpoint
+from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
+from transfer_cli.engine.hooks import Checkpointer, EvalHook, MetricsWriter, metrics_frame
+from transfer_cli.engine.loop import State, evaluate, fit
+from transfer_cli.pipeline import build_data, build_model, make_loader
+from transfer_cli.registries import METHODS, OPTIMIZERS, SCHEDULERS
+from transfer_cli.reporting.plots import plot_curves
+from transfer_cli.reporting.progress import ProgressHook
+from transfer_cli.reporting.summary import command_line, versions, write_summary
+from transfer_cli.reporting.tables import rich_table, write_table
+
+
+def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    started = time.perf_counter()
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    configure_threads(cfg.trainer.threads)
+    device = resolve_device(cfg.trainer.device)
+    precision = Precision(str(cfg.trainer.precision), device)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    splits = build_data(cfg.dataset)
+    built = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights)
+    method = METHODS.build(cfg.method, model=built.model).to(device)
+    if cfg.trainer.channels_last:
+        method.to(memory_format=torch.channels_last)
+    train_loader = make_loader(splits.train, splits, built.spec, cfg.dataset, True, device, cfg.seed)
+    val_loader = make_loader(splits.val, splits, built.spec, cfg.dataset, False, device)
+    steps_per_epoch = len(train_loader)
+    optimizer_cfg = OmegaConf.to_container(cfg.optimizer)
+    groups = method.param_groups(optimizer_cfg.get("lr", 1e-3), optimizer_cfg.get("weight_decay", 0.0))
+    optimizer = OPTIMIZERS.build(cfg.optimizer, params=groups)
+    total_steps = math.ceil(steps_per_epoch / cfg.trainer.accumulate) * cfg.trainer.epochs
+    scheduler = SCHEDULERS.build(cfg.scheduler, optimizer=optimizer, total_steps=total_steps,
+                                 steps_per_epoch=math.ceil(steps_per_epoch / cfg.trainer.accumulate))
+    if cfg.trainer.compile:
+        method.model.compile()
+
+    about = method.describe()
+    console.print(
+        f"[bold]{cfg.dataset.name}[/] ({len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
+        f"{len(splits.classes)} classes{f', {splits.skipped} non-image files skipped' if splits.skipped else ''}) "
+        f"-> [bold]{cfg.backbone.name}[/] weights={cfg.backbone.weights} input {built.spec.channels}x{built.spec.size}"
+        f"x{built.spec.size} -> [bold]{cfg.method.name}[/]: {about['params_trainable']:,}/{about['params_total']:,} "
+        f"parameters trainable, on {device} ({precision.name})",
+        highlight=False,
+    )
+
+    def checkpoint_meta(state: State) -> dict[str, Any]:
+        return {
+            "backbone": cfg.backbone.name,
+            "num_classes": len(splits.classes),
+            "classes": splits.classes,
+            "in_channels": splits.channels,
+            "input": built.spec.to_dict(),
+            "epoch": state.epoch + 1,
+            "metrics": state.epoch_metrics,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+
+    state = State(method, optimizer, scheduler, cfg.trainer.epochs, steps_per_epoch)
+    hooks = [
+        EvalHook(val_loader, device, precision, "val"),
+        MetricsWriter(run_dir / "metrics.csv"),
+        Checkpointer(run_dir / "checkpoints", checkpoint_meta),
+        *method.hooks(),
+        ProgressHook(console, cfg.trainer.progress, cfg.trainer.log_every),
+    ]
+    fit(state, train_loader, device, precision, hooks, cfg.trainer.accumulate, cfg.trainer.grad_clip)
+
+    # Report the test split once, with the weights that were best on validation.
+    best_state, _ = read_checkpoint(str(run_dir / "checkpoints" / "best.safetensors"))
+    method.model.load_state_dict(best_state)
+    test_loader = make_loader(splits.test, splits, built.spec, cfg.dataset, False, device)
+    test = evaluate(method, test_loader, device, precision)
+    state.history.append({"epoch": state.best["epoch"], "split": "test", **test})
+    metrics = metrics_frame(state.history)
+    write_table(metrics, run_dir / "metrics.csv", markdown=True)
+    if cfg.trainer.plots:
+        plot_curves(metrics, run_dir / "curves.png")
+
+    summary = {
+        "name": cfg.name,
+        "run_dir": str(run_dir),
+        "command": command_line(),
+        "dataset": cfg.dataset.name,
+        "backbone": cfg.backbone.name,
+        "weights": cfg.backbone.weights,
+        "method": cfg.method.name,
+        "epochs": state.epoch + 1,
+        "best": state.best,
+        "test": test,
+        "final": dict(state.epoch_metrics),
+        **about,
+        "wall_time_s": time.perf_counter() - started,
+        "device": str(device),
+        "precision": precision.name,
+        "versions": versions(),
+    }
+    table = summary_frame(summary)
+    write_summary(run_dir, summary, {"Result": table, "Metrics per epoch": metrics})
+    console.print(rich_table(table, title=f"{cfg.name}: {run_dir}"))
+    return summary
+
+
+def summary_frame(summary: dict[str, Any]) -> pd.DataFrame:
+    val = summary["final"].get("val", {})
+    row = {
+        "dataset": summary["dataset"],
+        "backbone": summary["backbone"],
+        "method": summary["method"],
+        "epochs": summary["epochs"],
+        "best_epoch": summary["best"]["epoch"],
+        "val_acc1": summary["best"]["value"],
+        "final_val_acc1": val.get("acc1"),
+        "test_acc1": summary["test"]["acc1"],
+        "test_loss": summary["test"]["loss"],
+        "trainable": summary["params_trainable"],
+        "params": summary["params_total"],
+        "seconds": round(summary["wall_time_s"], 1),
+    }
+    return pd.DataFrame([row])
