@@ -12,7 +12,7 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
@@ -29,6 +29,7 @@ commands:
 `transfer COMMAND --help` lists the config groups and every key."""
 
 err_console = Console(stderr=True)
+_USER_FULL_ERROR = "TRANSFER_CLI_FULL_ERROR"  # the user's HYDRA_FULL_ERROR, kept while we set Hydra's
 
 
 def conf_dir() -> Path:
@@ -41,6 +42,22 @@ def _run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def _user_errors_exit(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Report a UserError inside the job, where Hydra would otherwise add its own failure line."""
+
+    def run(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except UserError as err:
+            if os.environ.get(_USER_FULL_ERROR) == "1":
+                raise
+            _report(str(err))
+            raise SystemExit(EXIT_USER_ERROR) from None
+
+    return run
+
+
+@_user_errors_exit
 def _train(cfg: DictConfig) -> float:
     from transfer_cli.train import run_train
 
@@ -49,6 +66,7 @@ def _train(cfg: DictConfig) -> float:
     return float(summary["best"]["value"])  # what a Hydra sweeper (Optuna) maximises
 
 
+@_user_errors_exit
 def _eval(cfg: DictConfig) -> None:
     from transfer_cli.evaluate import run_eval
 
@@ -81,7 +99,7 @@ def _allowed_keys(config_name: str, overrides: list[str], full_key: str) -> list
     try:
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
             cfg = compose(config_name, overrides=kept)
-        node = cfg.select(parent) if parent else cfg
+        node = OmegaConf.select(cfg, parent) if parent else cfg
         return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else None
     except Exception:  # noqa: BLE001 - best effort; the original message still gets shown
         return None
@@ -102,7 +120,9 @@ def _composition_message(err: Exception, config_name: str, overrides: list[str])
             known = f" Keys under {parent}: {choices(allowed)}." if allowed else ""
             return f"{shown}: there is no option {full_key.rpartition('.')[2]!r}.{known}"
         return f"{shown} is not valid: {reason}."
-    text = " ".join(str(err).split())
+    text = " ".join(str(err).split()).split(" Config search path:")[0]
+    if "'backbone/" in text:
+        text += ". Any torchvision classification model also works as backbone.name=NAME"
     return re.sub(r"\s*Available options in '(\w+)':", r" Available \1 options:", text)
 
 
@@ -125,19 +145,16 @@ def main(argv: list[str] | None = None) -> None:
     app = hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(task)
 
     show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ[_USER_FULL_ERROR] = "1" if show_traceback else "0"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's own reporter
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     try:
         app()
-    except UserError as err:
+    except (UserError, ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as err:
         if show_traceback:
             raise
-        _report(str(err))
-        sys.exit(EXIT_USER_ERROR)
-    except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as err:
-        if show_traceback:
-            raise
-        _report(_composition_message(err, config_name, overrides))
+        message = str(err) if isinstance(err, UserError) else _composition_message(err, config_name, overrides)
+        _report(message)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         _report("interrupted; checkpoints and tables written so far are kept.")

@@ -21,7 +21,7 @@ from transfer_cli.registries import METHODS, OPTIMIZERS, SCHEDULERS
 from transfer_cli.reporting.plots import plot_curves
 from transfer_cli.reporting.progress import ProgressHook
 from transfer_cli.reporting.summary import command_line, versions, write_summary
-from transfer_cli.reporting.tables import rich_table, write_table
+from transfer_cli.reporting.tables import rich_record, write_table
 
 
 def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
@@ -58,6 +58,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         f"x{built.spec.size} -> [bold]{cfg.method.name}[/]: {about['params_trainable']:,}/{about['params_total']:,} "
         f"parameters trainable, on {device} ({precision.name})",
         highlight=False,
+        soft_wrap=True,
     )
 
     def checkpoint_meta(state: State) -> dict[str, Any]:
@@ -113,7 +114,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     }
     table = summary_frame(summary)
     write_summary(run_dir, summary, {"Result": table, "Metrics per epoch": metrics})
-    console.print(rich_table(table, title=f"{cfg.name}: {run_dir}"))
+    console.print(rich_record(table.iloc[0].to_dict(), title=f"{cfg.name}  ->  {run_dir}"), soft_wrap=True)
     return summary
 
 

@@ -17,11 +17,12 @@ def _conv_block(cin: int, cout: int, pool: bool) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    """Four conv-BN-ReLU blocks (32-32-64-128 channels), global pooling, one linear classifier."""
+    """Three conv-BN-ReLU blocks (32-64-128 channels), each halving the resolution, global average
+    pooling, one linear classifier. ~94k parameters; about 7.5 MMACs per 28x28 image."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()
-        self.block1 = _conv_block(in_channels, 32, pool=False)
+        self.block1 = _conv_block(in_channels, 32, pool=True)
         self.block2 = _conv_block(32, 64, pool=True)
         self.block3 = _conv_block(64, 128, pool=True)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())

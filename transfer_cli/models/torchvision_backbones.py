@@ -30,7 +30,7 @@ def _weights_enum(name: str, value: str) -> Any:
         return enum[member]
     raise UserError(
         f"backbone.weights={value!r} is not a weights name for backbone={name}. Allowed: none, DEFAULT, "
-        f"{choices(enum.__members__)}, or a path to a .safetensors / torch state-dict file."
+        f"{choices(m for m in enum.__members__ if m != 'DEFAULT')}, or a path to a .safetensors / torch state-dict file."
     )
 
 

@@ -58,7 +58,7 @@ class ProgressHook(Hook):
     def after_epoch(self, state: State) -> None:
         if self.mode == "none":
             return
-        self.console.print(epoch_line(state), highlight=False)
+        self.console.print(epoch_line(state), highlight=False, soft_wrap=True)
         if self.progress:
             self.progress.update(self.epochs, completed=state.epoch + 1)
 

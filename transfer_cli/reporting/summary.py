@@ -14,6 +14,7 @@ import torchvision
 
 from transfer_cli import __version__
 from transfer_cli.engine.checkpoint import atomic_write_text
+from transfer_cli.reporting.tables import markdown_table
 
 
 def versions() -> dict[str, str]:
@@ -30,5 +31,5 @@ def write_summary(folder: Path, summary: dict[str, Any], tables: dict[str, pd.Da
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     lines = [f"# {summary.get('name', 'run')}", "", f"`{summary.get('command', '')}`", ""]
     for title, df in tables.items():
-        lines += [f"## {title}", "", df.to_markdown(index=False, floatfmt=".4g"), ""]
+        lines += [f"## {title}", "", markdown_table(df), ""]
     atomic_write_text(folder / "summary.md", "\n".join(lines))

@@ -16,13 +16,27 @@ def write_table(df: pd.DataFrame, path: Path, markdown: bool = True) -> None:
     """``path`` is the CSV; a Markdown twin goes next to it when ``markdown`` is set."""
     atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
     if markdown:
-        atomic_write_text(path.with_suffix(".md"), df.to_markdown(index=False, floatfmt=".4g") + "\n")
+        atomic_write_text(path.with_suffix(".md"), markdown_table(df) + "\n")
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    return df.to_markdown(index=False, floatfmt=".4g").replace(" nan ", "     ")
 
 
 def _cell(value: object) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.4g}"
     return str(value)
+
+
+def rich_record(record: dict[str, object], title: str | None = None) -> Table:
+    """One row shown as key/value lines: fits a narrow terminal or a CI log."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for key, value in record.items():
+        table.add_row(key, _cell(value))
+    return table
 
 
 def rich_table(df: pd.DataFrame, title: str | None = None, highlight: Sequence[int] = ()) -> Table:

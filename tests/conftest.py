@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+from rich.console import Console
+
+from transfer_cli.cli import conf_dir
+from transfer_cli.config import register_schemas
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, skipping the test (with the reason) when it is not there."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: this test needs the shared real data/weights folder next to the repo")
+    return path
+
+
+@pytest.fixture
+def compose_cfg():
+    """Compose a config the way `transfer train` does, for in-process tests."""
+
+    def _compose(*overrides: str, config_name: str = "config") -> DictConfig:
+        register_schemas()
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            return compose(config_name, overrides=list(overrides))
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def quiet_console() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "transfer_cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=600)
