@@ -100,7 +100,7 @@ def _allowed_keys(config_name: str, overrides: list[str], full_key: str) -> list
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
             cfg = compose(config_name, overrides=kept)
         node = OmegaConf.select(cfg, parent) if parent else cfg
-        return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else None
+        return [str(k) for k in node] if isinstance(node, DictConfig) else None
     except Exception:  # noqa: BLE001 - best effort; the original message still gets shown
         return None
     finally:

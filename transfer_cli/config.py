@@ -96,7 +96,6 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="eval_schema", node=EvalConfig)
-    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
 
 
 def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

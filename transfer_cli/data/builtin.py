@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ def _root(cfg: DatasetConfig) -> Path:
     return Path(cfg.root or DEFAULT_ROOT).expanduser()
 
 
-def _open_maybe_gz(path: Path):
+def _open_maybe_gz(path: Path) -> BinaryIO:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
@@ -97,7 +97,8 @@ def _esl_usps_split(root: Path, split: str) -> TensorImages | None:
     path = root / ESL_USPS_FILES[split]
     if not path.is_file():
         return None
-    table = np.loadtxt(gzip.open(path))
+    with gzip.open(path) as f:
+        table = np.loadtxt(f)
     pixels = np.clip(np.round((table[:, 1:] + 1.0) * 127.5), 0, 255).astype(np.uint8)
     return TensorImages(torch.from_numpy(pixels).reshape(-1, 1, 16, 16), table[:, 0].astype(np.int64))
 

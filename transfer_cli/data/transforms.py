@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.utils.data import Subset
 from torchvision.transforms import v2
 
 from transfer_cli.config import DatasetConfig
@@ -42,12 +43,15 @@ class WeightsMeta:
 
 
 def _train_pixels(splits: DataSplits) -> torch.Tensor | None:
+    """The train split's pixels when it is an in-memory tensor (possibly behind nested subsets)."""
     ds, indices = splits.train, None
-    if hasattr(ds, "indices"):
-        ds, indices = ds.dataset, ds.indices
+    while isinstance(ds, Subset):
+        picked = torch.as_tensor(ds.indices, dtype=torch.long)
+        indices = picked if indices is None else picked[indices]
+        ds = ds.dataset
     if not isinstance(ds, TensorImages):
         return None
-    return ds.images if indices is None else ds.images[torch.as_tensor(indices, dtype=torch.long)]
+    return ds.images if indices is None else ds.images[indices]
 
 
 def _statistics(splits: DataSplits) -> tuple[list[float], list[float]]:

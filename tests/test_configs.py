@@ -1,0 +1,59 @@
+"""Every YAML of every config group composes against the schemas and passes validation."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from transfer_cli.cli import conf_dir
+from transfer_cli.config import validate
+from transfer_cli.errors import UserError
+
+GROUPS = ["dataset", "backbone", "method", "optimizer", "scheduler", "trainer", "experiment"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((conf_dir() / g).glob("*.yaml"))]
+
+
+def test_every_group_has_options():
+    assert {g for g, _ in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_validates(compose_cfg, group, option):
+    overrides = [f"{group}={option}"]
+    if group == "dataset" and option == "imagefolder":
+        overrides.append("dataset.root=somewhere")
+    cfg = compose_cfg(*overrides)
+    validate(cfg)
+    if group in ("dataset", "backbone", "method", "optimizer", "scheduler"):
+        assert cfg[group].name == OmegaConf.load(Path(conf_dir() / group / f"{option}.yaml")).name
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_eval_config_composes_with_and_without_dataset(compose_cfg):
+    cfg = compose_cfg("checkpoint=x.safetensors", config_name="eval")
+    assert cfg.dataset is None and cfg.split == "test"
+    cfg = compose_cfg("checkpoint=x.safetensors", "dataset=usps", "dataset.root=r", config_name="eval")
+    assert cfg.dataset.name == "usps" and cfg.dataset.root == "r"
+
+
+def test_experiment_overrides_only_what_it_names(compose_cfg):
+    cfg = compose_cfg("experiment=digits_resnet18")
+    assert cfg.backbone.name == "resnet18" and cfg.method.freeze == 2 and cfg.trainer.epochs == 3
+    assert cfg.dataset.name == "digits" and cfg.optimizer.name == "adamw"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.precision=fp8", r"trainer.precision='fp8' is not allowed. Allowed: 32, bf16-mixed, 16-mixed"),
+    ("trainer.device=tpu", r"trainer.device='tpu' is not allowed"),
+    ("dataset.augment=mixup", r"dataset.augment='mixup' is not allowed. Allowed: none, flip_crop"),
+    ("dataset.val_fraction=1.5", r"dataset.val_fraction=1.5 is not allowed"),
+    ("trainer.epochs=0", r"trainer.epochs=0 is not allowed. Allowed: an integer >= 1"),
+    ("backbone.name=resnet19", r"backbone='resnet19' is not a known backbone. Known: alexnet"),
+    ("method.bn=maybe", r"method.bn='maybe' has the wrong type for method 'finetune': expected one of train, frozen"),
+    ("+optimizer.momentum=0.9", r"optimizer.momentum is not an option of optimizer 'adamw'"),
+    ("scheduler=step scheduler.gamma=x", r"scheduler.gamma='x' has the wrong type"),
+])
+def test_validate_rejects_bad_values_before_any_work(compose_cfg, override, message):
+    cfg = compose_cfg(*override.split())
+    with pytest.raises(UserError, match=message):
+        validate(cfg)

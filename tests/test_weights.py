@@ -1,0 +1,91 @@
+"""Pretrained weights: local files (safetensors / torch state dicts) and torchvision's cache."""
+
+import pytest
+import torch
+import torchvision.models as tvm
+from conftest import shared_path
+from safetensors.torch import save_file
+
+from transfer_cli.errors import UserError
+from transfer_cli.registries import BACKBONES
+
+
+def test_local_safetensors_with_module_prefix_loads_into_the_body(tmp_path, capsys):
+    source = tvm.mobilenet_v3_small()
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    bb = BACKBONES.get("mobilenet_v3_small")(weights=str(path))
+    body = bb.body.state_dict()
+    assert torch.equal(body["features.0.0.weight"], source.state_dict()["features.0.0.weight"])
+    assert bb.weights_meta is not None and bb.weights_meta.crop == 224  # ImageNet preprocessing assumed
+
+
+def test_local_torch_file_with_other_head_reports_and_keeps_the_rest(tmp_path, capsys):
+    source = tvm.resnet18(num_classes=7)
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, path)
+    bb = BACKBONES.get("resnet18")(weights=str(path))
+    assert torch.equal(bb.body.state_dict()["layer4.1.conv2.weight"], source.state_dict()["layer4.1.conv2.weight"])
+    err = capsys.readouterr().err
+    assert "2 shape differs" in err and "fc.weight" in err
+
+
+def test_weights_file_for_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"foo.weight": torch.zeros(3, 3)}, str(path))
+    with pytest.raises(UserError, match=r"does not match backbone=resnet18: none of its 1 tensors fit"):
+        BACKBONES.get("resnet18")(weights=str(path))
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match=r"backbone.weights='.*nope.safetensors': no such file"):
+        BACKBONES.get("resnet18")(weights=str(tmp_path / "nope.safetensors"))
+
+
+def test_enum_weights_come_from_a_prefilled_torch_home(tmp_path, monkeypatch):
+    """With the file where torchvision expects it, enum weights load offline."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+    torch.manual_seed(1)
+    source = tvm.mobilenet_v3_small()
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(source.state_dict(), cache / weights.url.rsplit("/", 1)[1])
+    bb = BACKBONES.get("mobilenet_v3_small")(weights="DEFAULT")
+    assert torch.equal(bb.body.state_dict()["features.1.block.0.0.weight"],
+                       source.state_dict()["features.1.block.0.0.weight"])
+    assert bb.weights_meta.mean == [0.485, 0.456, 0.406] and bb.weights_meta.crop == 224
+
+
+def test_enum_weights_not_cached_offline_name_the_cache_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr("torch.hub.download_url_to_file", _offline)
+    with pytest.raises(UserError, match=r"not in the torch cache and could not be downloaded .* Put the file at "
+                                         + str(tmp_path / "hub" / "checkpoints" / "mobilenet_v3_small")):
+        BACKBONES.get("mobilenet_v3_small")(weights="IMAGENET1K_V1")
+
+
+def _offline(*args, **kwargs):
+    import urllib.error
+
+    raise urllib.error.URLError("network unreachable")
+
+
+def test_unknown_enum_name_lists_the_real_ones():
+    with pytest.raises(UserError, match=r"Allowed: none, DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2"):
+        BACKBONES.get("resnet50")(weights="IMAGENET22K")
+
+
+def test_shared_imagenet_mobilenet_v2_loads_every_tensor(capsys):
+    path = shared_path("weights", "imagenet_mobilenet_v2", "mobilenet_v2_imagenet1k_dequantized_fp32.safetensors")
+    bb = BACKBONES.get("mobilenet_v2")(weights=str(path))
+    assert "loaded 314/314 tensors" in capsys.readouterr().err
+    assert bb.feature_dim == 1280
+
+
+def test_shared_mnist_lenet5_loads_into_lenet(capsys):
+    path = shared_path("weights", "mnist_lenet5", "lenet5_mnist.pth")
+    bb = BACKBONES.get("lenet")(weights=str(path))
+    assert "loaded 10/10 tensors" in capsys.readouterr().err
+    assert bb.feature_dim == 84 and bb.channels == 1
