@@ -102,3 +102,22 @@ def test_input_adapter_turns_gray_uint8_into_normalised_rgb():
     assert out.shape == (2, 3, 16, 16) and torch.allclose(out, torch.ones_like(out))
     rgb_to_gray = InputAdapter(InputSpec(channels=1, size=8, mean=[0.0], std=[1.0]))
     assert torch.allclose(rgb_to_gray(torch.full((1, 3, 8, 8), 255, dtype=torch.uint8)), torch.ones(1, 1, 8, 8))
+
+
+def test_imagefolder_of_real_digit_pngs_trains(tmp_path, compose_cfg, quiet_console):
+    from sklearn.datasets import load_digits
+
+    from transfer_cli.train import run_train
+
+    bunch = load_digits()
+    for i, (pixels, label) in enumerate(zip(bunch.images[:600], bunch.target[:600], strict=True)):
+        split = "val" if i % 5 == 0 else "train"
+        folder = tmp_path / "digits" / split / f"digit{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((pixels * 255 / 16).astype(np.uint8)).convert("RGB").save(folder / f"{i}.png")
+    (tmp_path / "digits" / "train" / "README.txt").write_text("class folders only")
+    cfg = compose_cfg("dataset=imagefolder", f"dataset.root={tmp_path / 'digits'}", "dataset.image_size=16",
+                      "dataset.augment=none", "trainer.epochs=8", "trainer.plots=false")
+    summary = run_train(cfg, tmp_path / "run", quiet_console)
+    assert summary["test"]["acc1"] > 85
+    assert "digit9" in (tmp_path / "run" / "checkpoints" / "best.json").read_text()
