@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,13 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
 from transfer_cli.config import register_schemas, validate
+from transfer_cli.engine.checkpoint import atomic_write_text
 from transfer_cli.errors import EXIT_USER_ERROR, UserError, choices
 
 USAGE = """usage: transfer COMMAND [OVERRIDES] [--cfg job] [--help]
@@ -25,6 +29,7 @@ commands:
   train    train one run             transfer train dataset=digits backbone=resnet18 method.freeze=2
   eval     evaluate a checkpoint     transfer eval checkpoint=outputs/runs/.../checkpoints/best.safetensors
   sweep    one run per combination   transfer sweep backbone=small_cnn,resnet18 seed=0,1,2
+  report   rebuild/compare tables    transfer report outputs/sweeps/<time> [outputs/sweeps/<other>]
 
 `transfer COMMAND --help` lists the config groups and every key."""
 
@@ -42,31 +47,61 @@ def _run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def _user_errors_exit(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Report a UserError inside the job, where Hydra would otherwise add its own failure line."""
+def _in_multirun() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _record_failure(err: BaseException) -> None:
+    """A failed sweep job leaves error.json in its folder; the sweep goes on and reports it at the end."""
+    message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+    record = {"status": "failed", "error": message, "traceback": traceback.format_exc()}
+    atomic_write_text(_run_dir() / "error.json", json.dumps(record, indent=2))
+    _report(f"job {HydraConfig.get().job.num} failed: {message}")
+
+
+def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Single runs: a UserError exits 2 with one paragraph. Sweep jobs: any failure is recorded and
+    the sweep continues (NaN tells a Hydra sweeper such as Optuna that the trial failed)."""
 
     def run(cfg: DictConfig) -> Any:
         try:
             return task(cfg)
-        except UserError as err:
+        except Exception as err:
             if os.environ.get(_USER_FULL_ERROR) == "1":
                 raise
-            _report(str(err))
-            raise SystemExit(EXIT_USER_ERROR) from None
+            if _in_multirun():
+                _record_failure(err)
+                return float("nan")
+            if isinstance(err, UserError):
+                _report(str(err))
+                raise SystemExit(EXIT_USER_ERROR) from None
+            raise
 
     return run
 
 
-@_user_errors_exit
+def _job_threads(cfg: DictConfig) -> int | None:
+    """Parallel sweep jobs share the cores: each gets its slice unless trainer.threads says otherwise."""
+    if cfg.trainer.threads or not _in_multirun():
+        return cfg.trainer.threads
+    n_jobs = OmegaConf.select(HydraConfig.get().launcher, "n_jobs", default=None)
+    if not n_jobs or n_jobs == 1:
+        return None
+    cores = os.cpu_count() or 1
+    return max(1, cores // (cores if n_jobs < 0 else n_jobs))
+
+
+@_job
 def _train(cfg: DictConfig) -> float:
     from transfer_cli.train import run_train
 
     validate(cfg)
+    cfg.trainer.threads = _job_threads(cfg)
     summary = run_train(cfg, _run_dir())
     return float(summary["best"]["value"])  # what a Hydra sweeper (Optuna) maximises
 
 
-@_user_errors_exit
+@_job
 def _eval(cfg: DictConfig) -> None:
     from transfer_cli.evaluate import run_eval
 
@@ -130,12 +165,38 @@ def _report(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
 
 
+def _exit_on_failed_jobs() -> None:
+    from transfer_cli.reporting.sweep import FAILURES
+
+    if FAILURES:
+        lines = [f"job {f['job']} ({f['status']}): {f.get('error', '')}" for f in FAILURES]
+        _report(f"{len(FAILURES)} sweep job(s) did not finish; the others are in the tables.\n  " + "\n  ".join(lines))
+        sys.exit(1)
+
+
+def _report_command(args: list[str]) -> None:
+    from transfer_cli.report import run_report
+
+    if args and args[0] in ("-h", "--help"):
+        print("usage: transfer report DIR [DIR ...]\n\nRebuild tables and plots of a run or sweep folder; "
+              "with several sweep folders, compare them in one table (written under outputs/reports/).")
+        return
+    try:
+        run_report(args)
+    except UserError as err:
+        _report(str(err))
+        sys.exit(EXIT_USER_ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if argv else EXIT_USER_ERROR)
     command, rest = argv[0], argv[1:]
+    if command == "report":
+        _report_command(rest)
+        return
     if command not in COMMANDS:
         _report(f"unknown command {command!r}. Commands: {', '.join(COMMANDS)}. See `transfer --help`.")
         sys.exit(EXIT_USER_ERROR)
@@ -150,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     try:
         app()
+        if multirun:
+            _exit_on_failed_jobs()
     except (UserError, ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as err:
         if show_traceback:
             raise

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -20,7 +19,7 @@ from transfer_cli.pipeline import build_data, build_model, make_loader
 from transfer_cli.registries import METHODS, OPTIMIZERS, SCHEDULERS
 from transfer_cli.reporting.plots import plot_curves
 from transfer_cli.reporting.progress import ProgressHook
-from transfer_cli.reporting.summary import command_line, versions, write_summary
+from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary
 from transfer_cli.reporting.tables import rich_record, write_table
 
 
@@ -119,22 +118,3 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     write_summary(run_dir, summary, {"Result": table, "Metrics per epoch": metrics})
     console.print(rich_record(table.iloc[0].to_dict(), title=f"{cfg.name}  ->  {run_dir}"), soft_wrap=True)
     return summary
-
-
-def summary_frame(summary: dict[str, Any]) -> pd.DataFrame:
-    val = summary["final"].get("val", {})
-    row = {
-        "dataset": summary["dataset"],
-        "backbone": summary["backbone"],
-        "method": summary["method"],
-        "epochs": summary["epochs"],
-        "best_epoch": summary["best"]["epoch"],
-        "val_acc1": summary["best"]["value"],
-        "final_val_acc1": val.get("acc1"),
-        "test_acc1": summary["test"]["acc1"],
-        "test_loss": summary["test"]["loss"],
-        "trainable": summary["params_trainable"],
-        "params": summary["params_total"],
-        "seconds": round(summary["wall_time_s"], 1),
-    }
-    return pd.DataFrame([row])

@@ -51,3 +51,23 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     _save(fig, path)
+
+
+def plot_sweep(grouped: pd.DataFrame, keys: list[str], path: Path, metric: str = "test_acc1") -> None:
+    """``metric`` against the first swept key, one line per value of the second, error bars over seeds."""
+    x_key = keys[0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ticks = [str(v) for v in dict.fromkeys(grouped[x_key])]  # swept values, in sweep order
+    lines = grouped.groupby(keys[1], sort=False) if len(keys) > 1 else [(None, grouped)]
+    for value, rows in lines:
+        label = f"{keys[1]}={value}" if value is not None else None
+        x = [ticks.index(str(v)) for v in rows[x_key]]
+        ax.errorbar(x, rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"].fillna(0.0), marker="o", capsize=3,
+                    label=label)
+    ax.set_xticks(range(len(ticks)), ticks)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    if len(keys) > 1:
+        ax.legend()
+    _save(fig, path)

@@ -33,3 +33,22 @@ def write_summary(folder: Path, summary: dict[str, Any], tables: dict[str, pd.Da
     for title, df in tables.items():
         lines += [f"## {title}", "", markdown_table(df), ""]
     atomic_write_text(folder / "summary.md", "\n".join(lines))
+
+
+def summary_frame(summary: dict[str, Any]) -> pd.DataFrame:
+    val = summary["final"].get("val", {})
+    row = {
+        "dataset": summary["dataset"],
+        "backbone": summary["backbone"],
+        "method": summary["method"],
+        "epochs": summary["epochs"],
+        "best_epoch": summary["best"]["epoch"],
+        "val_acc1": summary["best"]["value"],
+        "final_val_acc1": val.get("acc1"),
+        "test_acc1": summary["test"]["acc1"],
+        "test_loss": summary["test"]["loss"],
+        "trainable": summary["params_trainable"],
+        "params": summary["params_total"],
+        "seconds": round(summary["wall_time_s"], 1),
+    }
+    return pd.DataFrame([row])

@@ -20,7 +20,8 @@ def write_table(df: pd.DataFrame, path: Path, markdown: bool = True) -> None:
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    return df.to_markdown(index=False, floatfmt=".4g").replace(" nan ", "     ")
+    cells = df.astype(object).where(df.notna(), None)  # gaps (val rows have no lr) print as blanks
+    return cells.to_markdown(index=False, floatfmt=".4g", missingval="")
 
 
 def _cell(value: object) -> str:

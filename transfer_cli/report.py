@@ -1,0 +1,83 @@
+"""`transfer report DIR [DIR ...]`: rebuild tables and plots from run or sweep folders already on disk."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+
+from transfer_cli.engine.checkpoint import atomic_write_text
+from transfer_cli.errors import UserError
+from transfer_cli.reporting.plots import plot_curves
+from transfer_cli.reporting.summary import summary_frame, write_summary
+from transfer_cli.reporting.sweep import (
+    group_over_seed,
+    job_dirs,
+    pretty_grouped,
+    sweep_frame,
+    write_sweep_report,
+)
+from transfer_cli.reporting.tables import rich_record, rich_table, write_table
+
+
+def is_run_dir(folder: Path) -> bool:
+    return (folder / "metrics.csv").is_file()
+
+
+def rebuild_run(folder: Path, console: Console) -> None:
+    metrics = pd.read_csv(folder / "metrics.csv")
+    write_table(metrics, folder / "metrics.csv")
+    plot_curves(metrics, folder / "curves.png")
+    summary_file = folder / "summary.json"
+    if summary_file.is_file():  # an interrupted run has metrics but no summary yet
+        summary = json.loads(summary_file.read_text())
+        table = summary_frame(summary)
+        write_summary(folder, summary, {"Result": table, "Metrics per epoch": metrics})
+        console.print(rich_record(table.iloc[0].to_dict(), title=str(folder)))
+    else:
+        console.print(rich_table(metrics.tail(6), title=f"{folder} (no summary.json: the run did not finish)"))
+
+
+def compare_sweeps(folders: list[Path], out_dir: Path, console: Console) -> pd.DataFrame:
+    frames, all_keys = [], []
+    for folder in folders:
+        df, keys = sweep_frame(folder)
+        frames.append(df.assign(sweep=folder.name))
+        all_keys += [k for k in keys if k not in all_keys]
+    combined = pd.concat(frames, ignore_index=True)
+    keys = ["sweep", *all_keys]
+    grouped = group_over_seed(combined, keys)
+    write_table(combined, out_dir / "comparison_runs.csv")
+    write_table(grouped, out_dir / "comparison.csv", markdown=False)
+    pretty = pretty_grouped(grouped, keys)
+    atomic_write_text(out_dir / "comparison.md", pretty.to_markdown(index=False) + "\n")
+    console.print(rich_table(pretty, title="sweeps compared"))
+    return grouped
+
+
+def run_report(paths: list[str], output_dir: str = "outputs", console: Console | None = None) -> None:
+    console = console or Console()
+    if not paths:
+        raise UserError("transfer report needs at least one folder: a run dir (with metrics.csv) or a sweep dir.")
+    folders = [Path(p).expanduser() for p in paths]
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"transfer report {folder}: no such folder.")
+        if not is_run_dir(folder) and not job_dirs(folder):
+            raise UserError(f"transfer report {folder}: neither a run folder (metrics.csv) nor a sweep folder "
+                            "(job folders with .hydra/overrides.yaml).")
+    if len(folders) == 1:
+        folder = folders[0]
+        if is_run_dir(folder):
+            rebuild_run(folder, console)
+        else:
+            write_sweep_report(folder, console)
+        return
+    if any(is_run_dir(f) for f in folders):
+        raise UserError("transfer report A B compares sweeps; give sweep folders (one run folder at a time otherwise).")
+    out_dir = Path(output_dir) / "reports" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    compare_sweeps(folders, out_dir, console)
+    console.print(f"written to {out_dir}")

@@ -1,0 +1,126 @@
+"""Sweep tables: one row per job, a mean ± std table over seeds, a plot, and a Hydra callback.
+
+Everything is rebuilt from what the jobs left on disk (`.hydra/overrides.yaml`, `summary.json`,
+`error.json`), so the same code serves a finished sweep, an interrupted one and `transfer report`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from transfer_cli.engine.checkpoint import atomic_write_text
+from transfer_cli.reporting.tables import rich_table, write_table
+
+GROUP_METRICS = ["val_acc1", "test_acc1", "test_loss", "seconds"]
+FAILURES: list[dict[str, Any]] = []  # failed jobs of the last sweep reported in this process
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    found = [p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")]
+    return sorted(found, key=lambda p: (len(p.parts), int(p.name) if p.name.isdigit() else p.name))
+
+
+def _overrides(job: Path) -> dict[str, str]:
+    pairs = OmegaConf.load(job / ".hydra" / "overrides.yaml")
+    out = {}
+    for item in pairs:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def read_job(job: Path) -> dict[str, Any]:
+    row: dict[str, Any] = {"job": job.name, **_overrides(job)}
+    summary, error = job / "summary.json", job / "error.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        row.update(status="ok", val_acc1=s["best"]["value"], best_epoch=s["best"]["epoch"],
+                   final_val_acc1=s["final"].get("val", {}).get("acc1"), test_acc1=s["test"]["acc1"],
+                   test_loss=s["test"]["loss"], epochs=s["epochs"], trainable=s["params_trainable"],
+                   params=s["params_total"], seconds=round(s["wall_time_s"], 2))
+    elif error.is_file():
+        row.update(status="failed", error=json.loads(error.read_text())["error"])
+    else:
+        row.update(status="incomplete")  # still running, or killed before it finished
+    return row
+
+
+def swept_keys(rows: list[dict[str, Any]], overrides: list[str]) -> list[str]:
+    """Override keys whose value differs between jobs, in the order they were given."""
+    return [k for k in overrides if len({str(r.get(k)) for r in rows}) > 1]
+
+
+def sweep_frame(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    jobs = job_dirs(sweep_dir)
+    rows = [read_job(j) for j in jobs]
+    order = list(dict.fromkeys(k for j in jobs for k in _overrides(j)))
+    keys = swept_keys(rows, order)
+    df = pd.DataFrame(rows)
+    for column in ("best_epoch", "epochs", "trainable", "params"):
+        if column in df.columns:  # failed jobs leave gaps; keep the counts integers
+            df[column] = df[column].astype("Int64")
+    fixed = ["job", *keys, "status"]
+    metrics = [c for c in ("val_acc1", "best_epoch", "final_val_acc1", "test_acc1", "test_loss", "epochs",
+                           "trainable", "params", "seconds", "error") if c in df.columns]
+    return df[fixed + metrics], keys
+
+
+def group_over_seed(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean, std and n over seeds for every combination of the other swept keys."""
+    ok = df[df["status"] == "ok"]
+    by = [k for k in keys if k != "seed"]
+    metrics = [m for m in GROUP_METRICS if m in ok.columns]
+    if ok.empty or not metrics:
+        return pd.DataFrame()
+    grouped = ok.groupby(by, sort=False) if by else ok.assign(_all="all").groupby("_all")
+    table = grouped[metrics].agg(["mean", "std"])
+    table.columns = [f"{m}_{stat}" for m, stat in table.columns]
+    table["n"] = grouped.size()
+    return table.reset_index().drop(columns=["_all"], errors="ignore")
+
+
+def pretty_grouped(grouped: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """`mean ± std` text cells: the table a paper prints."""
+    out = grouped[[k for k in keys if k in grouped.columns]].copy()
+    for metric in GROUP_METRICS:
+        if f"{metric}_mean" in grouped.columns:
+            mean, std = grouped[f"{metric}_mean"], grouped[f"{metric}_std"].fillna(0.0)
+            out[metric] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(mean, std, strict=True)]
+    out["n"] = grouped["n"]
+    return out
+
+
+def write_sweep_report(sweep_dir: Path, console: Console | None = None) -> pd.DataFrame:
+    from transfer_cli.reporting.plots import plot_sweep
+
+    console = console or Console()
+    df, keys = sweep_frame(sweep_dir)
+    write_table(df, sweep_dir / "sweep.csv")
+    grouped = group_over_seed(df, keys)
+    if not grouped.empty:
+        write_table(grouped, sweep_dir / "summary.csv", markdown=False)
+        pretty = pretty_grouped(grouped, keys)
+        atomic_write_text(sweep_dir / "summary.md", pretty.to_markdown(index=False) + "\n")
+        best = int(grouped["val_acc1_mean"].idxmax())
+        console.print(rich_table(pretty, title=f"sweep {sweep_dir} (best on validation in green)", highlight=[best]))
+        x_keys = [k for k in keys if k != "seed"]
+        if x_keys:
+            plot_sweep(grouped, x_keys, sweep_dir / "sweep.png")
+    failed = df[df["status"] != "ok"]
+    FAILURES.clear()
+    FAILURES.extend(failed.to_dict("records"))
+    return df
+
+
+class SweepReport(Callback):
+    """Hydra callback: when a multirun ends, write the sweep tables and plot into the sweep dir."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        write_sweep_report(Path(config.hydra.sweep.dir))
