@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_USER_ERROR)
     config_name, task, multirun = COMMANDS[command]
     register_schemas()
+    # Hydra refuses --multirun next to --cfg/--info/--help; those only inspect the config anyway.
+    inspect_only = any(a.split("=")[0] in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in rest)
+    multirun = multirun and not inspect_only
     sys.argv = [f"transfer {command}", *(["--multirun"] if multirun else []), *rest]
     app = hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(task)
 
