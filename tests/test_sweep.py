@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import run_cli
+
 from transfer_cli.reporting.sweep import group_over_seed
 
 
