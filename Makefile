@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check transfer_cli tests
 
 bench: $(STAMP)
-	@echo "No benchmarks yet: loop-overhead and feature-cache benchmarks arrive with their issues."
+	$(BIN)/python bench/sweep_parallel.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

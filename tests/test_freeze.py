@@ -73,7 +73,7 @@ def test_frozen_stages_do_not_change_and_the_rest_trains(name):
             assert any(changed(k) for k in learned), f"stage {index} {stage} did not train"
             if stats:
                 assert any(changed(k) for k in stats), f"BN statistics of stage {index} did not update"
-    assert changed("head.weight") and changed("head.bias")
+    assert changed("head.0.weight") and changed("head.0.bias")
 
 
 def test_freeze_all_trains_only_the_head_and_freeze_zero_trains_everything():

@@ -29,6 +29,9 @@ class DatasetConfig:
     val_fraction: float = 0.1  # carved (seeded, stratified) from train when the dataset has no val split
     test_fraction: float = 0.2  # only for datasets that ship without any test split (digits)
     split_seed: int = 0  # carved splits stay the same across training seeds
+    classes: list[int] | None = None  # keep these class indices (every split), relabelled 0..k-1 in this order
+    shots: int | None = None  # keep this many labelled train examples per class (val/test untouched)
+    fraction: float | None = None  # keep this stratified fraction of the train split
     image_size: int | None = None  # None: the weights' crop size, else the data's own size
     augment: str = "none"
     mean: list[float] | None = None  # None: the weights' statistics, else computed on the train split
@@ -42,6 +45,12 @@ class DatasetConfig:
 class BackboneConfig:
     name: str = "small_cnn"
     weights: str = "none"  # none | DEFAULT | a torchvision weights enum name | a local file
+
+
+@dataclass
+class HeadConfig:
+    hidden: list[int] = field(default_factory=list)  # widths of hidden layers; [] is a linear head
+    dropout: float = 0.0  # before every linear layer of the head
 
 
 @dataclass
@@ -67,6 +76,7 @@ class Config:
     output_dir: str = "outputs"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
     method: dict[str, Any] = field(default_factory=lambda: {"name": "finetune"})
     optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw"})
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
@@ -88,6 +98,7 @@ SCHEMAS: dict[str, type] = {
     "": Config,
     "dataset": DatasetConfig,
     "backbone": BackboneConfig,
+    "head": HeadConfig,
     "trainer": TrainerConfig,
 }
 

@@ -12,7 +12,6 @@ from rich.console import Console
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 from transfer_cli.config import DatasetConfig
-from transfer_cli.data.transforms import InputSpec
 from transfer_cli.engine.checkpoint import load_model_state, read_checkpoint
 from transfer_cli.engine.device import Precision, resolve_device
 from transfer_cli.engine.loop import predict
@@ -38,8 +37,8 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     if cfg.split not in SPLITS:
         raise bad_value("split", cfg.split, SPLITS)
     state, meta = read_checkpoint(cfg.checkpoint)
-    spec = InputSpec(**meta["input"])
-    model = rebuild_model(meta["backbone"], meta["num_classes"], spec, meta["in_channels"])
+    model = rebuild_model(meta)
+    spec = model.spec
     load_model_state(model, state, cfg.checkpoint)
     data_cfg = _dataset_config(cfg, meta)
     splits = build_data(data_cfg)

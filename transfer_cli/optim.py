@@ -90,3 +90,24 @@ def onecycle(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch
     max_lr = [group["lr"] for group in optimizer.param_groups]
     return OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(total_steps, 1), pct_start=pct_start,
                       div_factor=div_factor, final_div_factor=final_div_factor)
+
+
+def add_param_groups(optimizer: torch.optim.Optimizer, scheduler: LRScheduler, groups: Params) -> None:
+    """Add parameter groups mid-training and put them on the same schedule as the existing ones."""
+    for group in groups:
+        base = group["lr"]
+        optimizer.add_param_group(group)
+        if isinstance(scheduler, LambdaLR):
+            factor = scheduler.lr_lambdas[0]
+            scheduler.base_lrs.append(base)
+            scheduler.lr_lambdas.append(factor)
+            group["initial_lr"] = base
+            group["lr"] = base * factor(scheduler.last_epoch)
+        elif isinstance(scheduler, OneCycleLR):
+            first = optimizer.param_groups[0]
+            ratio = base / first["max_lr"]
+            for key in ("initial_lr", "max_lr", "min_lr", "lr"):
+                group[key] = first[key] * ratio
+            for key in ("max_momentum", "base_momentum"):
+                if key in first:
+                    group[key] = first[key]

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from transfer_cli.config import DatasetConfig
+from transfer_cli.config import DatasetConfig, HeadConfig
 from transfer_cli.data.splits import DataSplits, Transformed
+from transfer_cli.data.tasks import make_task
 from transfer_cli.data.transforms import InputSpec, resolve_input, sample_transform
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.registries import BACKBONES, DATASETS
@@ -22,19 +23,22 @@ class Built:
 
 
 def build_data(cfg: DatasetConfig) -> DataSplits:
-    return DATASETS.get(cfg.name)(cfg)
+    return make_task(DATASETS.get(cfg.name)(cfg), cfg)
 
 
-def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weights: str) -> Built:
+def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weights: str,
+                head: HeadConfig) -> Built:
     bb = BACKBONES.get(backbone)(weights=weights, in_channels=splits.channels)
     spec = resolve_input(data_cfg, splits, bb.channels, bb.min_size, bb.fixed_size, bb.weights_meta)
-    return Built(splits, Classifier(bb, len(splits.classes), spec), spec)
+    return Built(splits, Classifier(bb, len(splits.classes), spec, head.hidden, head.dropout), spec)
 
 
-def rebuild_model(backbone: str, num_classes: int, spec: InputSpec, in_channels: int) -> Classifier:
-    """The architecture of a checkpoint, randomly initialised (its weights are loaded next)."""
-    bb = BACKBONES.get(backbone)(weights="none", in_channels=in_channels)
-    return Classifier(bb, num_classes, spec)
+def rebuild_model(meta: dict) -> Classifier:
+    """The architecture a checkpoint sidecar describes, randomly initialised (its weights are loaded next)."""
+    bb = BACKBONES.get(meta["backbone"])(weights="none", in_channels=meta["in_channels"])
+    head = meta.get("head", {})
+    return Classifier(bb, meta["num_classes"], InputSpec(**meta["input"]), head.get("hidden", ()),
+                      head.get("dropout", 0.0))
 
 
 def make_loader(dataset: Dataset, splits: DataSplits, spec: InputSpec, cfg: DatasetConfig, train: bool,

@@ -10,11 +10,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from torch.utils.data import DataLoader
 
 from transfer_cli.engine.checkpoint import atomic_write_text, read_checkpoint
 from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
 from transfer_cli.engine.hooks import Checkpointer, EvalHook, MetricsWriter, metrics_frame
 from transfer_cli.engine.loop import State, evaluate, fit
+from transfer_cli.methods.base import DataContext
 from transfer_cli.pipeline import build_data, build_model, make_loader
 from transfer_cli.registries import METHODS, OPTIMIZERS, SCHEDULERS
 from transfer_cli.reporting.plots import plot_curves
@@ -33,19 +35,25 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     splits = build_data(cfg.dataset)
-    built = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights)
+    built = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head)
     method = METHODS.build(cfg.method, model=built.model).to(device)
     if cfg.trainer.channels_last:
         method.to(memory_format=torch.channels_last)
-    train_loader = make_loader(splits.train, splits, built.spec, cfg.dataset, True, device, cfg.seed)
-    val_loader = make_loader(splits.val, splits, built.spec, cfg.dataset, False, device)
-    steps_per_epoch = len(train_loader)
-    optimizer_cfg = OmegaConf.to_container(cfg.optimizer)
-    groups = method.param_groups(optimizer_cfg.get("lr", 1e-3), optimizer_cfg.get("weight_decay", 0.0))
-    optimizer = OPTIMIZERS.build(cfg.optimizer, params=groups)
-    total_steps = math.ceil(steps_per_epoch / cfg.trainer.accumulate) * cfg.trainer.epochs
-    scheduler = SCHEDULERS.build(cfg.scheduler, optimizer=optimizer, total_steps=total_steps,
-                                 steps_per_epoch=math.ceil(steps_per_epoch / cfg.trainer.accumulate))
+
+    def make(split: str, train: bool) -> DataLoader:
+        return make_loader(splits.split(split), splits, built.spec, cfg.dataset, train, device, cfg.seed)
+
+    identity = {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "input": built.spec.to_dict()}
+    loaders = method.loaders(make, DataContext(device, precision, identity))
+    steps_per_epoch = len(loaders["train"])
+    optimizer = scheduler = None
+    if not method.manual_optimization:
+        optimizer_cfg = OmegaConf.to_container(cfg.optimizer)
+        groups = method.param_groups(optimizer_cfg.get("lr", 1e-3), optimizer_cfg.get("weight_decay", 0.0))
+        optimizer = OPTIMIZERS.build(cfg.optimizer, params=groups)
+        steps = math.ceil(steps_per_epoch / cfg.trainer.accumulate)
+        scheduler = SCHEDULERS.build(cfg.scheduler, optimizer=optimizer, total_steps=steps * cfg.trainer.epochs,
+                                     steps_per_epoch=steps)
     if cfg.trainer.compile:
         method.model.compile()
 
@@ -67,6 +75,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             "classes": splits.classes,
             "in_channels": splits.channels,
             "input": built.spec.to_dict(),
+            "head": OmegaConf.to_container(cfg.head),
             "epoch": state.epoch + 1,
             "metrics": state.epoch_metrics,
             "config": OmegaConf.to_container(cfg, resolve=True),
@@ -74,19 +83,18 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
 
     state = State(method, optimizer, scheduler, cfg.trainer.epochs, steps_per_epoch)
     hooks = [
-        EvalHook(val_loader, device, precision, "val"),
+        EvalHook(loaders["val"], device, precision, "val"),
         MetricsWriter(run_dir / "metrics.csv"),
         Checkpointer(run_dir / "checkpoints", checkpoint_meta),
         *method.hooks(),
         ProgressHook(console, cfg.trainer.progress, cfg.trainer.log_every),
     ]
-    fit(state, train_loader, device, precision, hooks, cfg.trainer.accumulate, cfg.trainer.grad_clip)
+    fit(state, loaders["train"], device, precision, hooks, cfg.trainer.accumulate, cfg.trainer.grad_clip)
 
     # Report the test split once, with the weights that were best on validation.
     best_state, _ = read_checkpoint(str(run_dir / "checkpoints" / "best.safetensors"))
     method.model.load_state_dict(best_state)
-    test_loader = make_loader(splits.test, splits, built.spec, cfg.dataset, False, device)
-    test = evaluate(method, test_loader, device, precision)
+    test = evaluate(method, loaders["test"], device, precision)
     state.history.append({"epoch": state.best["epoch"], "split": "test", **test})
     metrics = metrics_frame(state.history)
     write_table(metrics, run_dir / "metrics.csv", markdown=True)

@@ -45,11 +45,11 @@ class DataSplits:
 
 def targets_of(dataset: Dataset) -> np.ndarray:
     """Labels of a dataset without decoding its images."""
-    if isinstance(dataset, Subset):
-        return targets_of(dataset.dataset)[np.asarray(dataset.indices)]
     for attr in ("targets", "labels", "_labels"):
         if hasattr(dataset, attr):
             return np.asarray(getattr(dataset, attr))
+    if isinstance(dataset, Subset):
+        return targets_of(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
     return np.asarray([label for _, label in dataset])
 
 

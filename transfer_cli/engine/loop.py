@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from transfer_cli.engine.device import Precision
+from transfer_cli.engine.device import Precision, to_device
 from transfer_cli.engine.metrics import Meter, logit_metrics
-from transfer_cli.methods.base import Method
+
+if TYPE_CHECKING:  # methods import the loop's hooks; the loop only needs the type
+    from transfer_cli.methods.base import Method
 
 
 @dataclass
@@ -20,7 +22,7 @@ class State:
     """What hooks can see and change while fitting."""
 
     method: Method
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None when the method optimises itself
     scheduler: Any
     max_epochs: int
     steps_per_epoch: int  # batches per epoch
@@ -42,14 +44,6 @@ class Hook:
     def after_fit(self, state: State) -> None: ...
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
-    return batch
-
-
 def fit(
     state: State,
     loader: Iterable,
@@ -60,7 +54,6 @@ def fit(
     grad_clip: float | None = None,
 ) -> State:
     method, optimizer, scaler = state.method, state.optimizer, precision.scaler
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     for hook in hooks:
         hook.before_fit(state)
     for epoch in range(state.epoch, state.max_epochs):
@@ -68,23 +61,27 @@ def fit(
         method.train()
         for hook in hooks:
             hook.before_epoch(state)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = optimizer.param_groups[0]["lr"] if optimizer else float("nan")
         start = time.perf_counter()
         for index, batch in enumerate(loader):
             state.batch = index
             batch = to_device(batch, device)
             with precision.autocast():
                 out = method.training_step(batch)
-            scaler.scale(out["loss"] / accumulate).backward()
-            if (index + 1) % accumulate == 0 or index + 1 == state.steps_per_epoch:
-                if grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                state.scheduler.step()
+            if method.manual_optimization:
                 state.step += 1
+            else:
+                scaler.scale(out["loss"] / accumulate).backward()
+                if (index + 1) % accumulate == 0 or index + 1 == state.steps_per_epoch:
+                    if grad_clip:
+                        scaler.unscale_(optimizer)
+                        params = [p for group in optimizer.param_groups for p in group["params"]]
+                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.scheduler.step()
+                    state.step += 1
             state.meter.update(out)
             for hook in hooks:
                 hook.after_step(state)

@@ -2,30 +2,52 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from transfer_cli.errors import UserError
 from transfer_cli.models.backbone import Classifier, describe_stage
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
+LoaderFactory = Callable[[str, bool], DataLoader]  # (split, train) -> loader; train: shuffled and augmented
+
+
+@dataclass
+class DataContext:
+    """What a method may need to prepare its data: where to compute, and what identifies the data."""
+
+    device: torch.device
+    precision: Any
+    identity: dict[str, Any] = field(default_factory=dict)  # dataset config + input spec, for cache keys
+
 
 class Method(nn.Module):
     """Wraps a Classifier; owns which parameters train, the loss, and any hooks it needs.
 
-    The loop only calls ``param_groups``, ``training_step``, ``predict``, ``hooks`` and ``train``;
-    it never asks which method it runs.
+    The pipeline only calls ``loaders``, ``param_groups``, ``training_step``, ``predict``, ``hooks``
+    and ``train``; it never asks which method it runs.
     """
 
-    def __init__(self, model: Classifier, label_smoothing: float = 0.0) -> None:
+    # True: training_step updates the parameters itself (e.g. full-batch L-BFGS); the loop then
+    # does no backward pass, optimizer step or schedule.
+    manual_optimization = False
+
+    def __init__(self, model: Classifier, label_smoothing: float = 0.0, layer_decay: float = 1.0,
+                 backbone_lr_mult: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
+        self.layer_decay = layer_decay
+        self.backbone_lr_mult = backbone_lr_mult
         self.frozen_norms: list[nn.Module] = []
+        self.base_lr, self.weight_decay = 0.0, 0.0
 
     # -- freezing -----------------------------------------------------------------------------
     def freeze_stages(self, depth: int | str, key: str = "method.freeze") -> int:
@@ -57,16 +79,36 @@ class Method(nn.Module):
             m.eval()
         return self
 
-    # -- what the loop calls ------------------------------------------------------------------
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Trainable parameters only; biases and norm weights get no weight decay."""
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                (decay if p.ndim > 1 else no_decay).append(p)
-        groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
-                  {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
-        return [g for g in groups if g["params"]]
+    # -- what the pipeline calls ---------------------------------------------------------------
+    def loaders(self, make: LoaderFactory, context: DataContext) -> dict[str, DataLoader]:
+        """The loaders to train, validate and test on. Methods that train on something other than
+        augmented images (cached features, paired domains) override this."""
+        return {"train": make("train", True), "val": make("val", False), "test": make("test", False)}
+
+    def lr_scale(self) -> dict[int, float]:
+        """Learning-rate multiplier per parameter: stage i of n gets backbone_lr_mult * layer_decay**(n - i),
+        so the stage next to the head gets one factor of layer_decay; the head gets 1."""
+        n = len(self.model.stages)
+        scales = {}
+        for index in range(n):
+            scale = self.backbone_lr_mult * self.layer_decay ** (n - index)
+            scales.update({id(p): scale for p in self.model.stage_parameters(index)})
+        return scales
+
+    def param_groups(self, lr: float, weight_decay: float,
+                     params: Iterable[nn.Parameter] | None = None) -> list[dict[str, Any]]:
+        """Trainable parameters (or ``params``) grouped by learning-rate scale; biases and norm weights
+        get no weight decay."""
+        self.base_lr, self.weight_decay = lr, weight_decay
+        scales = self.lr_scale()
+        chosen = [p for p in self.model.parameters() if p.requires_grad] if params is None else list(params)
+        groups: dict[tuple[float, bool], dict[str, Any]] = {}
+        for p in chosen:
+            scale, decay = scales.get(id(p), 1.0), p.ndim > 1
+            group = groups.setdefault((scale, decay), {"params": [], "lr": lr * scale, "lr_scale": scale,
+                                                       "weight_decay": weight_decay if decay else 0.0})
+            group["params"].append(p)
+        return list(groups.values())
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Returns ``loss`` (what is optimised), ``logits`` and ``labels`` (for train accuracy),

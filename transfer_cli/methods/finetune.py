@@ -1,27 +1,113 @@
-"""Fine-tuning with the first k backbone stages frozen (k=all: only the head trains)."""
+"""Fine-tuning: k stages frozen, discriminative learning rates, gradual unfreezing, L2-SP."""
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
+
+from transfer_cli.engine.loop import Hook, State
 from transfer_cli.methods.base import Method
 from transfer_cli.models.backbone import Classifier
+from transfer_cli.optim import add_param_groups
 from transfer_cli.registries import METHODS
 
 
 @METHODS.register("finetune")
 class Finetune(Method):
+    """Train the head and every stage after the first ``freeze``; ``layer_decay`` and
+    ``backbone_lr_mult`` lower the learning rate of the backbone stages."""
+
     def __init__(
         self,
         model: Classifier,
         freeze: int | str = 0,
         bn: Literal["train", "frozen"] = "train",
         label_smoothing: float = 0.0,
+        layer_decay: float = 1.0,
+        backbone_lr_mult: float = 1.0,
     ) -> None:
-        super().__init__(model, label_smoothing=label_smoothing)
+        super().__init__(model, label_smoothing, layer_decay, backbone_lr_mult)
         self.frozen_stages = self.freeze_stages(freeze)
         if bn == "frozen":
             self.freeze_norms()
 
     def describe(self) -> dict:
         return {**super().describe(), "frozen_stages": self.frozen_stages, "stages": len(self.model.stages)}
+
+
+class _UnfreezeHook(Hook):
+    def __init__(self, method: GradualUnfreeze) -> None:
+        self.method = method
+
+    def after_epoch(self, state: State) -> None:
+        if (state.epoch + 1) % self.method.every_epochs == 0:
+            self.method.unfreeze_next(state)
+
+
+@METHODS.register("gradual_unfreeze")
+class GradualUnfreeze(Method):
+    """ULMFiT-style: start with only the head training, then every ``every_epochs`` epochs unfreeze one
+    more stage from the top and add its parameters to the optimizer (at their discriminative LR)."""
+
+    def __init__(self, model: Classifier, every_epochs: int = 1, bn: Literal["train", "frozen"] = "train",
+                 label_smoothing: float = 0.0, layer_decay: float = 1.0, backbone_lr_mult: float = 1.0) -> None:
+        super().__init__(model, label_smoothing, layer_decay, backbone_lr_mult)
+        self.every_epochs = max(1, every_epochs)
+        self.bn = bn
+        self.frozen_stages = self.freeze_stages("all")
+        if bn == "frozen":
+            self.freeze_norms()
+
+    def unfreeze_next(self, state: State) -> None:
+        if self.frozen_stages == 0:
+            return
+        self.frozen_stages -= 1
+        index = self.frozen_stages
+        stage_norms = {id(m) for m in self.model.stage_modules(index)}
+        if self.bn == "train":
+            self.frozen_norms = [m for m in self.frozen_norms if id(m) not in stage_norms]
+        params = [p for p in self.model.stage_parameters(index)
+                  if self.bn == "train" or not any(p is q for m in self.frozen_norms for q in m.parameters())]
+        for p in params:
+            p.requires_grad_(True)
+        self.train(self.training)
+        add_param_groups(state.optimizer, state.scheduler, self.param_groups(self.base_lr, self.weight_decay, params))
+
+    def hooks(self) -> list[Hook]:
+        return [_UnfreezeHook(self)]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "stages": len(self.model.stages)}
+
+
+@METHODS.register("l2sp")
+class L2SP(Finetune):
+    """Fine-tuning with the L2-SP penalty (Li et al. 2018): alpha/2 ||w - w0||^2 pulls the backbone toward
+    its pretrained weights w0, beta/2 ||w_head||^2 is plain weight decay on the new head. Each term is
+    logged as its own loss column."""
+
+    def __init__(self, model: Classifier, alpha: float = 0.01, beta: float = 0.01, freeze: int | str = 0,
+                 bn: Literal["train", "frozen"] = "train", label_smoothing: float = 0.0,
+                 layer_decay: float = 1.0, backbone_lr_mult: float = 1.0) -> None:
+        super().__init__(model, freeze, bn, label_smoothing, layer_decay, backbone_lr_mult)
+        self.alpha, self.beta = alpha, beta
+        self.anchored = [p for p in model.body.parameters() if p.requires_grad]
+        for i, p in enumerate(self.anchored):  # buffers follow .to(device) and stay out of checkpoints
+            self.register_buffer(f"start_{i}", p.detach().clone(), persistent=False)
+
+    def penalties(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = (getattr(self, f"start_{i}") for i in range(len(self.anchored)))
+        to_start = sum(((p - p0) ** 2).sum() for p, p0 in zip(self.anchored, starts, strict=True))
+        head = sum((p**2).sum() for n, p in self.model.head.named_parameters() if n.endswith("weight"))
+        return 0.5 * self.alpha * to_start, 0.5 * self.beta * head
+
+    def training_step(self, batch):
+        x, y = batch
+        logits = self.model(x)
+        loss_ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        loss_l2sp, loss_head = self.penalties()
+        return {"loss": loss_ce + loss_l2sp + loss_head, "loss_ce": loss_ce.detach(),
+                "loss_l2sp": loss_l2sp.detach(), "loss_head_l2": loss_head.detach(),
+                "logits": logits.detach(), "labels": y}

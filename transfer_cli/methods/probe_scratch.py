@@ -2,19 +2,83 @@
 
 from __future__ import annotations
 
-from transfer_cli.methods.base import Method
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from transfer_cli.methods.base import DataContext, LoaderFactory, Method
+from transfer_cli.methods.feature_cache import cached_features, weights_digest
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.registries import METHODS
 
 
 @METHODS.register("linear_probe")
 class LinearProbe(Method):
-    """Backbone frozen as a fixed feature extractor (BatchNorm included); only the linear head trains."""
+    """Backbone frozen as a fixed feature extractor (BatchNorm included); only the head trains.
 
-    def __init__(self, model: Classifier, label_smoothing: float = 0.0) -> None:
+    Features are computed once per (weights, data, split, preprocessing) and cached under
+    ``cache_dir``; every epoch, and every later run with the same key, trains on the cached tensors.
+    ``solver=lbfgs`` fits the head as an L2-regularised logistic regression with full-batch L-BFGS
+    (the linear-evaluation protocol of Kornblith et al. 2019); ``solver=sgd`` uses the configured
+    optimizer on mini-batches of features.
+    """
+
+    def __init__(self, model: Classifier, solver: Literal["sgd", "lbfgs"] = "sgd", l2: float = 1e-4,
+                 max_iter: int = 20, cache: bool = True, cache_dir: str = "outputs/cache/features",
+                 label_smoothing: float = 0.0) -> None:
         super().__init__(model, label_smoothing=label_smoothing)
         self.freeze_stages("all")
         self.freeze_norms()
+        self.solver, self.l2, self.max_iter = solver, l2, max_iter
+        self.cache_dir = Path(cache_dir) if cache else None
+        self.manual_optimization = solver == "lbfgs"
+        self.on_features = False
+
+    def loaders(self, make: LoaderFactory, context: DataContext) -> dict[str, DataLoader]:
+        digest = weights_digest(self.model)
+        out = {}
+        for split in ("train", "val", "test"):
+            plain = make(split, False)  # the linear-evaluation protocol uses no augmentation
+            features, labels = cached_features(self.model, plain, split, context.identity, self.cache_dir,
+                                               context.device, context.precision, digest)
+            train = split == "train"
+            batch = len(labels) if train and self.solver == "lbfgs" else plain.batch_size
+            out[split] = DataLoader(TensorDataset(features, labels), batch_size=max(batch, 1), shuffle=train,
+                                    generator=torch.Generator().manual_seed(0))
+        self.on_features = True
+        return out
+
+    def _head_penalty(self) -> torch.Tensor:
+        return 0.5 * self.l2 * sum((p**2).sum() for n, p in self.model.head.named_parameters() if n.endswith("weight"))
+
+    def training_step(self, batch):
+        features, labels = batch
+        if self.solver == "sgd":
+            logits = self.model.head(features)
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+            return {"loss": loss, "logits": logits.detach(), "labels": labels}
+        if not hasattr(self, "lbfgs"):
+            self.lbfgs = torch.optim.LBFGS(self.model.head.parameters(), lr=1.0, max_iter=self.max_iter,
+                                           history_size=20, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            self.lbfgs.zero_grad()
+            loss = F.cross_entropy(self.model.head(features), labels) + self._head_penalty()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            self.lbfgs.step(closure)
+        with torch.no_grad():
+            logits = self.model.head(features)
+            loss = F.cross_entropy(logits, labels) + self._head_penalty()
+        return {"loss": loss, "logits": logits, "labels": labels}
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head(x) if self.on_features else self.model(x)
 
 
 @METHODS.register("scratch")

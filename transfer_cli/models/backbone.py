@@ -56,17 +56,31 @@ def describe_stage(stage: Stage) -> str:
     return "+".join(stage) if len(stage) <= 3 else f"{stage[0]}+...({len(stage)})"
 
 
-class Classifier(nn.Module):
-    """InputAdapter -> backbone body -> linear head. What every method trains and every checkpoint holds."""
+def make_head(feature_dim: int, num_classes: int, hidden: list[int] = (), dropout: float = 0.0) -> nn.Sequential:
+    """Linear head, or an MLP with ReLU between ``hidden`` layers; dropout before every linear layer."""
+    layers: list[nn.Module] = []
+    widths = [feature_dim, *hidden, num_classes]
+    for i, (width_in, width_out) in enumerate(zip(widths, widths[1:], strict=False)):
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(width_in, width_out))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
 
-    def __init__(self, backbone: Backbone, num_classes: int, spec: InputSpec) -> None:
+
+class Classifier(nn.Module):
+    """InputAdapter -> backbone body -> head. What every method trains and every checkpoint holds."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, spec: InputSpec, hidden: list[int] = (),
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.backbone_name = backbone.name
         self.stages = backbone.stages
         self.spec = spec
         self.input = InputAdapter(spec)
         self.body = backbone.body
-        self.head = nn.Linear(backbone.feature_dim, num_classes)
+        self.head = make_head(backbone.feature_dim, num_classes, list(hidden), dropout)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.input(x))

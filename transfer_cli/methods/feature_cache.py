@@ -1,0 +1,56 @@
+"""Backbone features computed once per (weights, data, split, preprocessing) and kept on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from transfer_cli.engine.checkpoint import atomic_write
+from transfer_cli.engine.device import to_device
+from transfer_cli.models.backbone import Classifier
+
+
+def weights_digest(model: Classifier) -> str:
+    """Hash of the body's weights and buffers: a different initialisation or file gives a new key."""
+    digest = hashlib.sha256()
+    for name, tensor in model.body.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(model: Classifier, split: str, identity: dict[str, Any], digest: str) -> str:
+    described = json.dumps({"backbone": model.backbone_name, "split": split, "weights": digest, **identity},
+                           sort_keys=True, default=str)
+    return hashlib.sha256(described.encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def compute_features(model: Classifier, loader: DataLoader, device: torch.device, precision: Any):
+    model.eval()
+    features, labels = [], []
+    for x, y in loader:
+        with precision.autocast():
+            features.append(model.features(to_device(x, device)).float().cpu())
+        labels.append(y)
+    return torch.cat(features), torch.cat(labels)
+
+
+def cached_features(model: Classifier, loader: DataLoader, split: str, identity: dict[str, Any],
+                    cache_dir: Path | None, device: torch.device, precision: Any, digest: str):
+    """(features, labels) of ``loader``; read from ``cache_dir`` when present, else computed and stored."""
+    if cache_dir is None:
+        return compute_features(model, loader, device, precision)
+    path = cache_dir / f"{cache_key(model, split, identity, digest)}.safetensors"
+    if path.is_file():
+        stored = load_file(str(path))
+        return stored["features"], stored["labels"]
+    features, labels = compute_features(model, loader, device, precision)
+    atomic_write(path, lambda tmp: save_file({"features": features, "labels": labels}, str(tmp)))
+    return features, labels
