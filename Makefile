@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/transfer train
+	$(BIN)/transfer sweep experiment=digits_transfer sweep=methods trainer.progress=none
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

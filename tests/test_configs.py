@@ -9,7 +9,7 @@ from transfer_cli.cli import conf_dir
 from transfer_cli.config import validate
 from transfer_cli.errors import UserError
 
-GROUPS = ["dataset", "backbone", "method", "optimizer", "scheduler", "trainer", "experiment", "sweep"]
+GROUPS = ["dataset", "source", "backbone", "method", "optimizer", "scheduler", "trainer", "experiment", "sweep"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((conf_dir() / g).glob("*.yaml"))]
 
 

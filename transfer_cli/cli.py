@@ -25,6 +25,9 @@ from transfer_cli.errors import EXIT_USER_ERROR, UserError, choices
 
 USAGE = """usage: transfer COMMAND [OVERRIDES] [--cfg job] [--help]
 
+`transfer train` with no overrides runs experiment=digits_transfer: small_cnn pretrained on digits 0-4
+(cached), fine-tuned on digits 5-9 with 5 labels per class.
+
 commands:
   train    train one run             transfer train dataset=digits backbone=resnet18 method.freeze=2
   eval     evaluate a checkpoint     transfer eval checkpoint=outputs/runs/.../checkpoints/best.safetensors
@@ -33,6 +36,7 @@ commands:
 
 `transfer COMMAND --help` lists the config groups and every key."""
 
+DEFAULT_EXPERIMENT = "digits_transfer"
 err_console = Console(stderr=True)
 _USER_FULL_ERROR = "TRANSFER_CLI_FULL_ERROR"  # the user's HYDRA_FULL_ERROR, kept while we set Hydra's
 
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         _report(f"unknown command {command!r}. Commands: {', '.join(COMMANDS)}. See `transfer --help`.")
         sys.exit(EXIT_USER_ERROR)
     config_name, task, multirun = COMMANDS[command]
+    if command == "train" and not any("=" in a and not a.startswith("-") for a in rest):
+        rest = [*rest, f"experiment={DEFAULT_EXPERIMENT}"]  # bare `transfer train`: the default transfer
     register_schemas()
     # Hydra refuses --multirun next to --cfg/--info/--help; those only inspect the config anyway.
     inspect_only = any(a.split("=")[0] in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in rest)

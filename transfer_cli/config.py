@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from transfer_cli.errors import bad_value
+from transfer_cli.errors import UserError, bad_value
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -70,6 +70,17 @@ class TrainerConfig:
 
 
 @dataclass
+class SourceConfig:
+    """The task a backbone is pretrained on when ``backbone.weights=source``."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    epochs: int = 15
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw", "lr": 2e-3, "weight_decay": 0.05})
+    seed: int = 0
+    cache_dir: str = "outputs/cache/source"
+
+
+@dataclass
 class Config:
     name: str = "default"
     seed: int = 0
@@ -77,6 +88,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    source: SourceConfig | None = None
     method: dict[str, Any] = field(default_factory=lambda: {"name": "finetune"})
     optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw"})
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
@@ -129,6 +141,12 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= cfg.dataset.val_fraction < 1.0:
         raise bad_value("dataset.val_fraction", cfg.dataset.val_fraction, "a fraction in [0, 1)")
     registries.DATASETS.get(cfg.dataset.name)
+    if cfg.backbone.weights == "source":
+        if cfg.source is None:
+            raise UserError("backbone.weights=source needs a source task to pretrain on: add source=NAME "
+                            "(e.g. source=digits_0to4) or a source: block.")
+        registries.DATASETS.get(cfg.source.dataset.name)
+        registries.OPTIMIZERS.check(cfg.source.optimizer, provided=("params",))
     registries.BACKBONES.get(cfg.backbone.name)
     registries.METHODS.check(cfg.method, provided=("model",))
     registries.OPTIMIZERS.check(cfg.optimizer, provided=("params",))

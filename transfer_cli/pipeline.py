@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -13,6 +14,9 @@ from transfer_cli.data.tasks import make_task
 from transfer_cli.data.transforms import InputSpec, resolve_input, sample_transform
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.registries import BACKBONES, DATASETS
+
+if TYPE_CHECKING:
+    from transfer_cli.source import SourceModel
 
 
 @dataclass
@@ -27,8 +31,14 @@ def build_data(cfg: DatasetConfig) -> DataSplits:
 
 
 def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weights: str,
-                head: HeadConfig) -> Built:
-    bb = BACKBONES.get(backbone)(weights=weights, in_channels=splits.channels)
+                head: HeadConfig, source: SourceModel | None = None) -> Built:
+    """The classifier for ``splits``; with ``source``, its body starts from the source-pretrained one."""
+    if source is None:
+        bb = BACKBONES.get(backbone)(weights=weights, in_channels=splits.channels)
+    else:
+        bb = BACKBONES.get(backbone)(weights="none", in_channels=source.channels)
+        bb.body.load_state_dict(source.body_state)
+        bb.weights_meta = source.meta
     spec = resolve_input(data_cfg, splits, bb.channels, bb.min_size, bb.fixed_size, bb.weights_meta)
     return Built(splits, Classifier(bb, len(splits.classes), spec, head.hidden, head.dropout), spec)
 

@@ -23,6 +23,7 @@ from transfer_cli.reporting.plots import plot_curves
 from transfer_cli.reporting.progress import ProgressHook
 from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary
 from transfer_cli.reporting.tables import rich_record, write_table
+from transfer_cli.source import source_model
 
 
 def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
@@ -34,8 +35,9 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     precision = Precision(str(cfg.trainer.precision), device)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
+    source = source_model(cfg, device, precision, console) if cfg.backbone.weights == "source" else None
     splits = build_data(cfg.dataset)
-    built = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head)
+    built = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head, source)
     method = METHODS.build(cfg.method, model=built.model).to(device)
     if cfg.trainer.channels_last:
         method.to(memory_format=torch.channels_last)
@@ -82,6 +84,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         }
 
     state = State(method, optimizer, scheduler, cfg.trainer.epochs, steps_per_epoch)
+    if source:  # the source model's own learning curve opens the run's table
+        state.history.extend(source.history)
     hooks = [
         EvalHook(loaders["val"], device, precision, "val"),
         MetricsWriter(run_dir / "metrics.csv"),
@@ -107,7 +111,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         "command": command_line(),
         "dataset": cfg.dataset.name,
         "backbone": cfg.backbone.name,
-        "weights": cfg.backbone.weights,
+        "weights": str(source.path) if source else cfg.backbone.weights,
         "method": cfg.method.name,
         "classes": len(splits.classes),
         "samples": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},

@@ -36,8 +36,8 @@ class InputSpec:
 class WeightsMeta:
     """Preprocessing that pretrained weights were trained with (torchvision's ``weights.transforms()``)."""
 
-    crop: int
-    resize: int
+    crop: int | None  # None: any input size works (a source-pretrained backbone)
+    resize: int | None
     mean: list[float]
     std: list[float]
 
@@ -97,7 +97,7 @@ def resolve_input(
     std = _fit_channels(list(cfg.std) if cfg.std is not None else std, channels, "dataset.std")
     resize = None
     if splits.size is None:  # varying sizes: resize then centre-crop, keeping the weights' ratio
-        resize = round(size * weights.resize / weights.crop) if weights else size
+        resize = round(size * weights.resize / weights.crop) if weights and weights.crop else size
     return InputSpec(channels=channels, size=size, mean=mean, std=std, resize=resize)
 
 

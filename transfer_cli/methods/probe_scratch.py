@@ -26,7 +26,7 @@ class LinearProbe(Method):
     optimizer on mini-batches of features.
     """
 
-    def __init__(self, model: Classifier, solver: Literal["sgd", "lbfgs"] = "sgd", l2: float = 1e-4,
+    def __init__(self, model: Classifier, solver: Literal["sgd", "lbfgs"] = "lbfgs", l2: float = 1e-2,
                  max_iter: int = 20, cache: bool = True, cache_dir: str = "outputs/cache/features",
                  label_smoothing: float = 0.0) -> None:
         super().__init__(model, label_smoothing=label_smoothing)

@@ -18,7 +18,7 @@ from rich.console import Console
 from transfer_cli.engine.checkpoint import atomic_write_text
 from transfer_cli.reporting.tables import rich_table, write_table
 
-GROUP_METRICS = ["val_acc1", "test_acc1", "test_loss", "seconds"]
+GROUP_METRICS = ["val_acc1", "test_acc1", "test_loss", "best_epoch", "seconds"]
 FAILURES: list[dict[str, Any]] = []  # failed jobs of the last sweep reported in this process
 
 
@@ -92,7 +92,8 @@ def pretty_grouped(grouped: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     for metric in GROUP_METRICS:
         if f"{metric}_mean" in grouped.columns:
             mean, std = grouped[f"{metric}_mean"], grouped[f"{metric}_std"].fillna(0.0)
-            out[metric] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(mean, std, strict=True)]
+            digits = 1 if metric == "best_epoch" else 2
+            out[metric] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(mean, std, strict=True)]
     out["n"] = grouped["n"]
     return out
 
@@ -109,7 +110,8 @@ def write_sweep_report(sweep_dir: Path, console: Console | None = None) -> pd.Da
         pretty = pretty_grouped(grouped, keys)
         atomic_write_text(sweep_dir / "summary.md", pretty.to_markdown(index=False) + "\n")
         best = int(grouped["val_acc1_mean"].idxmax())
-        console.print(rich_table(pretty, title=f"sweep {sweep_dir} (best on validation in green)", highlight=[best]))
+        shown = pretty.drop(columns=["test_loss"], errors="ignore")  # the files keep every column
+        console.print(rich_table(shown, title=f"sweep {sweep_dir} (best on validation in green)", highlight=[best]))
         x_keys = [k for k in keys if k != "seed"]
         if x_keys:
             plot_sweep(grouped, x_keys, sweep_dir / "sweep.png")
