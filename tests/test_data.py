@@ -121,3 +121,31 @@ def test_imagefolder_of_real_digit_pngs_trains(tmp_path, compose_cfg, quiet_cons
     summary = run_train(cfg, tmp_path / "run", quiet_console)
     assert summary["test"]["acc1"] > 85
     assert "digit9" in (tmp_path / "run" / "checkpoints" / "best.json").read_text()
+
+
+def test_class_subset_is_relabelled_in_every_split_and_shots_apply_to_train_only():
+    splits = build_data(DatasetConfig(name="digits", classes=[7, 3], shots=4))
+    assert splits.classes == ["7", "3"]
+    assert np.bincount(targets_of(splits.train)).tolist() == [4, 4]
+    test_labels = targets_of(splits.test)
+    full = build_data(DatasetConfig(name="digits"))
+    full_counts = np.bincount(targets_of(full.test))
+    assert np.bincount(test_labels).tolist() == [full_counts[7], full_counts[3]]
+    images = [img for img, label in (splits.test[i] for i in range(len(splits.test))) if label == 0]
+    sevens = [img for img, label in (full.test[i] for i in range(len(full.test))) if label == 7]
+    assert all(torch.equal(a, b) for a, b in zip(images, sevens, strict=True))
+
+
+def test_fraction_keeps_a_stratified_part_of_train():
+    splits = build_data(DatasetConfig(name="digits", fraction=0.25))
+    assert len(splits.train) == 314 and np.bincount(targets_of(splits.train)).min() >= 30
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (DatasetConfig(name="digits", classes=[3, 12]), r"dataset.classes=\[3, 12\] is not a valid class subset of dataset=digits"),
+    (DatasetConfig(name="digits", shots=500), r"dataset.shots=500 but class 0 has only \d+ train examples"),
+    (DatasetConfig(name="digits", fraction=1.5), r"dataset.fraction=1.5 is not allowed"),
+])
+def test_bad_task_settings_are_clear_errors(cfg, message):
+    with pytest.raises(UserError, match=message):
+        build_data(cfg)

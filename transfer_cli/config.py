@@ -96,14 +96,21 @@ class Config:
 
 
 @dataclass
+class EnsembleConfig:
+    name: str = "mean"  # mean | weighted | vote: how member predictions are fused
+    weights: list[float] | None = None  # weighted: one weight per checkpoint
+
+
+@dataclass
 class EvalConfig:
-    checkpoint: str = "???"
+    checkpoint: Any = "???"  # a path, or a list of paths to evaluate as an ensemble
     split: str = "test"
     output_dir: str = "outputs"
     dataset: DatasetConfig | None = None  # None: the dataset the checkpoint was trained on
     device: str = "auto"
     precision: str = "32"
     batch_size: int = 256
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
 SCHEMAS: dict[str, type] = {

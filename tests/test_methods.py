@@ -1,0 +1,172 @@
+"""Every registered method on real digits: one step, what trains, what stays, what the optimizer holds."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from transfer_cli.config import DatasetConfig, HeadConfig
+from transfer_cli.engine.device import Precision
+from transfer_cli.engine.loop import State
+from transfer_cli.methods.base import DataContext
+from transfer_cli.pipeline import build_data, build_model, make_loader
+from transfer_cli.registries import METHODS, OPTIMIZERS, SCHEDULERS
+
+CPU = torch.device("cpu")
+# Settings each method is tested with. A newly registered method without an entry fails
+# test_every_method_has_test_settings, so no method goes untested.
+METHOD_SETTINGS = {
+    "finetune": {"freeze": 1},
+    "scratch": {},
+    "linear_probe": {"solver": "sgd", "cache": False},
+    "gradual_unfreeze": {"every_epochs": 1},
+    "l2sp": {"alpha": 0.1, "beta": 0.01, "freeze": 1},
+}
+
+
+def test_every_method_has_test_settings():
+    assert set(METHODS.names()) == set(METHOD_SETTINGS)
+
+
+def setup(name: str, **settings):
+    torch.manual_seed(0)
+    data_cfg = DatasetConfig(name="digits", batch_size=32)
+    splits = build_data(data_cfg)
+    built = build_model(data_cfg, splits, "small_cnn", "none", HeadConfig())
+    method = METHODS.build({"name": name, **settings}, model=built.model)
+
+    def make(split, train):
+        return make_loader(splits.split(split), splits, built.spec, data_cfg, train, CPU)
+
+    loaders = method.loaders(make, DataContext(CPU, Precision("32", CPU), {"dataset": "digits"}))
+    return method, loaders
+
+
+def optimizer_for(method):
+    if method.manual_optimization:
+        return None, None
+    optimizer = OPTIMIZERS.build({"name": "adamw", "lr": 1e-2}, params=method.param_groups(1e-2, 0.01))
+    scheduler = SCHEDULERS.build({"name": "none"}, optimizer=optimizer, total_steps=10, steps_per_epoch=5)
+    return optimizer, scheduler
+
+
+def optimizer_params(optimizer) -> set[int]:
+    return {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_SETTINGS))
+def test_one_step_trains_exactly_the_trainable_parameters(name):
+    method, loaders = setup(name, **METHOD_SETTINGS[name])
+    optimizer, _ = optimizer_for(method)
+    trainable = {id(p) for p in method.model.parameters() if p.requires_grad}
+    if optimizer:
+        assert optimizer_params(optimizer) == trainable
+    before = {n: p.detach().clone() for n, p in method.model.named_parameters()}
+    method.train()
+    out = method.training_step(next(iter(loaders["train"])))
+    assert math.isfinite(out["loss"].item())
+    if optimizer:
+        out["loss"].backward()
+        optimizer.step()
+    for n, p in method.model.named_parameters():
+        moved = not torch.equal(before[n], p)
+        if id(p) in trainable:
+            assert moved or n.startswith("body") and name == "gradual_unfreeze", f"{n} did not train"
+        else:
+            assert not moved, f"frozen {n} changed"
+    assert any(not torch.equal(before[n], p) for n, p in method.model.head.named_parameters(prefix="head"))
+
+
+def test_linear_probe_and_gradual_unfreeze_start_with_only_the_head_trainable():
+    for name in ("linear_probe", "gradual_unfreeze"):
+        method, _ = setup(name, **METHOD_SETTINGS[name])
+        assert {id(p) for p in method.model.parameters() if p.requires_grad} == {
+            id(p) for p in method.model.head.parameters()}
+
+
+def test_gradual_unfreeze_adds_one_stage_per_epoch_to_the_optimizer_on_schedule():
+    method, _ = setup("gradual_unfreeze", every_epochs=1, layer_decay=0.5)
+    optimizer, scheduler = optimizer_for(method)
+    state = State(method, optimizer, scheduler, max_epochs=5, steps_per_epoch=1)
+    (hook,) = method.hooks()
+    for epoch, expected_frozen in ((0, 2), (1, 1), (2, 0), (3, 0)):
+        state.epoch = epoch
+        hook.after_epoch(state)
+        assert method.frozen_stages == expected_frozen
+        trainable = {id(p) for p in method.model.parameters() if p.requires_grad}
+        assert optimizer_params(optimizer) == trainable
+    lrs = {g["lr_scale"]: g["lr"] for g in optimizer.param_groups}
+    # stage i of 3 trains at lr * 0.5 ** (3 - i); the head at lr
+    assert lrs == pytest.approx({1.0: 1e-2, 0.5: 5e-3, 0.25: 2.5e-3, 0.125: 1.25e-3})
+    assert not method.frozen_norms  # every BatchNorm trains again once its stage is unfrozen
+
+
+def test_layer_decay_and_backbone_lr_mult_scale_each_stage():
+    method, _ = setup("finetune", freeze=0, layer_decay=0.5, backbone_lr_mult=0.1)
+    groups = method.param_groups(1.0, 0.0)
+    by_param = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for index in range(3):
+        for p in method.model.stage_parameters(index):
+            assert by_param[id(p)] == pytest.approx(0.1 * 0.5 ** (3 - index))
+    assert all(by_param[id(p)] == 1.0 for p in method.model.head.parameters())
+
+
+def test_l2sp_penalty_is_zero_at_the_start_and_grows_as_weights_move():
+    method, loaders = setup("l2sp", alpha=0.1, beta=0.0, freeze=0)
+    to_start, head = method.penalties()
+    assert to_start.item() == 0.0 and head.item() == 0.0
+    optimizer, _ = optimizer_for(method)
+    out = method.training_step(next(iter(loaders["train"])))
+    assert {"loss_ce", "loss_l2sp", "loss_head_l2"} <= set(out)
+    out["loss"].backward()
+    optimizer.step()
+    assert method.penalties()[0].item() > 0
+
+
+class CountingBody(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.inner, self.calls = body, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def probe_with_counter(cache_dir, image_size=None, seed=0):
+    torch.manual_seed(seed)
+    data_cfg = DatasetConfig(name="digits", batch_size=64, image_size=image_size)
+    splits = build_data(data_cfg)
+    built = build_model(data_cfg, splits, "small_cnn", "none", HeadConfig())
+    method = METHODS.build({"name": "linear_probe", "solver": "lbfgs", "cache_dir": str(cache_dir)}, model=built.model)
+    counter = CountingBody(method.model.body)
+    method.model.body = counter
+
+    def make(split, train):
+        return make_loader(splits.split(split), splits, built.spec, data_cfg, train, CPU)
+
+    identity = {"dataset": "digits", "input": built.spec.to_dict()}
+    loaders = method.loaders(make, DataContext(CPU, Precision("32", CPU), identity))
+    torch.manual_seed(1)
+    method.model.head.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    for _ in range(3):
+        method.training_step(next(iter(loaders["train"])))
+    return counter.calls, [p.detach().clone() for p in method.model.head.parameters()]
+
+
+def test_feature_cache_skips_the_backbone_on_the_second_run_with_identical_results(tmp_path):
+    calls, head = probe_with_counter(tmp_path)
+    assert calls > 0 and len(list(tmp_path.glob("*.safetensors"))) == 3  # train, val, test
+    calls_again, head_again = probe_with_counter(tmp_path)
+    assert calls_again == 0
+    assert all(torch.equal(a, b) for a, b in zip(head, head_again, strict=True))
+
+
+def test_feature_cache_is_invalidated_by_other_preprocessing_or_weights(tmp_path):
+    probe_with_counter(tmp_path)
+    calls_resized, _ = probe_with_counter(tmp_path, image_size=16)
+    assert calls_resized > 0
+    calls_other_weights, _ = probe_with_counter(tmp_path, seed=5)  # another random initialisation
+    assert calls_other_weights > 0
+    assert len(list(tmp_path.glob("*.safetensors"))) == 9
