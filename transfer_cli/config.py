@@ -66,6 +66,7 @@ class TrainerConfig:
     threads: int | None = None  # CPU threads for torch; None keeps torch's default
     progress: str = "auto"  # auto: rich bars on a terminal, one line per epoch otherwise
     log_every: int = 20
+    save_every_s: float = 60.0  # checkpoint cadence: after the first epoch, then at most this often, and at the end
     plots: bool = True
 
 

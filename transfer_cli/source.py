@@ -70,7 +70,7 @@ def _pretrain(source: DictConfig, backbone: str, folder: Path, device: torch.dev
     meta = {"backbone": backbone, "num_classes": len(splits.classes), "classes": splits.classes,
             "in_channels": splits.channels, "input": built.spec.to_dict(), "head": {"hidden": [], "dropout": 0.0},
             "config": OmegaConf.to_container(source, resolve=True)}
-    save_checkpoint(folder / "model.safetensors", method.model, meta)
+    save_checkpoint(folder / "model.safetensors", method.model.state_dict(), meta)
     atomic_write_text(folder / "history.json", json.dumps(state.history, indent=1))
 
 

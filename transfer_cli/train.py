@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from transfer_cli.engine.checkpoint import atomic_write_text, read_checkpoint
+from transfer_cli.engine.checkpoint import atomic_write_text
 from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
 from transfer_cli.engine.hooks import Checkpointer, EvalHook, MetricsWriter, metrics_frame
 from transfer_cli.engine.loop import State, evaluate, fit
@@ -83,21 +83,21 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
 
+    checkpointer = Checkpointer(run_dir / "checkpoints", checkpoint_meta, save_every_s=cfg.trainer.save_every_s)
     state = State(method, optimizer, scheduler, cfg.trainer.epochs, steps_per_epoch)
     if source:  # the source model's own learning curve opens the run's table
         state.history.extend(source.history)
     hooks = [
         EvalHook(loaders["val"], device, precision, "val"),
         MetricsWriter(run_dir / "metrics.csv"),
-        Checkpointer(run_dir / "checkpoints", checkpoint_meta),
+        checkpointer,
         *method.hooks(),
         ProgressHook(console, cfg.trainer.progress, cfg.trainer.log_every),
     ]
     fit(state, loaders["train"], device, precision, hooks, cfg.trainer.accumulate, cfg.trainer.grad_clip)
 
     # Report the test split once, with the weights that were best on validation.
-    best_state, _ = read_checkpoint(str(run_dir / "checkpoints" / "best.safetensors"))
-    method.model.load_state_dict(best_state)
+    method.model.load_state_dict(checkpointer.best_state)
     test = evaluate(method, loaders["test"], device, precision)
     state.history.append({"epoch": state.best["epoch"], "split": "test", **test})
     metrics = metrics_frame(state.history)

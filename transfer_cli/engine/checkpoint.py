@@ -39,8 +39,9 @@ def sidecar_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
-def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """``state`` (a model's state_dict) as safetensors at ``path``, ``meta`` as the JSON sidecar."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     atomic_write_text(sidecar_path(path), json.dumps({"format": FORMAT_VERSION, **meta}, indent=2, default=str))
 
