@@ -56,6 +56,7 @@ class HeadConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 10
+    steps: int | None = None  # when set: train this many optimizer steps (epochs = steps / batches per epoch)
     device: str = "auto"
     precision: str = "32"
     channels_last: bool = False
@@ -82,6 +83,14 @@ class SourceConfig:
 
 
 @dataclass
+class TargetConfig:
+    """The target domain of unsupervised domain adaptation: its train split is used without labels,
+    its test split (labelled) only for evaluation."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+
+
+@dataclass
 class Config:
     name: str = "default"
     seed: int = 0
@@ -90,6 +99,7 @@ class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     source: SourceConfig | None = None
+    target: TargetConfig | None = None
     method: dict[str, Any] = field(default_factory=lambda: {"name": "finetune"})
     optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw"})
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
@@ -149,6 +159,8 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= cfg.dataset.val_fraction < 1.0:
         raise bad_value("dataset.val_fraction", cfg.dataset.val_fraction, "a fraction in [0, 1)")
     registries.DATASETS.get(cfg.dataset.name)
+    if cfg.target is not None:
+        registries.DATASETS.get(cfg.target.dataset.name)
     if cfg.backbone.weights == "source":
         if cfg.source is None:
             raise UserError("backbone.weights=source needs a source task to pretrain on: add source=NAME "

@@ -83,6 +83,13 @@ def step(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: in
     return _with_warmup(optimizer, warmup, lambda s: gamma ** (s // every))
 
 
+@SCHEDULERS.register("dann")
+def dann_annealing(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
+                   alpha: float = 10.0, beta: float = 0.75) -> LRScheduler:
+    """mu_p = mu_0 / (1 + alpha p)^beta with p the training progress (Ganin & Lempitsky 2015)."""
+    return LambdaLR(optimizer, lambda step: (1 + alpha * min(1.0, step / max(total_steps, 1))) ** -beta)
+
+
 @SCHEDULERS.register("onecycle")
 def onecycle(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
              pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4) -> LRScheduler:

@@ -16,6 +16,7 @@ from transfer_cli.engine.checkpoint import atomic_write_text
 from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
 from transfer_cli.engine.hooks import Checkpointer, EvalHook, MetricsWriter, metrics_frame
 from transfer_cli.engine.loop import State, evaluate, fit
+from transfer_cli.errors import UserError
 from transfer_cli.methods.base import DataContext
 from transfer_cli.pipeline import build_data, build_model, make_loader
 from transfer_cli.registries import METHODS, OPTIMIZERS, SCHEDULERS
@@ -37,7 +38,12 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
 
     source = source_model(cfg, device, precision, console) if cfg.backbone.weights == "source" else None
     splits = build_data(cfg.dataset)
+    target = build_data(cfg.target.dataset) if cfg.target else None
+    if target and target.classes != splits.classes and len(target.classes) != len(splits.classes):
+        raise UserError(f"target.dataset={cfg.target.dataset.name} has {len(target.classes)} classes but "
+                        f"dataset={cfg.dataset.name} has {len(splits.classes)}: domains must share their classes.")
     built = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head, source)
+    in_channels = source.channels if source else splits.channels
     method = METHODS.build(cfg.method, model=built.model).to(device)
     if cfg.trainer.channels_last:
         method.to(memory_format=torch.channels_last)
@@ -45,16 +51,23 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     def make(split: str, train: bool) -> DataLoader:
         return make_loader(splits.split(split), splits, built.spec, cfg.dataset, train, device, cfg.seed)
 
+    def make_target(split: str, train: bool) -> DataLoader:
+        return make_loader(target.split(split), target, built.spec, cfg.target.dataset, train, device, cfg.seed + 1)
+
     identity = {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "input": built.spec.to_dict()}
-    loaders = method.loaders(make, DataContext(device, precision, identity))
+    context = DataContext(device, precision, identity, make_target if target else None)
+    loaders = method.loaders(make, context)
     steps_per_epoch = len(loaders["train"])
+    epochs = cfg.trainer.epochs
+    if cfg.trainer.steps:
+        epochs = max(1, math.ceil(cfg.trainer.steps * cfg.trainer.accumulate / steps_per_epoch))
     optimizer = scheduler = None
     if not method.manual_optimization:
         optimizer_cfg = OmegaConf.to_container(cfg.optimizer)
         groups = method.param_groups(optimizer_cfg.get("lr", 1e-3), optimizer_cfg.get("weight_decay", 0.0))
         optimizer = OPTIMIZERS.build(cfg.optimizer, params=groups)
         steps = math.ceil(steps_per_epoch / cfg.trainer.accumulate)
-        scheduler = SCHEDULERS.build(cfg.scheduler, optimizer=optimizer, total_steps=steps * cfg.trainer.epochs,
+        scheduler = SCHEDULERS.build(cfg.scheduler, optimizer=optimizer, total_steps=steps * epochs,
                                      steps_per_epoch=steps)
     if cfg.trainer.compile:
         method.model.compile()
@@ -75,7 +88,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             "backbone": cfg.backbone.name,
             "num_classes": len(splits.classes),
             "classes": splits.classes,
-            "in_channels": splits.channels,
+            "in_channels": in_channels,
             "input": built.spec.to_dict(),
             "head": OmegaConf.to_container(cfg.head),
             "epoch": state.epoch + 1,
@@ -84,11 +97,13 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         }
 
     checkpointer = Checkpointer(run_dir / "checkpoints", checkpoint_meta, save_every_s=cfg.trainer.save_every_s)
-    state = State(method, optimizer, scheduler, cfg.trainer.epochs, steps_per_epoch)
+    state = State(method, optimizer, scheduler, epochs, steps_per_epoch)
     if source:  # the source model's own learning curve opens the run's table
         state.history.extend(source.history)
     hooks = [
         EvalHook(loaders["val"], device, precision, "val"),
+        # Target labels are only ever used here, to measure; the best checkpoint is chosen on source val.
+        *([EvalHook(make_target("test", False), device, precision, "target_test")] if target else []),
         MetricsWriter(run_dir / "metrics.csv"),
         checkpointer,
         *method.hooks(),
@@ -116,6 +131,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         "classes": len(splits.classes),
         "samples": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "skipped_files": splits.skipped,
+        "target": cfg.target.dataset.name if target else None,
+        "target_test": state.epoch_metrics.get("target_test"),
         "epochs": state.epoch + 1,
         "best": state.best,
         "test": test,

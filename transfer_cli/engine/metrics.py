@@ -25,8 +25,8 @@ class Meter:
     def update(self, out: dict[str, torch.Tensor]) -> None:
         labels, logits = out["labels"], out["logits"]
         n = labels.shape[0]
-        for key, value in out.items():
-            if key.startswith("loss"):
+        for key, value in out.items():  # every scalar a method reports: loss terms, domain accuracy ...
+            if key not in ("logits", "labels") and value.ndim == 0:
                 self._add(key, value.detach().float() * n)
         for k in accuracy_columns(logits.shape[1]):
             self._add(f"acc{k}", topk_correct(logits, labels, k))

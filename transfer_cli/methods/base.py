@@ -26,6 +26,7 @@ class DataContext:
     device: torch.device
     precision: Any
     identity: dict[str, Any] = field(default_factory=dict)  # dataset config + input spec, for cache keys
+    target: LoaderFactory | None = None  # the unlabelled target domain, when the run has one
 
 
 class Method(nn.Module):

@@ -47,6 +47,7 @@ def summary_frame(summary: dict[str, Any]) -> pd.DataFrame:
         "final_val_acc1": val.get("acc1"),
         "test_acc1": summary["test"]["acc1"],
         "test_loss": summary["test"]["loss"],
+        **({"target_test_acc1": summary["target_test"]["acc1"]} if summary.get("target_test") else {}),
         "trainable": summary["params_trainable"],
         "params": summary["params_total"],
         "seconds": round(summary["wall_time_s"], 1),

@@ -16,9 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from transfer_cli.engine.checkpoint import atomic_write_text
+from transfer_cli.reporting.published import add_published
 from transfer_cli.reporting.tables import rich_table, write_table
 
-GROUP_METRICS = ["val_acc1", "test_acc1", "test_loss", "best_epoch", "seconds"]
+GROUP_METRICS = ["val_acc1", "test_acc1", "target_test_acc1", "test_loss", "best_epoch", "seconds"]
 FAILURES: list[dict[str, Any]] = []  # failed jobs of the last sweep reported in this process
 
 
@@ -45,6 +46,8 @@ def read_job(job: Path) -> dict[str, Any]:
                    final_val_acc1=s["final"].get("val", {}).get("acc1"), test_acc1=s["test"]["acc1"],
                    test_loss=s["test"]["loss"], epochs=s["epochs"], trainable=s["params_trainable"],
                    params=s["params_total"], seconds=round(s["wall_time_s"], 2))
+        if s.get("target_test"):
+            row.update(target=f"{s['dataset']}->{s['target']}", target_test_acc1=s["target_test"]["acc1"])
     elif error.is_file():
         row.update(status="failed", error=json.loads(error.read_text())["error"])
     else:
@@ -67,7 +70,8 @@ def sweep_frame(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
         if column in df.columns:  # failed jobs leave gaps; keep the counts integers
             df[column] = df[column].astype("Int64")
     fixed = ["job", *keys, "status"]
-    metrics = [c for c in ("val_acc1", "best_epoch", "final_val_acc1", "test_acc1", "test_loss", "epochs",
+    metrics = [c for c in ("val_acc1", "best_epoch", "final_val_acc1", "test_acc1", "test_loss", "target",
+                           "target_test_acc1", "epochs",
                            "trainable", "params", "seconds", "error") if c in df.columns]
     return df[fixed + metrics], keys
 
@@ -94,6 +98,8 @@ def pretty_grouped(grouped: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
             mean, std = grouped[f"{metric}_mean"], grouped[f"{metric}_std"].fillna(0.0)
             digits = 1 if metric == "best_epoch" else 2
             out[metric] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(mean, std, strict=True)]
+    if "published_target_acc1" in grouped.columns:
+        out["published_target_acc1"] = grouped["published_target_acc1"]
     out["n"] = grouped["n"]
     return out
 
@@ -104,7 +110,7 @@ def write_sweep_report(sweep_dir: Path, console: Console | None = None) -> pd.Da
     console = console or Console()
     df, keys = sweep_frame(sweep_dir)
     write_table(df, sweep_dir / "sweep.csv")
-    grouped = group_over_seed(df, keys)
+    grouped = add_published(group_over_seed(df, keys), df)
     if not grouped.empty:
         write_table(grouped, sweep_dir / "summary.csv", markdown=False)
         pretty = pretty_grouped(grouped, keys)
