@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check transfer_cli tests
+	$(BIN)/ruff check transfer_cli tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/sweep_parallel.py

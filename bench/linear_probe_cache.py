@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from transfer_cli.reporting.tables import write_table
+
 
 def run(args: list[str], folder: Path) -> dict:
     command = [sys.executable, "-m", "transfer_cli", "train", *args, "trainer.progress=none", "trainer.plots=false",
@@ -48,9 +50,7 @@ def main() -> None:
                          "wall_s": round(summary["wall_time_s"], 2), "test_acc1": round(summary["test"]["acc1"], 2)})
     df = pd.DataFrame(rows)
     df["speedup_vs_recompute"] = (df["wall_s"].iloc[0] / df["wall_s"]).round(1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out / "linear_probe_cache.csv", index=False)
-    (args.out / "linear_probe_cache.md").write_text(df.to_markdown(index=False) + "\n")
+    write_table(df, args.out / "linear_probe_cache.csv")  # + linear_probe_cache.md
     print(df.to_markdown(index=False))
 
 

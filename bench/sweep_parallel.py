@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from transfer_cli.reporting.tables import write_table
+
 LAUNCHERS = {
     "sequential (basic)": [],
     "joblib, n_jobs=2": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
@@ -42,9 +44,7 @@ def main() -> None:
             rows.append({"launcher": name, "jobs": 4, "epochs_per_job": args.epochs, "wall_s": round(seconds, 1)})
     df = pd.DataFrame(rows)
     df["ratio_to_sequential"] = (df["wall_s"] / df["wall_s"].iloc[0]).round(3)
-    args.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out / "sweep_parallel.csv", index=False)
-    (args.out / "sweep_parallel.md").write_text(df.to_markdown(index=False) + "\n")
+    write_table(df, args.out / "sweep_parallel.csv")  # + sweep_parallel.md
     print(df.to_markdown(index=False))
 
 

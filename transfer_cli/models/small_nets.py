@@ -50,6 +50,21 @@ class LeNet5(nn.Module):
         return self.fc(self.convnet(x).flatten(1))
 
 
+class LeNetADDA(nn.Module):
+    """The Caffe "LeNet" that ADDA (Tzeng et al. 2017) and most digit-adaptation papers use on 28x28
+    input: conv 20 - pool - conv 50 - pool - fc 500 - classifier."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(1, 20, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(nn.Conv2d(20, 50, 5), nn.Dropout2d(0.5), nn.MaxPool2d(2), nn.ReLU(inplace=True))
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(800, 500), nn.ReLU(inplace=True), nn.Dropout(0.5))
+        self.classifier = nn.Linear(500, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.fc(self.conv2(self.conv1(x))))
+
+
 def _finish(name: str, model: nn.Module, weights: str, stages, channels: int, **kwargs) -> Backbone:
     if weights != "none":
         load_weights_file(model, weights, name)
@@ -67,3 +82,9 @@ def small_cnn(weights: str = "none", in_channels: int = 1) -> Backbone:
 def lenet(weights: str = "none", in_channels: int = 1) -> Backbone:
     stages = [["convnet.c1"], ["convnet.c3"], ["convnet.c5"], ["fc.f6"]]
     return _finish("lenet", LeNet5(), weights, stages, channels=1, min_size=32, fixed_size=32)
+
+
+@BACKBONES.register("lenet_adda")
+def lenet_adda(weights: str = "none", in_channels: int = 1) -> Backbone:
+    stages = [["conv1"], ["conv2"], ["fc"]]
+    return _finish("lenet_adda", LeNetADDA(), weights, stages, channels=1, min_size=28, fixed_size=28)
