@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,8 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
 from transfer_cli.config import register_schemas, validate
+from transfer_cli.config_errors import composition_message
 from transfer_cli.engine.checkpoint import atomic_write_text
-from transfer_cli.errors import EXIT_USER_ERROR, UserError, choices
+from transfer_cli.errors import EXIT_USER_ERROR, UserError
 
 USAGE = """usage: transfer COMMAND [OVERRIDES] [--cfg job] [--help]
 
@@ -119,52 +119,6 @@ COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], bool]] = {
 }
 
 
-def _omegaconf_cause(err: BaseException) -> OmegaConfBaseException | None:
-    while err is not None:
-        if isinstance(err, OmegaConfBaseException):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def _allowed_keys(config_name: str, overrides: list[str], full_key: str) -> list[str] | None:
-    """Keys next to ``full_key`` in the config composed without the override that failed."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    parent = full_key.rpartition(".")[0]
-    kept = [o for o in overrides if not o.lstrip("+~").startswith(full_key) and not o.startswith("-")]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            cfg = compose(config_name, overrides=kept)
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        return [str(k) for k in node] if isinstance(node, DictConfig) else None
-    except Exception:  # noqa: BLE001 - best effort; the original message still gets shown
-        return None
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def _composition_message(err: Exception, config_name: str, overrides: list[str]) -> str:
-    cause = _omegaconf_cause(err)
-    full_key = getattr(cause, "full_key", None)
-    if cause is not None and full_key:
-        value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=", 1)[0] == full_key), None)
-        shown = f"{full_key}={value}" if value is not None else full_key
-        reason = str(cause.msg if hasattr(cause, "msg") else cause).split("\n")[0]
-        if "not in struct" in reason or "not in" in reason and "Key" in reason:
-            allowed = _allowed_keys(config_name, overrides, full_key)
-            parent = full_key.rpartition(".")[0] or "the top level"
-            known = f" Keys under {parent}: {choices(allowed)}." if allowed else ""
-            return f"{shown}: there is no option {full_key.rpartition('.')[2]!r}.{known}"
-        return f"{shown} is not valid: {reason}."
-    text = " ".join(str(err).split()).split(" Config search path:")[0]
-    if "'backbone/" in text:
-        text += ". Any torchvision classification model also works as backbone.name=NAME"
-    return re.sub(r"\s*Available options in '(\w+)':", r" Available \1 options:", text)
-
-
 def _report(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
 
@@ -225,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as err:
         if show_traceback:
             raise
-        message = str(err) if isinstance(err, UserError) else _composition_message(err, config_name, overrides)
+        message = str(err) if isinstance(err, UserError) else composition_message(err, conf_dir(), config_name, overrides)
         _report(message)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
