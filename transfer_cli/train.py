@@ -39,7 +39,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     source = source_model(cfg, device, precision, console) if cfg.backbone.weights == "source" else None
     splits = build_data(cfg.dataset)
     target = build_data(cfg.target.dataset) if cfg.target else None
-    if target and target.classes != splits.classes and len(target.classes) != len(splits.classes):
+    if target and len(target.classes) != len(splits.classes):  # names may differ ("0 - zero" vs "0")
         raise UserError(f"target.dataset={cfg.target.dataset.name} has {len(target.classes)} classes but "
                         f"dataset={cfg.dataset.name} has {len(splits.classes)}: domains must share their classes.")
     built = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head, source)
