@@ -90,3 +90,10 @@ def test_target_labels_never_reach_training(compose_cfg, tmp_path, quiet_console
     assert second["target_test"]["acc1"] == first["target_test"]["acc1"]
     assert second["target_test"]["loss"] == first["target_test"]["loss"]
     assert second["test"]["loss"] == first["test"]["loss"]
+
+
+def test_mmd_stays_finite_when_features_collapse():
+    features = torch.zeros(8, 4, requires_grad=True)
+    loss = mmd_loss(features, features.clone())
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(features.grad).all()

@@ -63,7 +63,8 @@ def mmd_loss(source: torch.Tensor, target: torch.Tensor, multipliers=(0.25, 0.5,
     the mean pairwise squared distance, biased estimate over the batch."""
     x = torch.cat([source, target]).float()
     distances = torch.cdist(x, x) ** 2
-    bandwidth = distances.detach().sum() / (len(x) ** 2 - len(x))
+    # Collapsed features (all equal) would give a zero bandwidth and NaN kernels.
+    bandwidth = (distances.detach().sum() / (len(x) ** 2 - len(x))).clamp_min(1e-6)
     kernels = sum(torch.exp(-distances / (bandwidth * m)) for m in multipliers)
     n = len(source)
     return kernels[:n, :n].mean() + kernels[n:, n:].mean() - 2 * kernels[:n, n:].mean()

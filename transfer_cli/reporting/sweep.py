@@ -98,8 +98,8 @@ def pretty_grouped(grouped: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
             mean, std = grouped[f"{metric}_mean"], grouped[f"{metric}_std"].fillna(0.0)
             digits = 1 if metric == "best_epoch" else 2
             out[metric] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(mean, std, strict=True)]
-    if "published_target_acc1" in grouped.columns:
-        out["published_target_acc1"] = grouped["published_target_acc1"]
+    if "published_target_acc1" in grouped.columns:  # blank where the paper has no such method
+        out["published_target_acc1"] = [f"{v:.1f}" if pd.notna(v) else "" for v in grouped["published_target_acc1"]]
     out["n"] = grouped["n"]
     return out
 
