@@ -56,7 +56,8 @@ def da_overrides():
     shared_path("datasets", "usps")
     return ["experiment=mnist_usps", "dataset.root=" + str(shared_path("datasets", "mnist")),
             "target.dataset.root=" + str(shared_path("datasets", "usps")), "dataset.shots=20",
-            "target.dataset.shots=20", "dataset.val_fraction=0.02", "trainer.epochs=2", "trainer.plots=false"]
+            "target.dataset.shots=20", "dataset.val_fraction=0.02", "trainer.epochs=2", "trainer.plots=false",
+            "trainer.log_every=1000"]
 
 
 def test_short_dann_run_on_real_digits_writes_target_metrics(compose_cfg, tmp_path, quiet_console, da_overrides):

@@ -62,7 +62,8 @@ def mmd_loss(source: torch.Tensor, target: torch.Tensor, multipliers=(0.25, 0.5,
     """Multi-kernel MMD^2 (Long et al. 2015, DAN): Gaussian kernels whose bandwidths are multiples of
     the mean pairwise squared distance, biased estimate over the batch."""
     x = torch.cat([source, target]).float()
-    distances = torch.cdist(x, x) ** 2
+    norms = (x * x).sum(1)
+    distances = (norms[:, None] + norms[None, :] - 2 * x @ x.T).clamp_min(0)  # squared, smooth at 0
     # Collapsed features (all equal) would give a zero bandwidth and NaN kernels.
     bandwidth = (distances.detach().sum() / (len(x) ** 2 - len(x))).clamp_min(1e-6)
     kernels = sum(torch.exp(-distances / (bandwidth * m)) for m in multipliers)
@@ -112,9 +113,14 @@ class _Progress(Hook):
 
 class DomainAdaptation(Method):
     """Cross-entropy on labelled source batches plus ``weight`` x an adaptation loss between source and
-    target features. Subclasses define ``adaptation``; source_only has none."""
+    target features. Subclasses define ``adaptation``; source_only has none.
+
+    The adaptation loss is warmed in with DANN's lambda_p: before the classifier has learned anything,
+    a full-strength alignment loss can make every feature equal (zero MMD/CORAL), and dead ReLUs never
+    recover. DANN itself gets lambda_p through its gradient reversal instead (``ramp = False``)."""
 
     name = "domain_adaptation"
+    ramp = True
 
     def __init__(self, model: Classifier, weight: float = 1.0, label_smoothing: float = 0.0) -> None:
         super().__init__(model, label_smoothing=label_smoothing)
@@ -140,7 +146,8 @@ class DomainAdaptation(Method):
         logits = self.model.head(source)
         loss_cls = F.cross_entropy(logits, y_source, label_smoothing=self.label_smoothing)
         extra = self.adaptation(source, target)
-        loss = loss_cls + sum((self.weight * v for k, v in extra.items() if k.startswith("loss_")), torch.zeros(()))
+        weight = self.weight * (dann_lambda(self.progress) if self.ramp else 1.0)
+        loss = loss_cls + sum((weight * v for k, v in extra.items() if k.startswith("loss_")), torch.zeros(()))
         out = {"loss": loss, "loss_cls": loss_cls.detach(), "logits": logits.detach(), "labels": y_source}
         return out | {k: v.detach() for k, v in extra.items()}
 
@@ -161,6 +168,7 @@ class DANN(DomainAdaptation):
     gradient reversal layer whose strength follows lambda_p (Ganin & Lempitsky 2015)."""
 
     name = "dann"
+    ramp = False
 
     def __init__(self, model: Classifier, weight: float = 1.0, gamma: float = 10.0, hidden: int = 500,
                  label_smoothing: float = 0.0) -> None:
