@@ -89,3 +89,19 @@ def test_shared_mnist_lenet5_loads_into_lenet(capsys):
     bb = BACKBONES.get("lenet")(weights=str(path))
     assert "loaded 10/10 tensors" in capsys.readouterr().err
     assert bb.feature_dim == 84 and bb.channels == 1
+
+
+def test_folded_batchnorm_weights_keep_bn_frozen_by_default():
+    from transfer_cli.data.transforms import InputSpec
+    from transfer_cli.methods.finetune import Finetune
+    from transfer_cli.models.backbone import Classifier
+
+    path = shared_path("weights", "imagenet_mobilenet_v2", "mobilenet_v2_imagenet1k_dequantized_fp32.safetensors")
+    spec = InputSpec(channels=3, size=32, mean=[0.5] * 3, std=[0.5] * 3)
+    folded = Finetune(Classifier(BACKBONES.get("mobilenet_v2")(weights=str(path)), 10, spec))
+    assert folded.has_folded_norms() and len(folded.frozen_norms) == 52
+    assert not any(p.requires_grad for m in folded.frozen_norms for p in m.parameters())
+    fresh = Finetune(Classifier(BACKBONES.get("mobilenet_v2")(), 10, spec))
+    assert not fresh.has_folded_norms() and not fresh.frozen_norms
+    forced = Finetune(Classifier(BACKBONES.get("mobilenet_v2")(weights=str(path)), 10, spec), bn="train")
+    assert not forced.frozen_norms

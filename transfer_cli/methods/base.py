@@ -67,6 +67,21 @@ class Method(nn.Module):
             self.frozen_norms += [m for m in self.model.stage_modules(index) if isinstance(m, _NORMS)]
         return count
 
+    def has_folded_norms(self) -> bool:
+        """True when the body's BatchNorm layers carry identity statistics (mean 0, var ~1) but a learned
+        shift: weights whose BatchNorm was folded into the convolutions (e.g. dequantized models).
+        Training such BN in train mode would replace the folded affine map by batch statistics."""
+        norms = [m for m in self.model.body.modules() if isinstance(m, _NORMS) and m.running_mean is not None]
+        return bool(norms) and all(
+            torch.all(m.running_mean == 0) and torch.allclose(m.running_var, torch.ones_like(m.running_var), atol=1e-4)
+            for m in norms
+        ) and any(m.bias is not None and bool(m.bias.detach().abs().sum() > 0) for m in norms)
+
+    def apply_bn_mode(self, bn: str) -> None:
+        """``frozen``: BN fixed; ``train``: BN trains; ``auto``: frozen only for folded-BN weights."""
+        if bn == "frozen" or (bn == "auto" and self.has_folded_norms()):
+            self.freeze_norms()
+
     def freeze_norms(self) -> None:
         """BatchNorm as a fixed affine map: running statistics and affine parameters stay as loaded."""
         for m in self.model.body.modules():

@@ -23,15 +23,14 @@ class Finetune(Method):
         self,
         model: Classifier,
         freeze: int | str = 0,
-        bn: Literal["train", "frozen"] = "train",
+        bn: Literal["auto", "train", "frozen"] = "auto",
         label_smoothing: float = 0.0,
         layer_decay: float = 1.0,
         backbone_lr_mult: float = 1.0,
     ) -> None:
         super().__init__(model, label_smoothing, layer_decay, backbone_lr_mult)
         self.frozen_stages = self.freeze_stages(freeze)
-        if bn == "frozen":
-            self.freeze_norms()
+        self.apply_bn_mode(bn)
 
     def describe(self) -> dict:
         return {**super().describe(), "frozen_stages": self.frozen_stages, "stages": len(self.model.stages)}
@@ -51,14 +50,13 @@ class GradualUnfreeze(Method):
     """ULMFiT-style: start with only the head training, then every ``every_epochs`` epochs unfreeze one
     more stage from the top and add its parameters to the optimizer (at their discriminative LR)."""
 
-    def __init__(self, model: Classifier, every_epochs: int = 1, bn: Literal["train", "frozen"] = "train",
+    def __init__(self, model: Classifier, every_epochs: int = 1, bn: Literal["auto", "train", "frozen"] = "auto",
                  label_smoothing: float = 0.0, layer_decay: float = 1.0, backbone_lr_mult: float = 1.0) -> None:
         super().__init__(model, label_smoothing, layer_decay, backbone_lr_mult)
         self.every_epochs = max(1, every_epochs)
-        self.bn = bn
         self.frozen_stages = self.freeze_stages("all")
-        if bn == "frozen":
-            self.freeze_norms()
+        self.bn_fixed = bn == "frozen" or (bn == "auto" and self.has_folded_norms())
+        self.apply_bn_mode("frozen" if self.bn_fixed else "train")
 
     def unfreeze_next(self, state: State) -> None:
         if self.frozen_stages == 0:
@@ -66,10 +64,10 @@ class GradualUnfreeze(Method):
         self.frozen_stages -= 1
         index = self.frozen_stages
         stage_norms = {id(m) for m in self.model.stage_modules(index)}
-        if self.bn == "train":
+        if not self.bn_fixed:
             self.frozen_norms = [m for m in self.frozen_norms if id(m) not in stage_norms]
         params = [p for p in self.model.stage_parameters(index)
-                  if self.bn == "train" or not any(p is q for m in self.frozen_norms for q in m.parameters())]
+                  if not self.bn_fixed or not any(p is q for m in self.frozen_norms for q in m.parameters())]
         for p in params:
             p.requires_grad_(True)
         self.train(self.training)
@@ -89,7 +87,7 @@ class L2SP(Finetune):
     logged as its own loss column."""
 
     def __init__(self, model: Classifier, alpha: float = 0.01, beta: float = 0.01, freeze: int | str = 0,
-                 bn: Literal["train", "frozen"] = "train", label_smoothing: float = 0.0,
+                 bn: Literal["auto", "train", "frozen"] = "auto", label_smoothing: float = 0.0,
                  layer_decay: float = 1.0, backbone_lr_mult: float = 1.0) -> None:
         super().__init__(model, freeze, bn, label_smoothing, layer_decay, backbone_lr_mult)
         self.alpha, self.beta = alpha, beta
