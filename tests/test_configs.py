@@ -49,7 +49,7 @@ def test_experiment_overrides_only_what_it_names(compose_cfg):
     ("dataset.val_fraction=1.5", r"dataset.val_fraction=1.5 is not allowed"),
     ("trainer.epochs=0", r"trainer.epochs=0 is not allowed. Allowed: an integer >= 1"),
     ("backbone.name=resnet19", r"backbone='resnet19' is not a known backbone. Known: alexnet"),
-    ("method.bn=maybe", r"method.bn='maybe' has the wrong type for method 'finetune': expected one of train, frozen"),
+    ("method.bn=maybe", r"method.bn='maybe' has the wrong type for method 'finetune': expected one of auto, train, frozen"),
     ("+optimizer.momentum=0.9", r"optimizer.momentum is not an option of optimizer 'adamw'"),
     ("scheduler=step scheduler.gamma=x", r"scheduler.gamma='x' has the wrong type"),
 ])
