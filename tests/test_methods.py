@@ -37,11 +37,11 @@ def setup(name: str, **settings):
     torch.manual_seed(0)
     data_cfg = DatasetConfig(name="digits", batch_size=32)
     splits = build_data(data_cfg)
-    built = build_model(data_cfg, splits, "small_cnn", "none", HeadConfig())
-    method = METHODS.build({"name": name, **settings}, model=built.model)
+    model = build_model(data_cfg, splits, "small_cnn", "none", HeadConfig())
+    method = METHODS.build({"name": name, **settings}, model=model)
 
     def make(split, train):
-        return make_loader(splits.split(split), splits, built.spec, data_cfg, train, CPU)
+        return make_loader(splits.split(split), splits, model.spec, data_cfg, train, CPU)
 
     # The digits themselves serve as the "target domain" of the adaptation methods here: this test is
     # about mechanics; test_domain.py adapts MNIST to USPS.
@@ -144,15 +144,15 @@ def probe_with_counter(cache_dir, image_size=None, seed=0):
     torch.manual_seed(seed)
     data_cfg = DatasetConfig(name="digits", batch_size=64, image_size=image_size)
     splits = build_data(data_cfg)
-    built = build_model(data_cfg, splits, "small_cnn", "none", HeadConfig())
-    method = METHODS.build({"name": "linear_probe", "solver": "lbfgs", "cache_dir": str(cache_dir)}, model=built.model)
+    model = build_model(data_cfg, splits, "small_cnn", "none", HeadConfig())
+    method = METHODS.build({"name": "linear_probe", "solver": "lbfgs", "cache_dir": str(cache_dir)}, model=model)
     counter = CountingBody(method.model.body)
     method.model.body = counter
 
     def make(split, train):
-        return make_loader(splits.split(split), splits, built.spec, data_cfg, train, CPU)
+        return make_loader(splits.split(split), splits, model.spec, data_cfg, train, CPU)
 
-    identity = {"dataset": "digits", "input": built.spec.to_dict()}
+    identity = {"dataset": "digits", "input": model.spec.to_dict()}
     loaders = method.loaders(make, DataContext(CPU, Precision("32", CPU), identity))
     torch.manual_seed(1)
     method.model.head.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)

@@ -124,15 +124,6 @@ class EvalConfig:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
-SCHEMAS: dict[str, type] = {
-    "": Config,
-    "dataset": DatasetConfig,
-    "backbone": BackboneConfig,
-    "head": HeadConfig,
-    "trainer": TrainerConfig,
-}
-
-
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,19 +18,12 @@ if TYPE_CHECKING:
     from transfer_cli.source import SourceModel
 
 
-@dataclass
-class Built:
-    splits: DataSplits
-    model: Classifier
-    spec: InputSpec
-
-
 def build_data(cfg: DatasetConfig) -> DataSplits:
     return make_task(DATASETS.get(cfg.name)(cfg), cfg)
 
 
 def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weights: str,
-                head: HeadConfig, source: SourceModel | None = None) -> Built:
+                head: HeadConfig, source: SourceModel | None = None) -> Classifier:
     """The classifier for ``splits``; with ``source``, its body starts from the source-pretrained one."""
     if source is None:
         bb = BACKBONES.get(backbone)(weights=weights, in_channels=splits.channels)
@@ -40,7 +32,7 @@ def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weig
         bb.body.load_state_dict(source.body_state)
         bb.weights_meta = source.meta
     spec = resolve_input(data_cfg, splits, bb.channels, bb.min_size, bb.fixed_size, bb.weights_meta)
-    return Built(splits, Classifier(bb, len(splits.classes), spec, head.hidden, head.dropout), spec)
+    return Classifier(bb, len(splits.classes), spec, head.hidden, head.dropout)
 
 
 def rebuild_model(meta: dict) -> Classifier:

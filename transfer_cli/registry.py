@@ -40,9 +40,6 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
     def get(self, name: str) -> Callable[..., Any]:
         try:
             return self._entries[name]

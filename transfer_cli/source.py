@@ -53,10 +53,10 @@ def _pretrain(source: DictConfig, backbone: str, folder: Path, device: torch.dev
               console: Console, progress: str) -> None:
     torch.manual_seed(source.seed)
     splits = build_data(source.dataset)
-    built = build_model(source.dataset, splits, backbone, "none", HeadConfig())
-    method = Finetune(built.model).to(device)
-    train = make_loader(splits.train, splits, built.spec, source.dataset, True, device, source.seed)
-    val = make_loader(splits.val, splits, built.spec, source.dataset, False, device)
+    model = build_model(source.dataset, splits, backbone, "none", HeadConfig())
+    method = Finetune(model).to(device)
+    train = make_loader(splits.train, splits, model.spec, source.dataset, True, device, source.seed)
+    val = make_loader(splits.val, splits, model.spec, source.dataset, False, device)
     optimizer_cfg = OmegaConf.to_container(source.optimizer)
     groups = method.param_groups(optimizer_cfg.get("lr", 1e-3), optimizer_cfg.get("weight_decay", 0.0))
     optimizer = OPTIMIZERS.build(source.optimizer, params=groups)
@@ -68,7 +68,7 @@ def _pretrain(source: DictConfig, backbone: str, folder: Path, device: torch.dev
     fit(state, train, device, precision, [EvalHook(val, device, precision, "source_val"),
                                           _History(), ProgressHook(console, progress)])
     meta = {"backbone": backbone, "num_classes": len(splits.classes), "classes": splits.classes,
-            "in_channels": splits.channels, "input": built.spec.to_dict(), "head": {"hidden": [], "dropout": 0.0},
+            "in_channels": splits.channels, "input": model.spec.to_dict(), "head": {"hidden": [], "dropout": 0.0},
             "config": OmegaConf.to_container(source, resolve=True)}
     save_checkpoint(folder / "model.safetensors", method.model.state_dict(), meta)
     atomic_write_text(folder / "history.json", json.dumps(state.history, indent=1))

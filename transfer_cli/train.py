@@ -42,19 +42,19 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     if target and len(target.classes) != len(splits.classes):  # names may differ ("0 - zero" vs "0")
         raise UserError(f"target.dataset={cfg.target.dataset.name} has {len(target.classes)} classes but "
                         f"dataset={cfg.dataset.name} has {len(splits.classes)}: domains must share their classes.")
-    built = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head, source)
+    model = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head, source)
     in_channels = source.channels if source else splits.channels
-    method = METHODS.build(cfg.method, model=built.model).to(device)
+    method = METHODS.build(cfg.method, model=model).to(device)
     if cfg.trainer.channels_last:
         method.to(memory_format=torch.channels_last)
 
     def make(split: str, train: bool) -> DataLoader:
-        return make_loader(splits.split(split), splits, built.spec, cfg.dataset, train, device, cfg.seed)
+        return make_loader(splits.split(split), splits, model.spec, cfg.dataset, train, device, cfg.seed)
 
     def make_target(split: str, train: bool) -> DataLoader:
-        return make_loader(target.split(split), target, built.spec, cfg.target.dataset, train, device, cfg.seed + 1)
+        return make_loader(target.split(split), target, model.spec, cfg.target.dataset, train, device, cfg.seed + 1)
 
-    identity = {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "input": built.spec.to_dict()}
+    identity = {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "input": model.spec.to_dict()}
     context = DataContext(device, precision, identity, make_target if target else None)
     loaders = method.loaders(make, context)
     steps_per_epoch = len(loaders["train"])
@@ -76,8 +76,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     console.print(
         f"[bold]{cfg.dataset.name}[/] ({len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
         f"{len(splits.classes)} classes{f', {splits.skipped} non-image files skipped' if splits.skipped else ''}) "
-        f"-> [bold]{cfg.backbone.name}[/] weights={cfg.backbone.weights} input {built.spec.channels}x{built.spec.size}"
-        f"x{built.spec.size} -> [bold]{cfg.method.name}[/]: {about['params_trainable']:,}/{about['params_total']:,} "
+        f"-> [bold]{cfg.backbone.name}[/] weights={cfg.backbone.weights} input {model.spec.channels}x{model.spec.size}"
+        f"x{model.spec.size} -> [bold]{cfg.method.name}[/]: {about['params_trainable']:,}/{about['params_total']:,} "
         f"parameters trainable, on {device} ({precision.name})",
         highlight=False,
         soft_wrap=True,
@@ -89,7 +89,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             "num_classes": len(splits.classes),
             "classes": splits.classes,
             "in_channels": in_channels,
-            "input": built.spec.to_dict(),
+            "input": model.spec.to_dict(),
             "head": OmegaConf.to_container(cfg.head),
             "epoch": state.epoch + 1,
             "metrics": state.epoch_metrics,
