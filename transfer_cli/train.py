@@ -137,7 +137,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         "best": state.best,
         "test": test,
         "final": dict(state.epoch_metrics),
-        **about,
+        **method.describe(),  # after training: gradual unfreezing changes what trains
         "wall_time_s": time.perf_counter() - started,
         "device": str(device),
         "precision": precision.name,
