@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -99,16 +99,21 @@ def fit(
 
 
 @torch.no_grad()
-def predict(method: Method, loader: DataLoader, device: torch.device, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, on the CPU) and labels for every sample of ``loader``."""
-    method.eval()
-    logits, labels = [], []
+def infer(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: torch.device,
+          precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` applied to every batch of ``loader`` (float32 outputs on the CPU) and the batches' labels."""
+    outputs, labels = [], []
     for x, y in loader:
         with precision.autocast():
-            out = method.predict(to_device(x, device))
-        logits.append(out.float().cpu())
+            outputs.append(fn(to_device(x, device)).float().cpu())
         labels.append(y)
-    return torch.cat(logits), torch.cat(labels)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def predict(method: Method, loader: DataLoader, device: torch.device, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels for every sample of ``loader``."""
+    method.eval()
+    return infer(method.predict, loader, device, precision)
 
 
 def evaluate(method: Method, loader: DataLoader, device: torch.device, precision: Precision) -> dict[str, float]:

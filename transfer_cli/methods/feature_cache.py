@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from transfer_cli.engine.checkpoint import atomic_write
-from transfer_cli.engine.device import to_device
+from transfer_cli.engine.loop import infer
 from transfer_cli.models.backbone import Classifier
 
 
@@ -31,15 +31,9 @@ def cache_key(model: Classifier, split: str, identity: dict[str, Any], digest: s
     return hashlib.sha256(described.encode()).hexdigest()[:24]
 
 
-@torch.no_grad()
 def compute_features(model: Classifier, loader: DataLoader, device: torch.device, precision: Any):
     model.eval()
-    features, labels = [], []
-    for x, y in loader:
-        with precision.autocast():
-            features.append(model.features(to_device(x, device)).float().cpu())
-        labels.append(y)
-    return torch.cat(features), torch.cat(labels)
+    return infer(model.features, loader, device, precision)
 
 
 def cached_features(model: Classifier, loader: DataLoader, split: str, identity: dict[str, Any],
