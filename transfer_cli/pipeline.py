@@ -1,10 +1,13 @@
-"""Builds the pieces of a run from the config: data, model, loaders. Shared by train and eval."""
+"""Builds the pieces of a run from the config: data, model, loaders, optimizer. Shared by train, source and eval."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from transfer_cli.config import DatasetConfig, HeadConfig
@@ -12,9 +15,10 @@ from transfer_cli.data.splits import DataSplits, Transformed
 from transfer_cli.data.tasks import make_task
 from transfer_cli.data.transforms import InputSpec, resolve_input, sample_transform
 from transfer_cli.models.backbone import Classifier
-from transfer_cli.registries import BACKBONES, DATASETS
+from transfer_cli.registries import BACKBONES, DATASETS, OPTIMIZERS, SCHEDULERS
 
 if TYPE_CHECKING:
+    from transfer_cli.methods.base import Method
     from transfer_cli.source import SourceModel
 
 
@@ -58,3 +62,17 @@ def make_loader(dataset: Dataset, splits: DataSplits, spec: InputSpec, cfg: Data
         persistent_workers=cfg.num_workers > 0,
         generator=generator,
     )
+
+
+def build_optimization(method: Method, optimizer_cfg: Mapping[str, Any], scheduler_cfg: Mapping[str, Any],
+                       batches_per_epoch: int, epochs: int, accumulate: int = 1) -> tuple[Any, Any]:
+    """The optimizer over the method's parameter groups and its per-step schedule;
+    (None, None) for methods that optimise themselves."""
+    if method.manual_optimization:
+        return None, None
+    plain = OmegaConf.to_container(optimizer_cfg) if OmegaConf.is_config(optimizer_cfg) else dict(optimizer_cfg)
+    groups = method.param_groups(plain.get("lr", 1e-3), plain.get("weight_decay", 0.0))
+    optimizer = OPTIMIZERS.build(optimizer_cfg, params=groups)
+    steps = math.ceil(batches_per_epoch / accumulate)
+    scheduler = SCHEDULERS.build(scheduler_cfg, optimizer=optimizer, total_steps=steps * epochs, steps_per_epoch=steps)
+    return optimizer, scheduler

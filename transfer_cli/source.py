@@ -28,8 +28,7 @@ from transfer_cli.engine.device import Precision
 from transfer_cli.engine.hooks import EvalHook
 from transfer_cli.engine.loop import Hook, State, fit
 from transfer_cli.methods.finetune import Finetune
-from transfer_cli.pipeline import build_data, build_model, make_loader, rebuild_model
-from transfer_cli.registries import OPTIMIZERS, SCHEDULERS
+from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader, rebuild_model
 from transfer_cli.reporting.progress import ProgressHook
 
 
@@ -57,11 +56,7 @@ def _pretrain(source: DictConfig, backbone: str, folder: Path, device: torch.dev
     method = Finetune(model).to(device)
     train = make_loader(splits.train, splits, model.spec, source.dataset, True, device, source.seed)
     val = make_loader(splits.val, splits, model.spec, source.dataset, False, device)
-    optimizer_cfg = OmegaConf.to_container(source.optimizer)
-    groups = method.param_groups(optimizer_cfg.get("lr", 1e-3), optimizer_cfg.get("weight_decay", 0.0))
-    optimizer = OPTIMIZERS.build(source.optimizer, params=groups)
-    scheduler = SCHEDULERS.build({"name": "cosine"}, optimizer=optimizer, total_steps=len(train) * source.epochs,
-                                 steps_per_epoch=len(train))
+    optimizer, scheduler = build_optimization(method, source.optimizer, {"name": "cosine"}, len(train), source.epochs)
     console.print(f"pretraining {backbone} on source {source.dataset.name} ({len(splits.train)} train, "
                   f"{len(splits.classes)} classes, {source.epochs} epochs) -> {folder}", highlight=False)
     state = State(method, optimizer, scheduler, source.epochs, len(train))

@@ -18,8 +18,8 @@ from transfer_cli.engine.hooks import Checkpointer, EvalHook, MetricsWriter, met
 from transfer_cli.engine.loop import State, evaluate, fit
 from transfer_cli.errors import UserError
 from transfer_cli.methods.base import DataContext
-from transfer_cli.pipeline import build_data, build_model, make_loader
-from transfer_cli.registries import METHODS, OPTIMIZERS, SCHEDULERS
+from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader
+from transfer_cli.registries import METHODS
 from transfer_cli.reporting.plots import plot_curves
 from transfer_cli.reporting.progress import ProgressHook
 from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary
@@ -61,14 +61,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     epochs = cfg.trainer.epochs
     if cfg.trainer.steps:
         epochs = max(1, math.ceil(cfg.trainer.steps * cfg.trainer.accumulate / steps_per_epoch))
-    optimizer = scheduler = None
-    if not method.manual_optimization:
-        optimizer_cfg = OmegaConf.to_container(cfg.optimizer)
-        groups = method.param_groups(optimizer_cfg.get("lr", 1e-3), optimizer_cfg.get("weight_decay", 0.0))
-        optimizer = OPTIMIZERS.build(cfg.optimizer, params=groups)
-        steps = math.ceil(steps_per_epoch / cfg.trainer.accumulate)
-        scheduler = SCHEDULERS.build(cfg.scheduler, optimizer=optimizer, total_steps=steps * epochs,
-                                     steps_per_epoch=steps)
+    optimizer, scheduler = build_optimization(method, cfg.optimizer, cfg.scheduler, steps_per_epoch, epochs,
+                                              cfg.trainer.accumulate)
     if cfg.trainer.compile:
         method.model.compile()
 
