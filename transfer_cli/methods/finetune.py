@@ -98,8 +98,7 @@ class L2SP(Finetune):
     def penalties(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = (getattr(self, f"start_{i}") for i in range(len(self.anchored)))
         to_start = sum(((p - p0) ** 2).sum() for p, p0 in zip(self.anchored, starts, strict=True))
-        head = sum((p**2).sum() for n, p in self.model.head.named_parameters() if n.endswith("weight"))
-        return 0.5 * self.alpha * to_start, 0.5 * self.beta * head
+        return 0.5 * self.alpha * to_start, 0.5 * self.beta * self.model.head_weight_sq_norm()
 
     def training_step(self, batch):
         x, y = batch

@@ -52,7 +52,7 @@ class LinearProbe(Method):
         return out
 
     def _head_penalty(self) -> torch.Tensor:
-        return 0.5 * self.l2 * sum((p**2).sum() for n, p in self.model.head.named_parameters() if n.endswith("weight"))
+        return 0.5 * self.l2 * self.model.head_weight_sq_norm()
 
     def training_step(self, batch):
         features, labels = batch

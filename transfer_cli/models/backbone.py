@@ -88,6 +88,10 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def head_weight_sq_norm(self) -> torch.Tensor:
+        """Sum of squared head weights (biases excluded): the L2 term of probes and L2-SP."""
+        return sum((p**2).sum() for n, p in self.head.named_parameters() if n.endswith("weight"))
+
     def stage_parameters(self, index: int) -> list[nn.Parameter]:
         stage = self.stages[index]
         return [p for n, p in self.body.named_parameters() if in_stage(n, stage)]
