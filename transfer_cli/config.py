@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.errors import UserError, bad_value
 
@@ -144,7 +144,7 @@ def validate(cfg: DictConfig) -> None:
     check_choice("trainer.progress", cfg.trainer.progress, PROGRESS)
     check_choice("dataset.augment", cfg.dataset.augment, AUGMENTS)
     for key, minimum in (("trainer.epochs", 1), ("trainer.accumulate", 1), ("dataset.batch_size", 1)):
-        value = cfg[key.split(".")[0]][key.split(".")[1]]
+        value = OmegaConf.select(cfg, key)
         if value < minimum:
             raise bad_value(key, value, f"an integer >= {minimum}")
     if not 0.0 <= cfg.dataset.val_fraction < 1.0:

@@ -34,7 +34,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     configure_threads(cfg.trainer.threads)
     device = resolve_device(cfg.trainer.device)
     precision = Precision(str(cfg.trainer.precision), device)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # once: every checkpoint sidecar embeds it
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 
     source = source_model(cfg, device, precision, console) if cfg.backbone.weights == "source" else None
     splits = build_data(cfg.dataset)
@@ -87,7 +88,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
             "head": OmegaConf.to_container(cfg.head),
             "epoch": state.epoch + 1,
             "metrics": state.epoch_metrics,
-            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config": resolved,
         }
 
     checkpointer = Checkpointer(run_dir / "checkpoints", checkpoint_meta, save_every_s=cfg.trainer.save_every_s)
