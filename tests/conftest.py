@@ -50,3 +50,29 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, "-m", "transfer_cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=600)
+
+
+def entry(group: str, name: str, **overrides) -> dict:
+    """A registry entry's config as its YAML under conf/GROUP/ defines it (the only place its defaults live),
+    with ``overrides`` applied."""
+    from omegaconf import OmegaConf
+
+    return {**OmegaConf.to_container(OmegaConf.load(conf_dir() / group / f"{name}.yaml")), **overrides}
+
+
+def build_method(name: str, model, **overrides):
+    """The registered method ``name`` on ``model``, configured by its YAML plus ``overrides``."""
+    from transfer_cli.methods.base import METHODS
+
+    return METHODS.build(entry("method", name, **overrides), model=model)
+
+
+def classifier(backbone, num_classes: int, spec):
+    """A Classifier for ``backbone`` with placeholder class names, for tests about mechanics."""
+    from transfer_cli.config import HeadConfig
+    from transfer_cli.models.backbone import Classifier
+    from transfer_cli.models.recipe import ModelRecipe
+
+    recipe = ModelRecipe(backbone=backbone.name, weights="none", data_channels=backbone.channels,
+                         classes=[str(i) for i in range(num_classes)], input=spec, head=HeadConfig())
+    return Classifier(backbone, recipe)

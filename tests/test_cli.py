@@ -43,9 +43,10 @@ def test_train_writes_every_output(trained):
     assert summary["test"]["acc1"] > 90  # digits with a small CNN: 3 epochs are plenty
 
     sidecar = json.loads((trained / "checkpoints" / "best.json").read_text())
-    assert sidecar["backbone"] == "small_cnn" and sidecar["num_classes"] == 10
-    assert sidecar["classes"] == [str(i) for i in range(10)]
-    assert set(sidecar["input"]) == {"channels", "size", "mean", "std", "resize"}
+    assert sidecar["format"] == 2
+    recipe = sidecar["recipe"]
+    assert recipe["backbone"] == "small_cnn" and recipe["classes"] == [str(i) for i in range(10)]
+    assert set(recipe["input"]) == {"channels", "size", "mean", "std", "resize"}
     assert sidecar["config"]["dataset"]["name"] == "digits"
 
 
@@ -78,12 +79,12 @@ def test_checkpoint_that_does_not_fit_its_architecture_exits_2_and_is_left_intac
     weights = tmp_path / "best.safetensors"
     weights.write_bytes((trained / "checkpoints" / "best.safetensors").read_bytes())
     sidecar = json.loads((trained / "checkpoints" / "best.json").read_text())
-    sidecar["backbone"] = "lenet"
+    sidecar["recipe"]["backbone"] = "lenet"
     (tmp_path / "best.json").write_text(json.dumps(sidecar))
     before = weights.read_bytes()
     result = run_cli("eval", f"checkpoint={weights}", cwd=tmp_path)
     assert result.returncode == 2
-    assert "does not fit the architecture its sidecar describes" in result.stderr
+    assert "the sidecar does not describe these weights (backbone is 'lenet' in the sidecar but 'small_cnn'" in result.stderr
     assert "Traceback" not in result.stderr and weights.read_bytes() == before
 
 

@@ -6,8 +6,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from transfer_cli.cli import conf_dir
-from transfer_cli.config import validate
 from transfer_cli.errors import UserError
+from transfer_cli.methods.base import METHODS
+from transfer_cli.validation import validate
 
 GROUPS = ["dataset", "source", "backbone", "method", "optimizer", "scheduler", "trainer", "experiment", "sweep"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((conf_dir() / g).glob("*.yaml"))]
@@ -22,6 +23,8 @@ def test_option_composes_and_validates(compose_cfg, group, option):
     overrides = [f"{group}={option}"]
     if group == "dataset" and option == "imagefolder":
         overrides.append("dataset.root=somewhere")
+    if group == "method" and METHODS.get(option).needs_target_data:
+        overrides.append("target=usps")
     cfg = compose_cfg(*overrides)
     validate(cfg)
     if group in ("dataset", "backbone", "method", "optimizer", "scheduler"):
@@ -49,9 +52,11 @@ def test_experiment_overrides_only_what_it_names(compose_cfg):
     ("dataset.val_fraction=1.5", r"dataset.val_fraction=1.5 is not allowed"),
     ("trainer.epochs=0", r"trainer.epochs=0 is not allowed. Allowed: an integer >= 1"),
     ("backbone.name=resnet19", r"backbone='resnet19' is not a known backbone. Known: alexnet"),
-    ("method.bn=maybe", r"method.bn='maybe' has the wrong type for method 'finetune': expected one of auto, train, frozen"),
+    ("method.bn=maybe", r"method.bn='maybe' is not allowed for method 'finetune'. Allowed: one of auto, train, frozen"),
     ("+optimizer.momentum=0.9", r"optimizer.momentum is not an option of optimizer 'adamw'"),
-    ("scheduler=step scheduler.gamma=x", r"scheduler.gamma='x' has the wrong type"),
+    ("scheduler=step scheduler.gamma=x", r"scheduler.gamma='x' is not allowed"),
+    ("method=dann", r"method=dann adapts to an unlabelled target domain: add target=NAME"),
+    ("~optimizer.lr", r"optimizer 'adamw' needs optimizer.lr"),
 ])
 def test_validate_rejects_bad_values_before_any_work(compose_cfg, override, message):
     cfg = compose_cfg(*override.split())

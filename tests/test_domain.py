@@ -75,19 +75,22 @@ def test_target_labels_never_reach_training(compose_cfg, tmp_path, quiet_console
     first = run_train(compose_cfg(*da_overrides, "method=dann", "trainer.deterministic=true"), tmp_path / "a",
                       quiet_console)
     original = tasks.few_shot
+    scrambled = []
 
     def garbage_target_labels(dataset, shots, seed):
         subset = original(dataset, shots, seed)  # pick the same images first
         base = subset
         while not hasattr(base, "images"):
             base = base.dataset
-        if len(base) == 7291:  # the USPS train split: scramble its labels
+        if base.images.shape[-1] == 16:  # USPS (16x16), the target domain: scramble its train labels
             base.targets = torch.randint(0, 10, base.targets.shape, generator=torch.Generator().manual_seed(9))
+            scrambled.append(len(base))
         return subset
 
     monkeypatch.setattr(tasks, "few_shot", garbage_target_labels)
     second = run_train(compose_cfg(*da_overrides, "method=dann", "trainer.deterministic=true"), tmp_path / "b",
                        quiet_console)
+    assert scrambled, "the target's train labels were never replaced: the test proved nothing"
     assert second["target_test"]["acc1"] == first["target_test"]["acc1"]
     assert second["target_test"]["loss"] == first["target_test"]["loss"]
     assert second["test"]["loss"] == first["test"]["loss"]

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+from conftest import build_method, classifier, entry
 from torch import nn
 
 from transfer_cli.data.transforms import InputSpec
 from transfer_cli.errors import UserError
 from transfer_cli.methods.finetune import Finetune
-from transfer_cli.models.backbone import Classifier, in_stage
-from transfer_cli.registries import BACKBONES, OPTIMIZERS
+from transfer_cli.models.backbone import Classifier, build_backbone, in_stage
+from transfer_cli.optim import OPTIMIZERS
 
 # One member of every family with its own stage rule, plus generic-fallback families.
 FAMILIES = ["small_cnn", "lenet", "resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small",
@@ -19,10 +20,10 @@ STEP_FAMILIES = ["small_cnn", "lenet", "resnet18", "mobilenet_v2", "mobilenet_v3
 
 
 def build(name: str, num_classes: int = 4) -> Classifier:
-    bb = BACKBONES.get(name)(weights="none", in_channels=3)
+    bb = build_backbone(name, "none", 3)
     size = bb.fixed_size or 32
     spec = InputSpec(channels=bb.channels, size=size, mean=[0.5] * bb.channels, std=[0.25] * bb.channels)
-    return Classifier(bb, num_classes, spec)
+    return classifier(bb, num_classes, spec)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -43,7 +44,7 @@ def one_step(method: Finetune, batch: int) -> None:
     torch.manual_seed(0)
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     y = torch.arange(batch) % 4
-    optimizer = OPTIMIZERS.build({"name": "adamw", "lr": 1e-2}, params=method.param_groups(1e-2, 0.01))
+    optimizer = OPTIMIZERS.build(entry("optimizer", "adamw", lr=1e-2), params=method.param_groups(1e-2, 0.01))
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert in_optimizer == {id(p) for p in method.parameters() if p.requires_grad}
     method.train()
@@ -55,7 +56,7 @@ def one_step(method: Finetune, batch: int) -> None:
 def test_frozen_stages_do_not_change_and_the_rest_trains(name):
     torch.manual_seed(0)
     model = build(name)
-    method = Finetune(model, freeze=2)
+    method = build_method("finetune", model, freeze=2)
     before = snapshot(model)
     one_step(method, batch=2 if name == "vit_b_16" else 4)
     after = snapshot(model)
@@ -79,22 +80,22 @@ def test_frozen_stages_do_not_change_and_the_rest_trains(name):
 def test_freeze_all_trains_only_the_head_and_freeze_zero_trains_everything():
     model = build("resnet18")
     head = {id(p) for p in model.head.parameters()}
-    method = Finetune(model, freeze="all")
+    method = build_method("finetune", model, freeze="all")
     assert {id(p) for p in method.parameters() if p.requires_grad} == head
     model = build("resnet18")
-    Finetune(model, freeze=0)
+    build_method("finetune", model, freeze=0)
     assert all(p.requires_grad for p in model.parameters())
 
 
 def test_frozen_batchnorm_stays_in_eval_mode_after_train():
     model = build("resnet18")
-    Finetune(model, freeze=1).train()
+    build_method("finetune", model, freeze=1).train()
     assert not model.body.bn1.training and model.body.layer1[0].bn1.training
 
 
 def test_bn_frozen_keeps_every_batchnorm_fixed():
     model = build("small_cnn")
-    method = Finetune(model, freeze=0, bn="frozen")
+    method = build_method("finetune", model, freeze=0, bn="frozen")
     before = snapshot(model)
     one_step(method, batch=4)
     after = snapshot(model)
@@ -103,8 +104,14 @@ def test_bn_frozen_keeps_every_batchnorm_fixed():
     assert not torch.equal(before["body.block1.0.weight"], after["body.block1.0.weight"])
 
 
-@pytest.mark.parametrize("depth", [4, -1, "some", 2.5])
+@pytest.mark.parametrize("depth", ["some", 2.5, True])
+def test_freeze_of_the_wrong_type_is_refused_by_the_registry(depth):
+    with pytest.raises(UserError, match=r"method.freeze=.* is not allowed for method 'finetune'. Allowed: int or one of all"):
+        build_method("finetune", build("small_cnn"), freeze=depth)
+
+
+@pytest.mark.parametrize("depth", [4, -1])
 def test_freeze_out_of_range_names_the_stages(depth):
     with pytest.raises(UserError, match=r"method.freeze=.* is out of range: backbone=small_cnn has 3 stages "
                                          r"\(1=block1, 2=block2, 3=block3\). Allowed: 0..3 or all"):
-        Finetune(build("small_cnn"), freeze=depth)
+        build_method("finetune", build("small_cnn"), freeze=depth)

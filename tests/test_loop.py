@@ -5,15 +5,16 @@ import math
 
 import pytest
 import torch
+from conftest import build_method, classifier, entry
 
-from transfer_cli.config import validate
 from transfer_cli.data.transforms import InputSpec
 from transfer_cli.engine.device import Precision
 from transfer_cli.engine.loop import State, fit
 from transfer_cli.methods.finetune import Finetune
-from transfer_cli.models.backbone import Classifier
-from transfer_cli.registries import BACKBONES, OPTIMIZERS, SCHEDULERS
+from transfer_cli.models.backbone import BACKBONES
+from transfer_cli.optim import OPTIMIZERS, SCHEDULERS
 from transfer_cli.train import run_train
+from transfer_cli.validation import validate
 
 CPU = torch.device("cpu")
 
@@ -21,7 +22,7 @@ CPU = torch.device("cpu")
 def lenet_method(seed: int = 0) -> Finetune:
     torch.manual_seed(seed)
     bb = BACKBONES.get("lenet")()
-    return Finetune(Classifier(bb, 10, InputSpec(channels=1, size=32, mean=[0.5], std=[0.5])))
+    return build_method("finetune", classifier(bb, 10, InputSpec(channels=1, size=32, mean=[0.5], std=[0.5])))
 
 
 def batches(n: int, size: int):
@@ -31,9 +32,9 @@ def batches(n: int, size: int):
 
 
 def train_once(method, loader, accumulate=1, grad_clip=None, lr=0.1):
-    optimizer = OPTIMIZERS.build({"name": "sgd", "lr": lr, "momentum": 0.0, "weight_decay": 0.0},
+    optimizer = OPTIMIZERS.build(entry("optimizer", "sgd", lr=lr, momentum=0.0, weight_decay=0.0, nesterov=False),
                                  params=method.param_groups(lr, 0.0))
-    scheduler = SCHEDULERS.build({"name": "none"}, optimizer=optimizer, total_steps=10, steps_per_epoch=10)
+    scheduler = SCHEDULERS.build(entry("scheduler", "none"), optimizer=optimizer, total_steps=10, steps_per_epoch=10)
     state = State(method, optimizer, scheduler, max_epochs=1, steps_per_epoch=len(loader))
     return fit(state, loader, CPU, Precision("32", CPU), accumulate=accumulate, grad_clip=grad_clip)
 
@@ -59,7 +60,7 @@ def test_gradient_clipping_bounds_the_update():
 
 def lrs(name: str, steps: int = 100, **kwargs) -> list[float]:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = SCHEDULERS.build({"name": name, **kwargs}, optimizer=opt, total_steps=steps, steps_per_epoch=10)
+    sched = SCHEDULERS.build(entry("scheduler", name, **kwargs), optimizer=opt, total_steps=steps, steps_per_epoch=10)
     out = []
     for _ in range(steps):
         out.append(opt.param_groups[0]["lr"])

@@ -1,8 +1,11 @@
 import pytest
 
+from transfer_cli.data.splits import DATASETS
 from transfer_cli.errors import UserError
-from transfer_cli.registries import BACKBONES, DATASETS, METHODS, OPTIMIZERS, SCHEDULERS
-from transfer_cli.registry import Registry
+from transfer_cli.methods.base import METHODS
+from transfer_cli.models.backbone import BACKBONES
+from transfer_cli.optim import OPTIMIZERS, SCHEDULERS
+from transfer_cli.registry import Fraction, Positive, Registry
 
 
 def make_registry() -> Registry:
@@ -39,7 +42,7 @@ def test_provided_arguments_cannot_come_from_config():
 @pytest.mark.parametrize("key, value, expected", [("scale", "big", "float"), ("colour", 3, "str"),
                                                   ("tags", [1], "list")])
 def test_wrong_types_are_rejected(key, value, expected):
-    with pytest.raises(UserError, match=rf"widget.{key}=.* has the wrong type .* expected {expected}"):
+    with pytest.raises(UserError, match=rf"widget.{key}=.* is not allowed for widget 'box'. Allowed: .*{expected}"):
         make_registry().check({"name": "box", key: value}, provided=("size",))
 
 
@@ -48,8 +51,33 @@ def test_int_is_accepted_where_float_is_expected():
 
 
 def test_bool_is_not_accepted_as_a_number():
-    with pytest.raises(UserError, match="wrong type"):
+    with pytest.raises(UserError, match="is not allowed"):
         make_registry().check({"name": "box", "scale": True}, provided=("size",))
+
+
+def test_annotated_ranges_are_checked_and_described():
+    reg = Registry("widget")
+
+    @reg.register("knob")
+    def knob(*, lr: Positive, momentum: Fraction) -> None: ...
+
+    reg.check({"name": "knob", "lr": 0.1, "momentum": 0.0})
+    with pytest.raises(UserError, match=r"widget.lr=-1 is not allowed for widget 'knob'. Allowed: float > 0"):
+        reg.check({"name": "knob", "lr": -1, "momentum": 0.0})
+    with pytest.raises(UserError, match=r"widget.momentum=1.0 .* Allowed: float >= 0 and < 1"):
+        reg.check({"name": "knob", "lr": 1, "momentum": 1.0})
+    with pytest.raises(UserError, match=r"widget.lr=nan is not allowed"):
+        reg.check({"name": "knob", "lr": float("nan"), "momentum": 0.0})
+
+
+def test_a_required_key_removed_from_the_config_is_named():
+    reg = Registry("widget")
+
+    @reg.register("knob")
+    def knob(*, lr: Positive, momentum: Fraction) -> None: ...
+
+    with pytest.raises(UserError, match=r"widget 'knob' needs widget.momentum"):
+        reg.check({"name": "knob", "lr": 0.1})
 
 
 def test_registering_a_name_twice_fails():

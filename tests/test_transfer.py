@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import run_cli, shared_path
 
-from transfer_cli.config import validate
 from transfer_cli.errors import UserError
+from transfer_cli.models.backbone import BACKBONES
 from transfer_cli.models.cifar_resnet import CifarResNet
 from transfer_cli.models.weights import read_state_dict
-from transfer_cli.registries import BACKBONES
 from transfer_cli.train import run_train
+from transfer_cli.validation import validate
 
 
 def test_source_model_is_pretrained_once_and_reused(compose_cfg, tmp_path, quiet_console):

@@ -3,14 +3,14 @@
 import pytest
 import torch
 import torchvision.models as tvm
-from conftest import shared_path
+from conftest import build_method, classifier, shared_path
 from safetensors.torch import save_file
 
 from transfer_cli.errors import UserError
-from transfer_cli.registries import BACKBONES
+from transfer_cli.models.backbone import BACKBONES
 
 
-def test_local_safetensors_with_module_prefix_loads_into_the_body(tmp_path, capsys):
+def test_local_safetensors_with_module_prefix_loads_into_the_body(tmp_path):
     source = tvm.mobilenet_v3_small()
     state = {f"module.{k}": v for k, v in source.state_dict().items()}
     path = tmp_path / "w.safetensors"
@@ -21,14 +21,14 @@ def test_local_safetensors_with_module_prefix_loads_into_the_body(tmp_path, caps
     assert bb.weights_meta is not None and bb.weights_meta.crop == 224  # ImageNet preprocessing assumed
 
 
-def test_local_torch_file_with_other_head_reports_and_keeps_the_rest(tmp_path, capsys):
+def test_local_torch_file_with_other_head_reports_and_keeps_the_rest(tmp_path):
     source = tvm.resnet18(num_classes=7)
     path = tmp_path / "r18.pth"
     torch.save({"state_dict": source.state_dict(), "epoch": 3}, path)
     bb = BACKBONES.get("resnet18")(weights=str(path))
     assert torch.equal(bb.body.state_dict()["layer4.1.conv2.weight"], source.state_dict()["layer4.1.conv2.weight"])
-    err = capsys.readouterr().err
-    assert "2 shape differs" in err and "fc.weight" in err
+    notes = "\n".join(bb.notes)
+    assert "2 shape differs" in notes and "fc.weight" in notes
 
 
 def test_weights_file_for_another_architecture_is_refused(tmp_path):
@@ -77,31 +77,29 @@ def test_unknown_enum_name_lists_the_real_ones():
         BACKBONES.get("resnet50")(weights="IMAGENET22K")
 
 
-def test_shared_imagenet_mobilenet_v2_loads_every_tensor(capsys):
+def test_shared_imagenet_mobilenet_v2_loads_every_tensor():
     path = shared_path("weights", "imagenet_mobilenet_v2", "mobilenet_v2_imagenet1k_dequantized_fp32.safetensors")
     bb = BACKBONES.get("mobilenet_v2")(weights=str(path))
-    assert "loaded 314/314 tensors" in capsys.readouterr().err
+    assert "loaded 314/314 tensors" in bb.notes[0]
     assert bb.feature_dim == 1280
 
 
-def test_shared_mnist_lenet5_loads_into_lenet(capsys):
+def test_shared_mnist_lenet5_loads_into_lenet():
     path = shared_path("weights", "mnist_lenet5", "lenet5_mnist.pth")
     bb = BACKBONES.get("lenet")(weights=str(path))
-    assert "loaded 10/10 tensors" in capsys.readouterr().err
+    assert "loaded 10/10 tensors" in bb.notes[0]
     assert bb.feature_dim == 84 and bb.channels == 1
 
 
 def test_folded_batchnorm_weights_keep_bn_frozen_by_default():
     from transfer_cli.data.transforms import InputSpec
-    from transfer_cli.methods.finetune import Finetune
-    from transfer_cli.models.backbone import Classifier
 
     path = shared_path("weights", "imagenet_mobilenet_v2", "mobilenet_v2_imagenet1k_dequantized_fp32.safetensors")
     spec = InputSpec(channels=3, size=32, mean=[0.5] * 3, std=[0.5] * 3)
-    folded = Finetune(Classifier(BACKBONES.get("mobilenet_v2")(weights=str(path)), 10, spec))
+    folded = build_method("finetune", classifier(BACKBONES.get("mobilenet_v2")(weights=str(path)), 10, spec))
     assert folded.has_folded_norms() and len(folded.frozen_norms) == 52
     assert not any(p.requires_grad for m in folded.frozen_norms for p in m.parameters())
-    fresh = Finetune(Classifier(BACKBONES.get("mobilenet_v2")(), 10, spec))
+    fresh = build_method("finetune", classifier(BACKBONES.get("mobilenet_v2")(), 10, spec))
     assert not fresh.has_folded_norms() and not fresh.frozen_norms
-    forced = Finetune(Classifier(BACKBONES.get("mobilenet_v2")(weights=str(path)), 10, spec), bn="train")
+    forced = build_method("finetune", classifier(BACKBONES.get("mobilenet_v2")(weights=str(path)), 10, spec), bn="train")
     assert not forced.frozen_norms

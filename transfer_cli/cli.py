@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
-from transfer_cli.config import register_schemas, validate
+from transfer_cli.config import register_schemas
 from transfer_cli.config_errors import composition_message
-from transfer_cli.engine.checkpoint import atomic_write_text
-from transfer_cli.errors import EXIT_USER_ERROR, UserError
+from transfer_cli.errors import EXIT_DIVERGED, EXIT_USER_ERROR, UserError
+from transfer_cli.files import atomic_write_text
 
 USAGE = """usage: transfer COMMAND [OVERRIDES] [--cfg job] [--help]
 
@@ -55,30 +56,34 @@ def _in_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _record_failure(err: BaseException) -> None:
-    """A failed sweep job leaves error.json in its folder; the sweep goes on and reports it at the end."""
+def _record_failure(err: BaseException) -> str:
+    """A failed run or sweep job leaves error.json (status: failed) in its folder instead of an unexplained
+    half-empty one; returns the one-paragraph message."""
     message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
     record = {"status": "failed", "error": message, "traceback": traceback.format_exc()}
     atomic_write_text(_run_dir() / "error.json", json.dumps(record, indent=2))
-    _report(f"job {HydraConfig.get().job.num} failed: {message}")
+    return message
 
 
 def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Single runs: a UserError exits 2 with one paragraph. Sweep jobs: any failure is recorded and
-    the sweep continues (NaN tells a Hydra sweeper such as Optuna that the trial failed)."""
+    """Single runs: a UserError exits 2 with one paragraph, a diverged run 3. Sweep jobs: any failure is
+    recorded and the sweep continues (NaN tells a Hydra sweeper such as Optuna that the trial failed)."""
+    from transfer_cli.engine.loop import Diverged
 
     def run(cfg: DictConfig) -> Any:
         try:
             return task(cfg)
         except Exception as err:
+            # A diverged run's summary.json already says what happened; anything else gets error.json.
+            message = str(err) if isinstance(err, Diverged) else _record_failure(err)
             if os.environ.get(_USER_FULL_ERROR) == "1":
                 raise
             if _in_multirun():
-                _record_failure(err)
+                _report(f"job {HydraConfig.get().job.num} {'diverged' if isinstance(err, Diverged) else 'failed'}: {message}")
                 return float("nan")
-            if isinstance(err, UserError):
-                _report(str(err))
-                raise SystemExit(EXIT_USER_ERROR) from None
+            if isinstance(err, (UserError, Diverged)):
+                _report(message)
+                raise SystemExit(EXIT_DIVERGED if isinstance(err, Diverged) else EXIT_USER_ERROR) from None
             raise
 
     return run
@@ -98,11 +103,13 @@ def _job_threads(cfg: DictConfig) -> int | None:
 @_job
 def _train(cfg: DictConfig) -> float:
     from transfer_cli.train import run_train
+    from transfer_cli.validation import validate
 
     validate(cfg)
     cfg.trainer.threads = _job_threads(cfg)
     summary = run_train(cfg, _run_dir())
-    return float(summary["best"]["value"])  # what a Hydra sweeper (Optuna) maximises
+    best = summary["best"]
+    return float(best["value"]) if best["split"] == "val" else float("nan")  # what Optuna maximises
 
 
 @_job
@@ -123,12 +130,15 @@ def _report(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
 
 
-def _exit_on_failed_jobs() -> None:
-    from transfer_cli.reporting.sweep import FAILURES
-
-    if FAILURES:
-        lines = [f"job {f['job']} ({f['status']}): {f.get('error', '')}" for f in FAILURES]
-        _report(f"{len(FAILURES)} sweep job(s) did not finish; the others are in the tables.\n  " + "\n  ".join(lines))
+def _exit_on_failed_jobs(status_file: Path) -> None:
+    """Exit 1 when the sweep's callback listed jobs that did not end ok."""
+    if not status_file.is_file():
+        return
+    failed = json.loads(status_file.read_text())["failed"]
+    status_file.unlink()
+    if failed:
+        lines = [f"job {f['job']} ({f['status']}): {f.get('error') or ''}" for f in failed]
+        _report(f"{len(failed)} sweep job(s) did not finish; the others are in the tables.\n  " + "\n  ".join(lines))
         sys.exit(1)
 
 
@@ -165,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     # Hydra refuses --multirun next to --cfg/--info/--help; those only inspect the config anyway.
     inspect_only = any(a.split("=")[0] in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in rest)
     multirun = multirun and not inspect_only
+    status_file = Path(tempfile.gettempdir()) / f"transfer_sweep_{os.getpid()}.json"
+    if multirun:
+        rest = [*rest, f"hydra.callbacks.sweep_report.status_file={status_file}"]
     sys.argv = [f"transfer {command}", *(["--multirun"] if multirun else []), *rest]
     app = hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(task)
 
@@ -175,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app()
         if multirun:
-            _exit_on_failed_jobs()
+            _exit_on_failed_jobs(status_file)
     except (UserError, ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as err:
         if show_traceback:
             raise

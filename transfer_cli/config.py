@@ -1,22 +1,24 @@
 """Structured-config schemas (types and defaults) registered in Hydra's ConfigStore.
 
-The fixed parts of a run (dataset, backbone, trainer) are dataclasses, so a wrong type or a misspelt
-key fails while Hydra composes the config. The open parts (method, optimizer, scheduler) vary per
-registry entry; their keys are checked against the registered builder's signature in ``validate``.
+The fixed parts of a run (dataset, backbone, head, trainer, source, target, eval) are dataclasses, so a
+wrong type or a misspelt key fails while Hydra composes the config. The open parts (method, optimizer,
+scheduler, ensemble) vary per registry entry; their keys are checked against the registered builder's
+signature in ``validation.validate``.
+
+Where defaults live (one place each): for the fixed parts, in the dataclasses below, and their group
+YAML files set only what differs; for the open parts, in the entry's YAML file (conf/method/*.yaml ...),
+and the builders take those keys as required keyword arguments.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 
-from transfer_cli.errors import UserError, bad_value
-
-PRECISIONS = ("32", "bf16-mixed", "16-mixed")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 AUGMENTS = ("none", "flip_crop", "randaugment", "trivialaugment")
 PROGRESS = ("auto", "rich", "plain", "none")
 
@@ -55,17 +57,17 @@ class HeadConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 10
+    epochs: int = 15
     steps: int | None = None  # when set: train this many optimizer steps (epochs = steps / batches per epoch)
-    device: str = "auto"
-    precision: str = "32"
+    device: str = "auto"  # auto | cpu | cuda | mps
+    precision: str = "32"  # 32 | bf16-mixed | 16-mixed
     channels_last: bool = False
     compile: bool = False
-    grad_clip: float | None = None
-    accumulate: int = 1
+    grad_clip: float | None = None  # max gradient norm
+    accumulate: int = 1  # optimizer step every N batches
     deterministic: bool = False
     threads: int | None = None  # CPU threads for torch; None keeps torch's default
-    progress: str = "auto"  # auto: rich bars on a terminal, one line per epoch otherwise
+    progress: str = "auto"  # auto: rich bars on a terminal, one line per epoch otherwise | rich | plain | none
     log_every: int = 20
     save_every_s: float = 60.0  # checkpoint cadence: after the first epoch, then at most this often, and at the end
     plots: bool = True
@@ -77,9 +79,10 @@ class SourceConfig:
 
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     epochs: int = 15
-    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw", "lr": 2e-3, "weight_decay": 0.05})
+    optimizer: dict[str, Any] = MISSING  # an optimizer entry (conf/optimizer/*.yaml), chosen in the source YAML
+    scheduler: dict[str, Any] = MISSING
     seed: int = 0
-    cache_dir: str = "outputs/cache/source"
+    cache_dir: str = "${output_dir}/cache/source"
 
 
 @dataclass
@@ -100,15 +103,15 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     source: SourceConfig | None = None
     target: TargetConfig | None = None
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "finetune"})
-    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw"})
-    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    method: dict[str, Any] = MISSING  # chosen in conf/config.yaml's defaults list
+    optimizer: dict[str, Any] = MISSING
+    scheduler: dict[str, Any] = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 @dataclass
 class EnsembleConfig:
-    name: str = "mean"  # mean | weighted | vote: how member predictions are fused
+    name: str = MISSING  # a fusion rule registered in evaluate.FUSIONS (conf/ensemble/*.yaml)
     weights: list[float] | None = None  # weighted: one weight per checkpoint
 
 
@@ -124,41 +127,14 @@ class EvalConfig:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
+def _unique_suffix() -> str:
+    return secrets.token_hex(3)
+
+
 def register_schemas() -> None:
+    """The schemas, and ``${uid:}``: a random suffix for run folders, resolved once per config (cached like
+    Hydra's ``${now:}``), so two runs started in the same second never share a folder."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="eval_schema", node=EvalConfig)
-
-
-def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise bad_value(key, value, allowed)
-
-
-def validate(cfg: DictConfig) -> None:
-    """Everything Hydra's schema cannot express; runs before any data or model is touched."""
-    from transfer_cli import registries
-
-    check_choice("trainer.precision", str(cfg.trainer.precision), PRECISIONS)
-    check_choice("trainer.device", cfg.trainer.device, DEVICES)
-    check_choice("trainer.progress", cfg.trainer.progress, PROGRESS)
-    check_choice("dataset.augment", cfg.dataset.augment, AUGMENTS)
-    for key, minimum in (("trainer.epochs", 1), ("trainer.accumulate", 1), ("dataset.batch_size", 1)):
-        value = OmegaConf.select(cfg, key)
-        if value < minimum:
-            raise bad_value(key, value, f"an integer >= {minimum}")
-    if not 0.0 <= cfg.dataset.val_fraction < 1.0:
-        raise bad_value("dataset.val_fraction", cfg.dataset.val_fraction, "a fraction in [0, 1)")
-    registries.DATASETS.get(cfg.dataset.name)
-    if cfg.target is not None:
-        registries.DATASETS.get(cfg.target.dataset.name)
-    if cfg.backbone.weights == "source":
-        if cfg.source is None:
-            raise UserError("backbone.weights=source needs a source task to pretrain on: add source=NAME "
-                            "(e.g. source=digits_0to4) or a source: block.")
-        registries.DATASETS.get(cfg.source.dataset.name)
-        registries.OPTIMIZERS.check(cfg.source.optimizer, provided=("params",))
-    registries.BACKBONES.get(cfg.backbone.name)
-    registries.METHODS.check(cfg.method, provided=("model",))
-    registries.OPTIMIZERS.check(cfg.optimizer, provided=("params",))
-    registries.SCHEDULERS.check(cfg.scheduler, provided=("optimizer", "total_steps", "steps_per_epoch"))
+    OmegaConf.register_new_resolver("uid", _unique_suffix, use_cache=True, replace=True)

@@ -46,7 +46,8 @@ def composition_message(err: Exception, config_dir: Path, config_name: str, over
         value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=", 1)[0] == full_key), None)
         shown = f"{full_key}={value}" if value is not None else full_key
         reason = str(cause.msg if hasattr(cause, "msg") else cause).split("\n")[0]
-        if "not in struct" in reason or "not in" in reason and "Key" in reason:
+        unknown_key = "not in struct" in reason or ("not in" in reason and "Key" in reason)
+        if unknown_key:
             allowed = _allowed_keys(config_dir, config_name, overrides, full_key)
             parent = full_key.rpartition(".")[0] or "the top level"
             known = f" Keys under {parent}: {choices(allowed)}." if allowed else ""

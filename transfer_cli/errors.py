@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3  # training stopped on a non-finite loss
 
 
 class UserError(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,19 +15,21 @@ from rich.console import Console
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 from transfer_cli.config import DatasetConfig
-from transfer_cli.engine.checkpoint import load_model_state, read_checkpoint
 from transfer_cli.engine.device import Precision, resolve_device
-from transfer_cli.engine.loop import predict
+from transfer_cli.engine.loop import infer
 from transfer_cli.engine.metrics import logit_metrics
 from transfer_cli.errors import UserError, bad_value
-from transfer_cli.methods.base import Method
 from transfer_cli.models.backbone import Classifier
-from transfer_cli.pipeline import build_data, make_loader, rebuild_model
+from transfer_cli.models.checkpoint import load_model
+from transfer_cli.models.recipe import ModelRecipe
+from transfer_cli.pipeline import build_data, make_loader
+from transfer_cli.registry import Registry
 from transfer_cli.reporting.plots import plot_confusion
 from transfer_cli.reporting.tables import rich_table, write_table
 
 SPLITS = ("train", "val", "test")
-FUSIONS = ("mean", "weighted", "vote")
+# name -> fuse(member log-probabilities [M, N, C], weights or None) -> ensemble log-probabilities [N, C]
+FUSIONS = Registry("ensemble")
 
 
 @dataclass
@@ -35,29 +38,46 @@ class Member:
     model: Classifier
     meta: dict[str, Any]
 
+    @property
+    def recipe(self) -> ModelRecipe:
+        return self.model.recipe
+
 
 def load_member(path: str) -> Member:
-    state, meta = read_checkpoint(path)
-    model = rebuild_model(meta)
-    load_model_state(model, state, path)
+    model, meta = load_model(path)
     return Member(path, model, meta)
 
 
-def _dataset_config(cfg: DictConfig, meta: dict[str, Any]) -> DatasetConfig:
+def _dataset_config(cfg: DictConfig, meta: dict[str, Any], path: str) -> DatasetConfig:
     if cfg.dataset is not None:
         return OmegaConf.to_object(cfg.dataset)
+    stored = meta.get("config", {}).get("dataset") if isinstance(meta.get("config"), dict) else None
+    if not isinstance(stored, dict):
+        raise UserError(f"checkpoint={path!r}: its sidecar does not record the dataset it was trained on; "
+                        "pass dataset=NAME (and dataset.root=...) to say what to evaluate on.")
     schema = OmegaConf.structured(DatasetConfig)
-    return OmegaConf.to_object(OmegaConf.merge(schema, meta["config"]["dataset"]))
+    return OmegaConf.to_object(OmegaConf.merge(schema, stored))
 
 
-def fuse(log_probs: list[torch.Tensor], how: str, weights: list[float] | None) -> torch.Tensor:
-    """Log-probabilities of the ensemble prediction."""
-    probs = torch.stack([lp.exp() for lp in log_probs])
-    if how == "vote":
-        votes = torch.nn.functional.one_hot(probs.argmax(2), probs.shape[2]).float().mean(0)
-        return (votes + 1e-6 * probs.mean(0)).log()  # ties go to the higher mean probability
-    w = torch.ones(len(log_probs)) if how == "mean" else torch.tensor(weights, dtype=torch.float)
-    return (probs * (w / w.sum()).view(-1, 1, 1)).sum(0).log()
+@FUSIONS.register("mean")
+def mean_probability(log_probs: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
+    """Average of the members' softmax probabilities."""
+    return log_probs.exp().mean(0).log()
+
+
+@FUSIONS.register("weighted")
+def weighted_probability(log_probs: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
+    """Weighted average of softmax probabilities; weights are non-negative and normalised to sum 1."""
+    w = torch.tensor(weights, dtype=torch.float)
+    return (log_probs.exp() * (w / w.sum()).view(-1, 1, 1)).sum(0).log()
+
+
+@FUSIONS.register("vote")
+def majority_vote(log_probs: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
+    """Majority of top-1 predictions; ties go to the higher mean probability."""
+    probs = log_probs.exp()
+    votes = torch.nn.functional.one_hot(probs.argmax(2), probs.shape[2]).float().mean(0)
+    return (votes + 1e-6 * probs.mean(0)).log()
 
 
 def _scores(log_probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, float]:
@@ -66,19 +86,27 @@ def _scores(log_probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -
     return {**logit_metrics(log_probs, labels), "macro_f1": 100.0 * macro, "n": len(truth)}
 
 
-def _check_members(members: list[Member], cfg: DictConfig) -> None:
-    classes = members[0].meta["classes"]
+def check_ensemble(cfg: DictConfig, count: int) -> None:
+    """The fusion rule exists and, for ``weighted``, has one non-negative weight per member, summing > 0."""
+    FUSIONS.get(cfg.ensemble.name)
+    weights = None if cfg.ensemble.weights is None else [float(w) for w in cfg.ensemble.weights]
+    if cfg.ensemble.name != "weighted" or count < 2:
+        return
+    if weights is None or len(weights) != count:
+        raise UserError(f"ensemble=weighted needs ensemble.weights with one weight per checkpoint "
+                        f"({count}), got {weights}.")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"ensemble.weights={weights} is not allowed: weights must be finite and >= 0 with a "
+                        "positive sum (they are normalised to sum 1).")
+
+
+def _check_members(members: list[Member]) -> None:
+    classes = members[0].recipe.classes
     for m in members[1:]:
-        if m.meta["classes"] != classes:
-            raise UserError(f"checkpoint={m.path!r} predicts classes {m.meta['classes'][:10]}, but "
-                            f"{members[0].path!r} predicts {classes[:10]}: ensemble members must share classes.")
-    if len(members) > 1:
-        if cfg.ensemble.name not in FUSIONS:
-            raise bad_value("ensemble", cfg.ensemble.name, FUSIONS)
-        weights = cfg.ensemble.weights
-        if cfg.ensemble.name == "weighted" and (weights is None or len(weights) != len(members)):
-            raise UserError(f"ensemble=weighted needs ensemble.weights with one weight per checkpoint "
-                            f"({len(members)}), got {None if weights is None else list(weights)}.")
+        if m.recipe.classes != classes:
+            raise UserError(f"checkpoint={m.path!r} predicts classes {m.recipe.classes[:10]}, but "
+                            f"{members[0].path!r} predicts {classes[:10]}: ensemble members must share classes "
+                            "(same names, same order).")
 
 
 def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> dict[str, Any]:
@@ -86,15 +114,17 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     if cfg.split not in SPLITS:
         raise bad_value("split", cfg.split, SPLITS)
     paths = [str(cfg.checkpoint)] if isinstance(cfg.checkpoint, str) else [str(p) for p in cfg.checkpoint]
+    check_ensemble(cfg, len(paths))
     members = [load_member(p) for p in paths]
-    _check_members(members, cfg)
-    classes = members[0].meta["classes"]
-    data_cfg = _dataset_config(cfg, members[0].meta)
+    _check_members(members)
+    classes = members[0].recipe.classes
+    data_cfg = _dataset_config(cfg, members[0].meta, paths[0])
     splits = build_data(data_cfg)
-    if len(splits.classes) != len(classes):
+    if splits.classes != classes:
         raise UserError(
-            f"dataset={data_cfg.name} has {len(splits.classes)} classes but checkpoint={paths[0]!r} "
-            f"predicts {len(classes)} ({', '.join(classes[:10])}). Evaluate on a dataset with the same classes."
+            f"dataset={data_cfg.name} (classes {', '.join(splits.classes[:10])}) does not have the classes "
+            f"checkpoint={paths[0]!r} predicts ({', '.join(classes[:10])}), in that order. Evaluate on a dataset "
+            "with the same class names in the same order (e.g. the same dataset.classes the model was trained with)."
         )
     device = resolve_device(cfg.device)
     precision = Precision(str(cfg.precision), device)
@@ -103,15 +133,16 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     log_probs, rows = [], []
     for member in members:  # each member sees the data through its own preprocessing
         loader = make_loader(dataset, splits, member.model.spec, data_cfg, False, device, batch_size=cfg.batch_size)
-        logits, labels = predict(Method(member.model).to(device), loader, device, precision)
+        logits, labels = infer(member.model.to(device).eval(), loader, device, precision)
         log_probs.append(logits.log_softmax(1))
-        rows.append({"model": member.path, "backbone": member.meta["backbone"], **_scores(log_probs[-1], labels, classes)})
+        rows.append({"model": member.path, "backbone": member.recipe.backbone, **_scores(log_probs[-1], labels, classes)})
     if len(members) > 1:
-        fused = fuse(log_probs, cfg.ensemble.name, cfg.ensemble.weights)
+        weights = None if cfg.ensemble.weights is None else [float(w) for w in cfg.ensemble.weights]
+        fused = FUSIONS.get(cfg.ensemble.name)(torch.stack(log_probs), weights)
         scores = _scores(fused, labels, classes)
         if cfg.ensemble.name == "vote":
             scores["loss"] = float("nan")  # votes are not probabilities
-        rows.append({"model": f"ensemble ({cfg.ensemble.name})", "backbone": "+".join(m.meta["backbone"] for m in members),
+        rows.append({"model": f"ensemble ({cfg.ensemble.name})", "backbone": "+".join(m.recipe.backbone for m in members),
                      **scores})
     final = log_probs[0] if len(members) == 1 else fused
 

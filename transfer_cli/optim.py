@@ -1,5 +1,8 @@
 """Optimizers and learning-rate schedules (registered in OPTIMIZERS and SCHEDULERS).
 
+Config keys are keyword-only and required: their defaults live in the entry's YAML (conf/optimizer/,
+conf/scheduler/) and nowhere else.
+
 Every schedule steps once per optimizer step, so warmup and decay are smooth whatever the epoch size.
 """
 
@@ -7,43 +10,44 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from transfer_cli.registries import OPTIMIZERS, SCHEDULERS
+from transfer_cli.registry import Fraction, NonNegative, Positive, Range, Registry
+
+# name -> builder(params, **cfg) -> Optimizer
+OPTIMIZERS = Registry("optimizer")
+# name -> builder(optimizer, total_steps, steps_per_epoch, **cfg) -> a per-step LR schedule
+SCHEDULERS = Registry("scheduler")
 
 Params = list[dict[str, Any]]
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(params: Params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
-        nesterov: bool = False) -> torch.optim.Optimizer:
+def sgd(params: Params, *, lr: Positive, momentum: Fraction, weight_decay: NonNegative, nesterov: bool) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
 @OPTIMIZERS.register("adam")
-def adam(params: Params, lr: float = 1e-3, betas: list[float] = (0.9, 0.999), eps: float = 1e-8,
-         weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def adam(params: Params, *, lr: Positive, betas: list[Fraction], eps: Positive, weight_decay: NonNegative) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(params: Params, lr: float = 1e-3, betas: list[float] = (0.9, 0.999), eps: float = 1e-8,
-          weight_decay: float = 0.01) -> torch.optim.Optimizer:
+def adamw(params: Params, *, lr: Positive, betas: list[Fraction], eps: Positive, weight_decay: NonNegative) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
 @OPTIMIZERS.register("adagrad")
-def adagrad(params: Params, lr: float = 0.01, lr_decay: float = 0.0, weight_decay: float = 0.0,
-            eps: float = 1e-10) -> torch.optim.Optimizer:
+def adagrad(params: Params, *, lr: Positive, lr_decay: NonNegative, weight_decay: NonNegative, eps: Positive) -> torch.optim.Optimizer:
     return torch.optim.Adagrad(params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
 
 
 @OPTIMIZERS.register("rmsprop")
-def rmsprop(params: Params, lr: float = 1e-3, alpha: float = 0.99, momentum: float = 0.0,
-            weight_decay: float = 0.0, eps: float = 1e-8) -> torch.optim.Optimizer:
+def rmsprop(params: Params, *, lr: Positive, alpha: Fraction, momentum: Fraction, weight_decay: NonNegative,
+            eps: Positive) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=lr, alpha=alpha, momentum=momentum, weight_decay=weight_decay, eps=eps)
 
 
@@ -57,14 +61,14 @@ def _with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, after: Cal
 
 
 @SCHEDULERS.register("none")
-def constant(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
-             warmup_epochs: float = 0.0) -> LRScheduler:
+def constant(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int, *,
+             warmup_epochs: NonNegative) -> LRScheduler:
     return _with_warmup(optimizer, round(warmup_epochs * steps_per_epoch), lambda _: 1.0)
 
 
 @SCHEDULERS.register("cosine")
-def cosine(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
-           warmup_epochs: float = 0.0, min_lr_ratio: float = 0.0) -> LRScheduler:
+def cosine(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int, *,
+           warmup_epochs: NonNegative, min_lr_ratio: Annotated[float, Range(ge=0, le=1)]) -> LRScheduler:
     warmup = round(warmup_epochs * steps_per_epoch)
     decay_steps = max(1, total_steps - warmup)
 
@@ -76,23 +80,24 @@ def cosine(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: 
 
 
 @SCHEDULERS.register("step")
-def step(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
-         step_epochs: float = 30.0, gamma: float = 0.1, warmup_epochs: float = 0.0) -> LRScheduler:
+def step(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int, *,
+         step_epochs: Positive, gamma: Positive, warmup_epochs: NonNegative) -> LRScheduler:
     warmup = round(warmup_epochs * steps_per_epoch)
     every = max(1, round(step_epochs * steps_per_epoch))
     return _with_warmup(optimizer, warmup, lambda s: gamma ** (s // every))
 
 
 @SCHEDULERS.register("dann")
-def dann_annealing(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
-                   alpha: float = 10.0, beta: float = 0.75) -> LRScheduler:
+def dann_annealing(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int, *,
+                   alpha: NonNegative, beta: NonNegative) -> LRScheduler:
     """mu_p = mu_0 / (1 + alpha p)^beta with p the training progress (Ganin & Lempitsky 2015)."""
     return LambdaLR(optimizer, lambda step: (1 + alpha * min(1.0, step / max(total_steps, 1))) ** -beta)
 
 
 @SCHEDULERS.register("onecycle")
-def onecycle(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
-             pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4) -> LRScheduler:
+def onecycle(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int, *,
+             pct_start: Annotated[float, Range(gt=0, lt=1)], div_factor: Positive,
+             final_div_factor: Positive) -> LRScheduler:
     # The configured learning rate is the peak; OneCycle warms up to it and anneals below it.
     max_lr = [group["lr"] for group in optimizer.param_groups]
     return OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(total_steps, 1), pct_start=pct_start,

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from transfer_cli.config import DatasetConfig, HeadConfig
-from transfer_cli.data.splits import DataSplits, Transformed
+from transfer_cli.data.splits import DATASETS, DataSplits, Transformed
 from transfer_cli.data.tasks import make_task
 from transfer_cli.data.transforms import InputSpec, resolve_input, sample_transform
-from transfer_cli.models.backbone import Classifier
-from transfer_cli.registries import BACKBONES, DATASETS, OPTIMIZERS, SCHEDULERS
-
-if TYPE_CHECKING:
-    from transfer_cli.methods.base import Method
-    from transfer_cli.source import SourceModel
+from transfer_cli.methods.base import Method
+from transfer_cli.models.backbone import Classifier, PretrainedBody, build_backbone
+from transfer_cli.models.recipe import ModelRecipe
+from transfer_cli.optim import OPTIMIZERS, SCHEDULERS
 
 
 def build_data(cfg: DatasetConfig) -> DataSplits:
@@ -27,24 +25,21 @@ def build_data(cfg: DatasetConfig) -> DataSplits:
 
 
 def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weights: str,
-                head: HeadConfig, source: SourceModel | None = None) -> Classifier:
-    """The classifier for ``splits``; with ``source``, its body starts from the source-pretrained one."""
-    if source is None:
-        bb = BACKBONES.get(backbone)(weights=weights, in_channels=splits.channels)
+                head: HeadConfig, pretrained: PretrainedBody | None = None) -> Classifier:
+    """The classifier for ``splits``; with ``pretrained``, its body starts from those weights."""
+    if pretrained is None:
+        bb = build_backbone(backbone, weights, splits.channels)
+        data_channels = splits.channels
     else:
-        bb = BACKBONES.get(backbone)(weights="none", in_channels=source.channels)
-        bb.body.load_state_dict(source.body_state)
-        bb.weights_meta = source.meta
+        bb = build_backbone(backbone, "none", pretrained.channels)
+        bb.body.load_state_dict(pretrained.state)
+        bb.weights_meta = pretrained.meta
+        data_channels = pretrained.channels
     spec = resolve_input(data_cfg, splits, bb.channels, bb.min_size, bb.fixed_size, bb.weights_meta)
-    return Classifier(bb, len(splits.classes), spec, head.hidden, head.dropout)
-
-
-def rebuild_model(meta: dict) -> Classifier:
-    """The architecture a checkpoint sidecar describes, randomly initialised (its weights are loaded next)."""
-    bb = BACKBONES.get(meta["backbone"])(weights="none", in_channels=meta["in_channels"])
-    head = meta.get("head", {})
-    return Classifier(bb, meta["num_classes"], InputSpec(**meta["input"]), head.get("hidden", ()),
-                      head.get("dropout", 0.0))
+    head = HeadConfig(hidden=list(head.hidden), dropout=float(head.dropout))
+    recipe = ModelRecipe(backbone=backbone, weights=weights, data_channels=data_channels,
+                         classes=list(splits.classes), input=spec, head=head)
+    return Classifier(bb, recipe)
 
 
 def make_loader(dataset: Dataset, splits: DataSplits, spec: InputSpec, cfg: DatasetConfig, train: bool,
@@ -71,7 +66,7 @@ def build_optimization(method: Method, optimizer_cfg: Mapping[str, Any], schedul
     if method.manual_optimization:
         return None, None
     plain = OmegaConf.to_container(optimizer_cfg) if OmegaConf.is_config(optimizer_cfg) else dict(optimizer_cfg)
-    groups = method.param_groups(plain.get("lr", 1e-3), plain.get("weight_decay", 0.0))
+    groups = method.param_groups(plain["lr"], plain.get("weight_decay", 0.0))
     optimizer = OPTIMIZERS.build(optimizer_cfg, params=groups)
     steps = math.ceil(batches_per_epoch / accumulate)
     scheduler = SCHEDULERS.build(scheduler_cfg, optimizer=optimizer, total_steps=steps * epochs, steps_per_epoch=steps)

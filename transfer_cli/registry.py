@@ -3,14 +3,42 @@
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from transfer_cli.errors import UserError, choices
 
 _SCALARS = (int, float, bool, str)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric builder argument, declared as ``Annotated[float, Range(gt=0)]`` and checked
+    (with the key named in the error) before any work starts."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return (math.isfinite(value) and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self) -> str:
+        lower = f">= {self.ge}" if self.ge is not None else f"> {self.gt}" if self.gt is not None else ""
+        upper = f"<= {self.le}" if self.le is not None else f"< {self.lt}" if self.lt is not None else ""
+        return " and ".join(b for b in (lower, upper) if b) or "finite"
+
+
+Positive = Annotated[float, Range(gt=0)]
+NonNegative = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, lt=1)]  # momentum, dropout, label smoothing ...
+Count = Annotated[int, Range(ge=1)]
 
 
 class Registry:
@@ -58,8 +86,16 @@ class Registry:
         fn = self.get(name)
         params = _parameters(fn)
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn, include_extras=True)
         allowed = [k for k, p in params.items() if k not in provided and p.kind is not p.VAR_KEYWORD]
+        required = [k for k in allowed if params[k].default is inspect.Parameter.empty
+                    and params[k].kind is not params[k].VAR_POSITIONAL]
+        absent = [k for k in required if k not in cfg]
+        if absent:
+            raise UserError(
+                f"{self.kind} {name!r} needs {', '.join(f'{self.kind}.{k}' for k in absent)}, which the config "
+                f"does not set. Its YAML (conf/{self.kind}/{name}.yaml) sets every key; was one removed with ~?"
+            )
         for key, value in cfg.items():
             if key == "name":
                 continue
@@ -71,8 +107,8 @@ class Registry:
             hint = hints.get(key)
             if hint is not None and not _matches(value, hint):
                 raise UserError(
-                    f"{self.kind}.{key}={value!r} has the wrong type for {self.kind} {name!r}: "
-                    f"expected {_describe(hint)}."
+                    f"{self.kind}.{key}={_plain(value)!r} is not allowed for {self.kind} {name!r}. "
+                    f"Allowed: {_describe(hint)}."
                 )
 
     def build(self, cfg: Mapping[str, Any], **provided: Any) -> Any:
@@ -100,6 +136,10 @@ def _matches(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
+    if origin is Annotated:
+        inner, *extras = typing.get_args(hint)
+        ranges = [e for e in extras if isinstance(e, Range)]
+        return _matches(value, inner) and all(r.holds(float(value)) for r in ranges)
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, h) for h in typing.get_args(hint))
     if hint is type(None):
@@ -120,6 +160,18 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) is typing.Literal:
+    origin = typing.get_origin(hint)
+    if origin is Annotated:
+        inner, *extras = typing.get_args(hint)
+        bounds = " and ".join(e.describe() for e in extras if isinstance(e, Range))
+        return f"{_describe(inner)} {bounds}".strip()
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if origin in (list, tuple, Sequence):
+        args = typing.get_args(hint)
+        return f"a list of ({_describe(args[0])})" if args else "a list"
+    if hint is type(None):
+        return "null"
+    if origin is typing.Literal:
         return "one of " + choices(typing.get_args(hint))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
-from transfer_cli.engine.checkpoint import atomic_write_text
 from transfer_cli.errors import UserError
+from transfer_cli.files import atomic_write_text
 from transfer_cli.reporting.plots import plot_curves
 from transfer_cli.reporting.summary import summary_frame, write_summary
 from transfer_cli.reporting.sweep import (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -12,18 +13,19 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from transfer_cli.engine.checkpoint import atomic_write_text
+from transfer_cli.data.identity import data_identity
 from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
-from transfer_cli.engine.hooks import Checkpointer, EvalHook, MetricsWriter, metrics_frame
-from transfer_cli.engine.loop import State, evaluate, fit
+from transfer_cli.engine.hooks import Checkpointer, EvalHook
+from transfer_cli.engine.loop import Diverged, State, evaluate, fit
 from transfer_cli.errors import UserError
-from transfer_cli.methods.base import DataContext
+from transfer_cli.files import atomic_write_text
+from transfer_cli.methods.base import METHODS, DataContext
+from transfer_cli.models.checkpoint import save_model
 from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader
-from transfer_cli.registries import METHODS
 from transfer_cli.reporting.plots import plot_curves
 from transfer_cli.reporting.progress import ProgressHook
 from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary
-from transfer_cli.reporting.tables import rich_record, write_table
+from transfer_cli.reporting.tables import MetricsWriter, metrics_frame, rich_record, write_table
 from transfer_cli.source import source_model
 
 
@@ -39,12 +41,17 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
 
     source = source_model(cfg, device, precision, console) if cfg.backbone.weights == "source" else None
     splits = build_data(cfg.dataset)
+    if len(splits.test) == 0:
+        raise UserError(f"dataset={cfg.dataset.name} has no test samples (dataset.root={cfg.dataset.root!r}), so "
+                        "the run could report nothing: add a test/ (or val/) folder, or use a dataset with a test split.")
     target = build_data(cfg.target.dataset) if cfg.target else None
     if target and len(target.classes) != len(splits.classes):  # names may differ ("0 - zero" vs "0")
         raise UserError(f"target.dataset={cfg.target.dataset.name} has {len(target.classes)} classes but "
                         f"dataset={cfg.dataset.name} has {len(splits.classes)}: domains must share their classes.")
-    model = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head, source)
-    in_channels = source.channels if source else splits.channels
+    model = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head,
+                        source.body if source else None)
+    for note in model.notes:
+        console.print(note, highlight=False, soft_wrap=True)
     method = METHODS.build(cfg.method, model=model).to(device)
     if cfg.trainer.channels_last:
         method.to(memory_format=torch.channels_last)
@@ -55,7 +62,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     def make_target(split: str, train: bool) -> DataLoader:
         return make_loader(target.split(split), target, model.spec, cfg.target.dataset, train, device, cfg.seed + 1)
 
-    identity = {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "input": model.spec.to_dict()}
+    identity = {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "input": model.spec.to_dict(),
+                "data": data_identity(splits)}
     context = DataContext(device, precision, identity, make_target if target else None)
     loaders = method.loaders(make, context)
     steps_per_epoch = len(loaders["train"])
@@ -78,25 +86,21 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         soft_wrap=True,
     )
 
-    def checkpoint_meta(state: State) -> dict[str, Any]:
-        return {
-            "backbone": cfg.backbone.name,
-            "num_classes": len(splits.classes),
-            "classes": splits.classes,
-            "in_channels": in_channels,
-            "input": model.spec.to_dict(),
-            "head": OmegaConf.to_container(cfg.head),
-            "epoch": state.epoch + 1,
-            "metrics": state.epoch_metrics,
-            "config": resolved,
-        }
+    def describe_epoch(state: State) -> dict[str, Any]:
+        return {"epoch": state.epoch + 1, "metrics": state.epoch_metrics, "config": resolved}
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", checkpoint_meta, save_every_s=cfg.trainer.save_every_s)
+    def save(path: Path, weights: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:
+        save_model(path, weights, model.recipe, **facts)
+
+    has_val = len(splits.val) > 0
+    if not has_val:
+        console.print("no validation split (dataset.val_fraction=0): the last epoch's weights are kept and tested.")
+    checkpointer = Checkpointer(run_dir / "checkpoints", save, describe_epoch, save_every_s=cfg.trainer.save_every_s)
     state = State(method, optimizer, scheduler, epochs, steps_per_epoch)
     if source:  # the source model's own learning curve opens the run's table
         state.history.extend(source.history)
     hooks = [
-        EvalHook(loaders["val"], device, precision, "val"),
+        *([EvalHook(loaders["val"], device, precision, "val")] if has_val else []),
         # Target labels are only ever used here, to measure; the best checkpoint is chosen on source val.
         *([EvalHook(make_target("test", False), device, precision, "target_test")] if target else []),
         MetricsWriter(run_dir / "metrics.csv"),
@@ -104,7 +108,11 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         *method.hooks(),
         ProgressHook(console, cfg.trainer.progress, cfg.trainer.log_every),
     ]
-    fit(state, loaders["train"], device, precision, hooks, cfg.trainer.accumulate, cfg.trainer.grad_clip)
+    try:
+        fit(state, loaders["train"], device, precision, hooks, cfg.trainer.accumulate, cfg.trainer.grad_clip)
+    except Diverged as err:
+        _write_diverged(run_dir, cfg, state, err, time.perf_counter() - started)
+        raise
 
     # Report the test split once, with the weights that were best on validation.
     method.model.load_state_dict(checkpointer.best_state)
@@ -117,6 +125,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
 
     summary = {
         "name": cfg.name,
+        "status": "ok",
         "run_dir": str(run_dir),
         "command": command_line(),
         "dataset": cfg.dataset.name,
@@ -142,3 +151,15 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     write_summary(run_dir, summary, {"Result": table, "Metrics per epoch": metrics})
     console.print(rich_record(table.iloc[0].to_dict(), title=f"{cfg.name}  ->  {run_dir}"), soft_wrap=True)
     return summary
+
+
+def _write_diverged(run_dir: Path, cfg: DictConfig, state: State, err: Diverged, seconds: float) -> None:
+    """The summary of a run stopped by a non-finite loss: what happened, where, and the epochs before it."""
+    summary = {"name": cfg.name, "status": "diverged", "error": str(err), "run_dir": str(run_dir),
+               "command": command_line(), "dataset": cfg.dataset.name, "backbone": cfg.backbone.name,
+               "method": cfg.method.name, "epochs": state.epoch, "diverged_at": {"epoch": err.epoch + 1,
+               "batch": err.batch + 1, "step": err.step, "last_finite_loss": err.last_finite},
+               "best": state.best or None, "wall_time_s": seconds, "versions": versions()}
+    if state.history:
+        write_table(metrics_frame(state.history), run_dir / "metrics.csv", markdown=True)
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")

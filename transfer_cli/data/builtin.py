@@ -12,9 +12,8 @@ import torch
 import torchvision.datasets as tvd
 
 from transfer_cli.config import DatasetConfig
-from transfer_cli.data.splits import DataSplits, TensorImages, stratified_split, targets_of
+from transfer_cli.data.splits import DATASETS, DataSplits, TensorImages, stratified_split, targets_of
 from transfer_cli.errors import UserError
-from transfer_cli.registries import DATASETS
 
 DEFAULT_ROOT = "data"
 

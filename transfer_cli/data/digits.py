@@ -6,8 +6,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from transfer_cli.config import DatasetConfig
-from transfer_cli.data.splits import DataSplits, TensorImages, stratified_split
-from transfer_cli.registries import DATASETS
+from transfer_cli.data.splits import DATASETS, DataSplits, TensorImages, stratified_split
 
 
 @DATASETS.register("digits")

@@ -8,9 +8,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from transfer_cli.config import DatasetConfig
-from transfer_cli.data.splits import DataSplits, stratified_split
+from transfer_cli.data.splits import DATASETS, DataSplits, stratified_split
 from transfer_cli.errors import UserError
-from transfer_cli.registries import DATASETS
 
 
 def _is_image(path: Path) -> bool:

@@ -10,6 +10,8 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset
 
+from transfer_cli.registry import Registry
+
 
 class TensorImages(Dataset):
     """Images held in memory as one uint8 tensor [N, C, H, W]; the fast path for small datasets."""
@@ -41,6 +43,10 @@ class DataSplits:
 
     def split(self, name: str) -> Dataset:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+# name -> builder(cfg: DatasetConfig) -> DataSplits
+DATASETS = Registry("dataset")
 
 
 def targets_of(dataset: Dataset) -> np.ndarray:

@@ -13,7 +13,9 @@ import torch
 
 from transfer_cli.errors import UserError
 
-_AMP_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+# trainer.precision -> autocast dtype (None: plain float32)
+AMP_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,7 +40,7 @@ class Precision:
     device: torch.device
 
     def __post_init__(self) -> None:
-        self.dtype = _AMP_DTYPES[self.name]
+        self.dtype = AMP_DTYPES[self.name]
         # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.name == "16-mixed" and self.device.type == "cuda")
 

@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
 
 from transfer_cli.engine.device import Precision, to_device
 from transfer_cli.engine.metrics import Meter, logit_metrics
 
-if TYPE_CHECKING:  # methods import the loop's hooks; the loop only needs the type
-    from transfer_cli.methods.base import Method
+
+class Diverged(Exception):
+    """Training produced a non-finite loss; the run stops there instead of training on NaN."""
+
+    def __init__(self, epoch: int, batch: int, step: int, last_finite: float | None) -> None:
+        last = f"{last_finite:.4g}" if last_finite is not None else "none (the first loss was already non-finite)"
+        super().__init__(
+            f"training diverged: the loss became non-finite at epoch {epoch + 1}, batch {batch + 1} "
+            f"(optimizer step {step}); last finite loss {last}. Nothing after the last good epoch was saved as "
+            "best. Lower optimizer.lr, set trainer.grad_clip, or check dataset.mean/std."
+        )
+        self.epoch, self.batch, self.step, self.last_finite = epoch, batch, step, last_finite
 
 
 @dataclass
 class State:
-    """What hooks can see and change while fitting."""
+    """What hooks can see and change while fitting. ``method`` is the transfer method (an nn.Module
+    with ``training_step``, ``manual_optimization`` and ``model``); the loop needs nothing else of it."""
 
-    method: Method
+    method: nn.Module
     optimizer: torch.optim.Optimizer | None  # None when the method optimises itself
     scheduler: Any
     max_epochs: int
@@ -33,7 +45,7 @@ class State:
     epoch_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> metrics, this epoch
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per (epoch, split)
     best: dict[str, Any] = field(default_factory=dict)
-    stop: bool = False
+    last_loss: float | None = None  # the last finite training loss, named if training diverges
 
 
 class Hook:
@@ -68,6 +80,11 @@ def fit(
             batch = to_device(batch, device)
             with precision.autocast():
                 out = method.training_step(batch)
+            # One host sync per step; a NaN must stop training before the optimizer spreads it into every weight.
+            loss = out["loss"].detach().float().item()
+            if not math.isfinite(loss):
+                raise Diverged(epoch, index, state.step, state.last_loss)
+            state.last_loss = loss
             if method.manual_optimization:
                 state.step += 1
             else:
@@ -91,8 +108,6 @@ def fit(
                                         "samples_per_s": state.meter.count / seconds}
         for hook in hooks:
             hook.after_epoch(state)
-        if state.stop:
-            break
     for hook in hooks:
         hook.after_fit(state)
     return state
@@ -110,14 +125,10 @@ def infer(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: 
     return torch.cat(outputs), torch.cat(labels)
 
 
-def predict(method: Method, loader: DataLoader, device: torch.device, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels for every sample of ``loader``."""
-    method.eval()
-    return infer(method.predict, loader, device, precision)
-
-
-def evaluate(method: Method, loader: DataLoader, device: torch.device, precision: Precision) -> dict[str, float]:
+def evaluate(method: nn.Module, loader: Iterable, device: torch.device, precision: Precision) -> dict[str, float]:
+    """Loss and accuracy of ``method.predict`` on every sample of ``loader``."""
     start = time.perf_counter()
-    logits, labels = predict(method, loader, device, precision)
+    method.eval()
+    logits, labels = infer(method.predict, loader, device, precision)
     seconds = time.perf_counter() - start
     return {**logit_metrics(logits, labels), "seconds": seconds, "samples_per_s": len(labels) / seconds}

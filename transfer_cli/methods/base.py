@@ -13,10 +13,14 @@ from torch.utils.data import DataLoader
 
 from transfer_cli.errors import UserError
 from transfer_cli.models.backbone import Classifier, describe_stage
+from transfer_cli.registry import Registry
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 LoaderFactory = Callable[[str, bool], DataLoader]  # (split, train) -> loader; train: shuffled and augmented
+
+# name -> Method subclass, built as cls(model, **cfg)
+METHODS = Registry("method")
 
 
 @dataclass
@@ -39,6 +43,8 @@ class Method(nn.Module):
     # True: training_step updates the parameters itself (e.g. full-batch L-BFGS); the loop then
     # does no backward pass, optimizer step or schedule.
     manual_optimization = False
+    # True: the method trains on (source batch, unlabelled target batch) pairs and needs a target= domain.
+    needs_target_data = False
 
     def __init__(self, model: Classifier, label_smoothing: float = 0.0, layer_decay: float = 1.0,
                  backbone_lr_mult: float = 1.0) -> None:
@@ -121,7 +127,7 @@ class Method(nn.Module):
         groups: dict[tuple[float, bool], dict[str, Any]] = {}
         for p in chosen:
             scale, decay = scales.get(id(p), 1.0), p.ndim > 1
-            group = groups.setdefault((scale, decay), {"params": [], "lr": lr * scale, "lr_scale": scale,
+            group = groups.setdefault((scale, decay), {"params": [], "lr": lr * scale,
                                                        "weight_decay": weight_decay if decay else 0.0})
             group["params"].append(p)
         return list(groups.values())

@@ -16,10 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transfer_cli.engine.loop import Hook, State
-from transfer_cli.errors import UserError
-from transfer_cli.methods.base import DataContext, LoaderFactory, Method
+from transfer_cli.methods.base import METHODS, DataContext, LoaderFactory, Method
 from transfer_cli.models.backbone import Classifier
-from transfer_cli.registries import METHODS
+from transfer_cli.registry import Count, Fraction, NonNegative
 
 
 class _GradReverse(torch.autograd.Function):
@@ -119,18 +118,16 @@ class DomainAdaptation(Method):
     a full-strength alignment loss can make every feature equal (zero MMD/CORAL), and dead ReLUs never
     recover. DANN itself gets lambda_p through its gradient reversal instead (``ramp = False``)."""
 
-    name = "domain_adaptation"
+    needs_target_data = True
     ramp = True
 
-    def __init__(self, model: Classifier, weight: float = 1.0, label_smoothing: float = 0.0) -> None:
+    def __init__(self, model: Classifier, *, weight: NonNegative, label_smoothing: Fraction) -> None:
         super().__init__(model, label_smoothing=label_smoothing)
         self.weight = weight
         self.progress = 0.0
 
     def loaders(self, make: LoaderFactory, context: DataContext) -> dict[str, DataLoader]:
-        if context.target is None:
-            raise UserError(f"method={type(self).name} adapts to a target domain: add target=NAME "
-                            "(e.g. target=usps) or use an experiment such as experiment=mnist_usps.")
+        assert context.target is not None, "validation refuses a domain-adaptation method without target="
         loaders = super().loaders(make, context)
         loaders["train"] = PairedLoader(loaders["train"], context.target("train", True))
         return loaders
@@ -159,7 +156,6 @@ class DomainAdaptation(Method):
 class SourceOnly(DomainAdaptation):
     """The baseline: the same paired batches and schedule, no adaptation loss."""
 
-    name = "source_only"
 
 
 @METHODS.register("dann")
@@ -167,19 +163,18 @@ class DANN(DomainAdaptation):
     """Domain-adversarial training: a discriminator tells source from target features through a
     gradient reversal layer whose strength follows lambda_p (Ganin & Lempitsky 2015)."""
 
-    name = "dann"
     ramp = False
 
-    def __init__(self, model: Classifier, weight: float = 1.0, gamma: float = 10.0, hidden: int = 500,
-                 label_smoothing: float = 0.0) -> None:
-        super().__init__(model, weight, label_smoothing)
+    def __init__(self, model: Classifier, *, weight: NonNegative, gamma: NonNegative, hidden: Count,
+                 label_smoothing: Fraction) -> None:
+        super().__init__(model, weight=weight, label_smoothing=label_smoothing)
         self.gamma = gamma
         self.discriminator = DomainDiscriminator(_feature_dim(model), hidden)
 
     def param_groups(self, lr, weight_decay, params=None):
         groups = super().param_groups(lr, weight_decay, params)
         if params is None:  # the discriminator trains from the start, at the base learning rate
-            groups.append({"params": list(self.discriminator.parameters()), "lr": lr, "lr_scale": 1.0,
+            groups.append({"params": list(self.discriminator.parameters()), "lr": lr,
                            "weight_decay": weight_decay})
         return groups
 
@@ -201,7 +196,6 @@ def _feature_dim(model: Classifier) -> int:
 class CORAL(DomainAdaptation):
     """Deep CORAL: align second-order statistics of source and target features."""
 
-    name = "coral"
 
     def adaptation(self, source, target):
         return {"loss_coral": coral_loss(source, target)}
@@ -211,7 +205,6 @@ class CORAL(DomainAdaptation):
 class DAN(DomainAdaptation):
     """Deep Adaptation Network: multi-kernel MMD between source and target features."""
 
-    name = "dan"
 
     def adaptation(self, source, target):
         return {"loss_mmd": mmd_loss(source, target)}

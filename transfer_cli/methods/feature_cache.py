@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from transfer_cli.engine.checkpoint import atomic_write
 from transfer_cli.engine.loop import infer
+from transfer_cli.files import atomic_write
 from transfer_cli.models.backbone import Classifier
 
 

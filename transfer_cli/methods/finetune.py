@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
 from transfer_cli.engine.loop import Hook, State
-from transfer_cli.methods.base import Method
+from transfer_cli.methods.base import METHODS, Method
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.optim import add_param_groups
-from transfer_cli.registries import METHODS
+from transfer_cli.registry import Count, Fraction, NonNegative, Range
+
+BNMode = Literal["auto", "train", "frozen"]  # auto: frozen for folded-BN weights (identity statistics)
+LayerDecay = Annotated[float, Range(gt=0, le=1)]
 
 
 @METHODS.register("finetune")
@@ -19,15 +22,8 @@ class Finetune(Method):
     """Train the head and every stage after the first ``freeze``; ``layer_decay`` and
     ``backbone_lr_mult`` lower the learning rate of the backbone stages."""
 
-    def __init__(
-        self,
-        model: Classifier,
-        freeze: int | str = 0,
-        bn: Literal["auto", "train", "frozen"] = "auto",
-        label_smoothing: float = 0.0,
-        layer_decay: float = 1.0,
-        backbone_lr_mult: float = 1.0,
-    ) -> None:
+    def __init__(self, model: Classifier, *, freeze: int | Literal["all"], bn: BNMode, label_smoothing: Fraction,
+                 layer_decay: LayerDecay, backbone_lr_mult: NonNegative) -> None:
         super().__init__(model, label_smoothing, layer_decay, backbone_lr_mult)
         self.frozen_stages = self.freeze_stages(freeze)
         self.apply_bn_mode(bn)
@@ -50,10 +46,10 @@ class GradualUnfreeze(Method):
     """ULMFiT-style: start with only the head training, then every ``every_epochs`` epochs unfreeze one
     more stage from the top and add its parameters to the optimizer (at their discriminative LR)."""
 
-    def __init__(self, model: Classifier, every_epochs: int = 1, bn: Literal["auto", "train", "frozen"] = "auto",
-                 label_smoothing: float = 0.0, layer_decay: float = 1.0, backbone_lr_mult: float = 1.0) -> None:
+    def __init__(self, model: Classifier, *, every_epochs: Count, bn: BNMode, label_smoothing: Fraction,
+                 layer_decay: LayerDecay, backbone_lr_mult: NonNegative) -> None:
         super().__init__(model, label_smoothing, layer_decay, backbone_lr_mult)
-        self.every_epochs = max(1, every_epochs)
+        self.every_epochs = every_epochs
         self.frozen_stages = self.freeze_stages("all")
         self.bn_fixed = bn == "frozen" or (bn == "auto" and self.has_folded_norms())
         self.apply_bn_mode("frozen" if self.bn_fixed else "train")
@@ -86,10 +82,10 @@ class L2SP(Finetune):
     its pretrained weights w0, beta/2 ||w_head||^2 is plain weight decay on the new head. Each term is
     logged as its own loss column."""
 
-    def __init__(self, model: Classifier, alpha: float = 0.01, beta: float = 0.01, freeze: int | str = 0,
-                 bn: Literal["auto", "train", "frozen"] = "auto", label_smoothing: float = 0.0,
-                 layer_decay: float = 1.0, backbone_lr_mult: float = 1.0) -> None:
-        super().__init__(model, freeze, bn, label_smoothing, layer_decay, backbone_lr_mult)
+    def __init__(self, model: Classifier, *, alpha: NonNegative, beta: NonNegative, freeze: int | Literal["all"],
+                 bn: BNMode, label_smoothing: Fraction, layer_decay: LayerDecay, backbone_lr_mult: NonNegative) -> None:
+        super().__init__(model, freeze=freeze, bn=bn, label_smoothing=label_smoothing, layer_decay=layer_decay,
+                         backbone_lr_mult=backbone_lr_mult)
         self.alpha, self.beta = alpha, beta
         self.anchored = [p for p in model.body.parameters() if p.requires_grad]
         for i, p in enumerate(self.anchored):  # buffers follow .to(device) and stay out of checkpoints

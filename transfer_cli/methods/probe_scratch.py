@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from transfer_cli.methods.base import DataContext, LoaderFactory, Method
+from transfer_cli.methods.base import METHODS, DataContext, LoaderFactory, Method
 from transfer_cli.methods.feature_cache import cached_features, weights_digest
 from transfer_cli.models.backbone import Classifier
-from transfer_cli.registries import METHODS
+from transfer_cli.registry import Count, Fraction, NonNegative
 
 
 @METHODS.register("linear_probe")
@@ -26,9 +26,8 @@ class LinearProbe(Method):
     optimizer on mini-batches of features.
     """
 
-    def __init__(self, model: Classifier, solver: Literal["sgd", "lbfgs"] = "lbfgs", l2: float = 1e-2,
-                 max_iter: int = 20, cache: bool = True, cache_dir: str = "outputs/cache/features",
-                 label_smoothing: float = 0.0) -> None:
+    def __init__(self, model: Classifier, *, solver: Literal["sgd", "lbfgs"], l2: NonNegative, max_iter: Count,
+                 cache: bool, cache_dir: str, label_smoothing: Fraction) -> None:
         super().__init__(model, label_smoothing=label_smoothing)
         self.freeze_stages("all")
         self.freeze_norms()
@@ -85,7 +84,7 @@ class LinearProbe(Method):
 class Scratch(Method):
     """Every layer re-initialised and trained: what the task reaches with no pretrained knowledge."""
 
-    def __init__(self, model: Classifier, label_smoothing: float = 0.0) -> None:
+    def __init__(self, model: Classifier, *, label_smoothing: Fraction) -> None:
         super().__init__(model, label_smoothing=label_smoothing)
         for module in model.body.modules():
             if hasattr(module, "reset_parameters"):

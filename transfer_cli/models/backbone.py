@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from transfer_cli.data.transforms import InputSpec, WeightsMeta
+from transfer_cli.data.transforms import WeightsMeta
 from transfer_cli.errors import UserError
 from transfer_cli.models.input import InputAdapter
-
-Stage = list[str]  # parameter-name prefixes inside the body
+from transfer_cli.models.recipe import ModelRecipe
+from transfer_cli.models.stages import Stage
+from transfer_cli.models.weights import load_weights_file
+from transfer_cli.registry import Registry
 
 
 @dataclass
@@ -24,6 +29,30 @@ class Backbone:
     min_size: int = 8
     fixed_size: int | None = None  # some architectures take exactly one input size (ViT: 224)
     weights_meta: WeightsMeta | None = None
+    notes: list[str] = field(default_factory=list)  # what loading the weights reported, for the run log
+
+
+# name -> builder(weights: str[, in_channels: int]) -> Backbone. Builders of architectures whose first
+# layer can take any number of channels accept ``in_channels`` (the data's channels); the others have
+# a fixed stem and the model's InputAdapter converts the data to it.
+BACKBONES = Registry("backbone")
+
+
+def build_backbone(name: str, weights: str, data_channels: int) -> Backbone:
+    """The registered backbone ``name``; builders with a free first layer get the data's channels."""
+    builder = BACKBONES.get(name)
+    if "in_channels" in inspect.signature(builder).parameters:
+        return builder(weights=weights, in_channels=data_channels)
+    return builder(weights=weights)
+
+
+@dataclass
+class PretrainedBody:
+    """Body weights to start from instead of the backbone's own (e.g. a source-pretrained model)."""
+
+    state: dict[str, torch.Tensor]
+    meta: WeightsMeta  # the preprocessing those weights were trained with
+    channels: int
 
 
 def detach_head(name: str, model: nn.Module) -> tuple[nn.Module, int]:
@@ -36,6 +65,19 @@ def detach_head(name: str, model: nn.Module) -> tuple[nn.Module, int]:
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, attr, nn.Identity())
     return model, last.in_features
+
+
+def backbone_from_classifier(name: str, model: nn.Module, weights: str,
+                             stages: list[Stage] | Callable[[nn.Module], list[Stage]], channels: int,
+                             **extra: Any) -> Backbone:
+    """The one way a classification network becomes a Backbone: load ``weights`` (a local file; "none"
+    keeps what the model holds), replace the classifier by Identity, record the stage split (a list,
+    or a function of the body)."""
+    notes = load_weights_file(model, weights, name) if weights != "none" else []
+    body, dim = detach_head(name, model)
+    split = stages(body) if callable(stages) else stages
+    return Backbone(name=name, body=body, feature_dim=dim, stages=complete_stages(body, split), channels=channels,
+                    notes=notes, **extra)
 
 
 def in_stage(param_name: str, stage: Stage) -> bool:
@@ -70,17 +112,24 @@ def make_head(feature_dim: int, num_classes: int, hidden: list[int] = (), dropou
 
 
 class Classifier(nn.Module):
-    """InputAdapter -> backbone body -> head. What every method trains and every checkpoint holds."""
+    """InputAdapter -> backbone body -> head. What every method trains and every checkpoint holds;
+    ``recipe`` says how to build it again (written beside every checkpoint)."""
 
-    def __init__(self, backbone: Backbone, num_classes: int, spec: InputSpec, hidden: list[int] = (),
-                 dropout: float = 0.0) -> None:
+    def __init__(self, backbone: Backbone, recipe: ModelRecipe) -> None:
         super().__init__()
+        self.recipe = recipe
         self.backbone_name = backbone.name
+        self.notes = backbone.notes  # what loading the weights reported
         self.stages = backbone.stages
-        self.spec = spec
-        self.input = InputAdapter(spec)
+        self.spec = recipe.input
+        self.input = InputAdapter(recipe.input)
         self.body = backbone.body
-        self.head = make_head(backbone.feature_dim, num_classes, list(hidden), dropout)
+        self.head = make_head(backbone.feature_dim, len(recipe.classes), list(recipe.head.hidden), recipe.head.dropout)
+
+    @classmethod
+    def from_recipe(cls, recipe: ModelRecipe) -> Classifier:
+        """The architecture ``recipe`` describes, randomly initialised; the caller loads its weights."""
+        return cls(build_backbone(recipe.backbone, "none", recipe.data_channels), recipe)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.input(x))

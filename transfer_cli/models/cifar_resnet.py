@@ -11,9 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transfer_cli.data.transforms import WeightsMeta
-from transfer_cli.models.backbone import Backbone, detach_head
-from transfer_cli.models.weights import load_weights_file
-from transfer_cli.registries import BACKBONES
+from transfer_cli.models.backbone import BACKBONES, Backbone, backbone_from_classifier
 
 # The published CIFAR-10 checkpoints were trained on 32x32 input normalised with ImageNet statistics.
 CIFAR_WEIGHTS_META = WeightsMeta(crop=32, resize=32, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
@@ -66,18 +64,13 @@ class CifarResNet(nn.Module):
 
 
 def build_cifar_resnet(depth: int, weights: str = "none") -> Backbone:
-    name = f"cifar_resnet{depth}"
-    model = CifarResNet(depth)
-    if weights != "none":
-        load_weights_file(model, weights, name)
-    body, dim = detach_head(name, model)
-    return Backbone(name=name, body=body, feature_dim=dim,
-                    stages=[["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"]], channels=3, min_size=8,
-                    weights_meta=CIFAR_WEIGHTS_META if weights != "none" else None)
+    return backbone_from_classifier(f"cifar_resnet{depth}", CifarResNet(depth), weights,
+                                    [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"]], channels=3, min_size=8,
+                                    weights_meta=CIFAR_WEIGHTS_META if weights != "none" else None)
 
 
 def _register(depth: int) -> None:
-    BACKBONES.add(f"cifar_resnet{depth}", lambda weights="none", in_channels=3: build_cifar_resnet(depth, weights))
+    BACKBONES.add(f"cifar_resnet{depth}", lambda weights="none": build_cifar_resnet(depth, weights))
 
 
 for _depth in (20, 32, 44, 56, 110):

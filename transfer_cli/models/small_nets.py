@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from transfer_cli.models.backbone import Backbone, detach_head
-from transfer_cli.models.weights import load_weights_file
-from transfer_cli.registries import BACKBONES
+from transfer_cli.models.backbone import BACKBONES, Backbone, backbone_from_classifier
 
 
 def _conv_block(cin: int, cout: int, pool: bool) -> nn.Sequential:
@@ -65,26 +63,19 @@ class LeNetADDA(nn.Module):
         return self.classifier(self.fc(self.conv2(self.conv1(x))))
 
 
-def _finish(name: str, model: nn.Module, weights: str, stages, channels: int, **kwargs) -> Backbone:
-    if weights != "none":
-        load_weights_file(model, weights, name)
-    body, dim = detach_head(name, model)
-    return Backbone(name=name, body=body, feature_dim=dim, stages=stages, channels=channels, **kwargs)
-
-
 @BACKBONES.register("small_cnn")
 def small_cnn(weights: str = "none", in_channels: int = 1) -> Backbone:
-    stages = [["block1"], ["block2"], ["block3"]]
-    return _finish("small_cnn", SmallCNN(in_channels), weights, stages, in_channels, min_size=4)
+    return backbone_from_classifier("small_cnn", SmallCNN(in_channels), weights, [["block1"], ["block2"], ["block3"]],
+                                    channels=in_channels, min_size=4)
 
 
 @BACKBONES.register("lenet")
-def lenet(weights: str = "none", in_channels: int = 1) -> Backbone:
+def lenet(weights: str = "none") -> Backbone:
     stages = [["convnet.c1"], ["convnet.c3"], ["convnet.c5"], ["fc.f6"]]
-    return _finish("lenet", LeNet5(), weights, stages, channels=1, min_size=32, fixed_size=32)
+    return backbone_from_classifier("lenet", LeNet5(), weights, stages, channels=1, min_size=32, fixed_size=32)
 
 
 @BACKBONES.register("lenet_adda")
-def lenet_adda(weights: str = "none", in_channels: int = 1) -> Backbone:
+def lenet_adda(weights: str = "none") -> Backbone:
     stages = [["conv1"], ["conv2"], ["fc"]]
-    return _finish("lenet_adda", LeNetADDA(), weights, stages, channels=1, min_size=28, fixed_size=28)
+    return backbone_from_classifier("lenet_adda", LeNetADDA(), weights, stages, channels=1, min_size=28, fixed_size=28)

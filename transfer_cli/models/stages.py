@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from transfer_cli.models.backbone import Stage, complete_stages
+Stage = list[str]  # parameter-name prefixes inside the body
 
 _EXPAND = ("features", "trunk_output", "layers")  # containers whose children are the blocks
 
@@ -69,4 +69,4 @@ _FAMILIES = {
 def torchvision_stages(name: str, body: nn.Module) -> list[Stage]:
     family = next((f for f in _FAMILIES if name.startswith(f)), None)
     split = _FAMILIES[family] if family else _generic
-    return complete_stages(body, split(body))
+    return split(body)

@@ -11,10 +11,9 @@ import torchvision.models as tvm
 
 from transfer_cli.data.transforms import WeightsMeta
 from transfer_cli.errors import UserError, choices
-from transfer_cli.models.backbone import Backbone, detach_head
+from transfer_cli.models.backbone import BACKBONES, Backbone, backbone_from_classifier
 from transfer_cli.models.stages import torchvision_stages
-from transfer_cli.models.weights import load_weights_file, looks_like_path
-from transfer_cli.registries import BACKBONES
+from transfer_cli.models.weights import looks_like_path
 
 _FIXED_SIZE = {"vit_": 224, "maxvit_": 224}
 _MIN_SIZE = {"inception_v3": 75, "googlenet": 32}
@@ -48,7 +47,7 @@ def _cache_path(weights: Any) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def build_torchvision(name: str, weights: str = "none", in_channels: int = 3) -> Backbone:
+def build_torchvision(name: str, weights: str = "none") -> Backbone:
     kwargs: dict[str, Any] = {}
     if name in _NO_AUX:
         kwargs["aux_logits"] = False
@@ -66,18 +65,14 @@ def build_torchvision(name: str, weights: str = "none", in_channels: int = 3) ->
             "or pass a local file as backbone.weights=PATH."
         ) from None
     meta_source = enum_weights
+    file_weights = "none"
     if enum_weights is None and weights != "none":
-        load_weights_file(model, weights, name)
+        file_weights = weights
         # A local file for a torchvision architecture is almost always ImageNet-trained: use the
         # architecture's default preprocessing (dataset.mean/std/image_size override it).
         meta_source = tvm.get_model_weights(name).DEFAULT
-    body, feature_dim = detach_head(name, model)
-    return Backbone(
-        name=name,
-        body=body,
-        feature_dim=feature_dim,
-        stages=torchvision_stages(name, body),
-        channels=3,
+    return backbone_from_classifier(
+        name, model, file_weights, lambda body: torchvision_stages(name, body), channels=3,
         min_size=next((v for k, v in _MIN_SIZE.items() if name.startswith(k)), 32),
         fixed_size=next((v for k, v in _FIXED_SIZE.items() if name.startswith(k)), None),
         weights_meta=_meta(meta_source) if meta_source is not None else None,
@@ -85,7 +80,7 @@ def build_torchvision(name: str, weights: str = "none", in_channels: int = 3) ->
 
 
 def _register(name: str) -> None:
-    BACKBONES.add(name, lambda weights="none", in_channels=3: build_torchvision(name, weights, in_channels))
+    BACKBONES.add(name, lambda weights="none": build_torchvision(name, weights))
 
 
 _NOT_CLASSIFIERS = ("squeezenet",)  # their classifier is a convolution, not a replaceable linear layer

@@ -5,13 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 
 from transfer_cli.errors import UserError
-
-console = Console(stderr=True)
 
 
 def looks_like_path(value: str) -> bool:
@@ -38,8 +35,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def load_weights_file(model: nn.Module, path: str, name: str) -> None:
-    """Load what fits, say what did not, and refuse a file that matches nothing."""
+def load_weights_file(model: nn.Module, path: str, name: str) -> list[str]:
+    """Load what fits and refuse a file that matches nothing; returns lines saying what did not fit."""
     state = read_state_dict(path)
     own = model.state_dict()
     fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -52,8 +49,9 @@ def load_weights_file(model: nn.Module, path: str, name: str) -> None:
             f"fit (its keys start {list(state)[:3]}, the model's {list(own)[:3]}). Is it for another architecture?"
         )
     model.load_state_dict(fits, strict=False)
-    console.print(f"[green]loaded {len(fits)}/{len(own)} tensors from {path}[/]")
+    notes = [f"loaded {len(fits)}/{len(own)} tensors from {path}"]
     for label, keys in (("shape differs, kept initial", wrong_shape), ("not in the model", unexpected),
                         ("not in the file, kept initial", missing)):
         if keys:
-            console.print(f"[yellow]  {len(keys)} {label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}[/]")
+            notes.append(f"  {len(keys)} {label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+    return notes

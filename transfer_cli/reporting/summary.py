@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 from transfer_cli import __version__
-from transfer_cli.engine.checkpoint import atomic_write_text
+from transfer_cli.files import atomic_write_text
 from transfer_cli.reporting.tables import markdown_table
 
 
@@ -35,21 +35,31 @@ def write_summary(folder: Path, summary: dict[str, Any], tables: dict[str, pd.Da
     atomic_write_text(folder / "summary.md", "\n".join(lines))
 
 
-def summary_frame(summary: dict[str, Any]) -> pd.DataFrame:
-    val = summary["final"].get("val", {})
+def summary_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """The one mapping from a run's summary.json to a table row (run tables, sweep tables, reports)."""
+    best = summary.get("best") or {}
+    on_val = best.get("split") == "val"
+    target = summary.get("target_test")
     row = {
-        "dataset": summary["dataset"],
-        "backbone": summary["backbone"],
-        "method": summary["method"],
-        "epochs": summary["epochs"],
-        "best_epoch": summary["best"]["epoch"],
-        "val_acc1": summary["best"]["value"],
-        "final_val_acc1": val.get("acc1"),
-        "test_acc1": summary["test"]["acc1"],
-        "test_loss": summary["test"]["loss"],
-        **({"target_test_acc1": summary["target_test"]["acc1"]} if summary.get("target_test") else {}),
-        "trainable": summary["params_trainable"],
-        "params": summary["params_total"],
-        "seconds": round(summary["wall_time_s"], 1),
+        "dataset": summary.get("dataset"),
+        "backbone": summary.get("backbone"),
+        "method": summary.get("method"),
+        "status": summary.get("status", "ok"),
+        "epochs": summary.get("epochs"),
+        "best_epoch": best.get("epoch"),
+        "val_acc1": best.get("value") if on_val else None,
+        "final_val_acc1": (summary.get("final") or {}).get("val", {}).get("acc1"),
+        "test_acc1": (summary.get("test") or {}).get("acc1"),
+        "test_loss": (summary.get("test") or {}).get("loss"),
+        **({"target": f"{summary['dataset']}->{summary['target']}", "target_test_acc1": target["acc1"]} if target else {}),
+        "trainable": summary.get("params_trainable"),
+        "params": summary.get("params_total"),
+        "seconds": round(summary["wall_time_s"], 2) if "wall_time_s" in summary else None,
     }
-    return pd.DataFrame([row])
+    if summary.get("error"):
+        row["error"] = summary["error"]
+    return row
+
+
+def summary_frame(summary: dict[str, Any]) -> pd.DataFrame:
+    return pd.DataFrame([summary_row(summary)])

@@ -15,12 +15,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from transfer_cli.engine.checkpoint import atomic_write_text
+from transfer_cli.files import atomic_write_text
 from transfer_cli.reporting.published import add_published
+from transfer_cli.reporting.summary import summary_row
 from transfer_cli.reporting.tables import rich_table, write_table
 
 GROUP_METRICS = ["val_acc1", "test_acc1", "target_test_acc1", "test_loss", "best_epoch", "seconds"]
-FAILURES: list[dict[str, Any]] = []  # failed jobs of the last sweep reported in this process
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -41,13 +41,8 @@ def read_job(job: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"job": job.name, **_overrides(job)}
     summary, error = job / "summary.json", job / "error.json"
     if summary.is_file():
-        s = json.loads(summary.read_text())
-        row.update(status="ok", val_acc1=s["best"]["value"], best_epoch=s["best"]["epoch"],
-                   final_val_acc1=s["final"].get("val", {}).get("acc1"), test_acc1=s["test"]["acc1"],
-                   test_loss=s["test"]["loss"], epochs=s["epochs"], trainable=s["params_trainable"],
-                   params=s["params_total"], seconds=round(s["wall_time_s"], 2))
-        if s.get("target_test"):
-            row.update(target=f"{s['dataset']}->{s['target']}", target_test_acc1=s["target_test"]["acc1"])
+        facts = summary_row(json.loads(summary.read_text()))
+        row.update({k: v for k, v in facts.items() if k not in row and k not in ("dataset", "backbone", "method")})
     elif error.is_file():
         row.update(status="failed", error=json.loads(error.read_text())["error"])
     else:
@@ -121,14 +116,21 @@ def write_sweep_report(sweep_dir: Path, console: Console | None = None) -> pd.Da
         x_keys = [k for k in keys if k != "seed"]
         if x_keys:
             plot_sweep(grouped, x_keys, sweep_dir / "sweep.png")
-    failed = df[df["status"] != "ok"]
-    FAILURES.clear()
-    FAILURES.extend(failed.to_dict("records"))
     return df
 
 
 class SweepReport(Callback):
-    """Hydra callback: when a multirun ends, write the sweep tables and plot into the sweep dir."""
+    """Hydra callback: when a multirun ends, write the sweep tables and plot into the sweep dir, and, when
+    ``status_file`` is set (the CLI sets it), the sweep folder and the jobs that did not end ``ok`` as JSON
+    there: Hydra ignores a callback's exceptions, so this is how the command learns to exit non-zero."""
+
+    def __init__(self, status_file: str | None = None) -> None:
+        self.status_file = status_file
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        write_sweep_report(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        df = write_sweep_report(sweep_dir)
+        if self.status_file:
+            failed = df[df["status"] != "ok"].astype(object).where(df.notna(), None)
+            status = {"sweep_dir": str(sweep_dir), "jobs": len(df), "failed": failed.to_dict("records")}
+            atomic_write_text(Path(self.status_file), json.dumps(status, default=str))

@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from rich.table import Table
 
-from transfer_cli.engine.checkpoint import atomic_write, atomic_write_text
+from transfer_cli.engine.loop import Hook, State
+from transfer_cli.files import atomic_write, atomic_write_text
+
+METRIC_COLUMNS = ["epoch", "split", "loss", "acc1", "acc5", "lr", "seconds", "samples_per_s"]
 
 
 def write_table(df: pd.DataFrame, path: Path, markdown: bool = True) -> None:
@@ -47,3 +51,21 @@ def rich_table(df: pd.DataFrame, title: str | None = None, highlight: Sequence[i
     for i, row in enumerate(df.itertuples(index=False)):
         table.add_row(*(_cell(v) for v in row), style="bold green" if i in highlight else None)
     return table
+
+
+def metrics_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(history)
+    known = [c for c in METRIC_COLUMNS if c in df.columns]
+    return df[known + sorted(c for c in df.columns if c not in METRIC_COLUMNS)]
+
+
+class MetricsWriter(Hook):
+    """Adds one row per split to the history and rewrites metrics.csv, so it is current after every epoch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def after_epoch(self, state: State) -> None:
+        for split, metrics in state.epoch_metrics.items():
+            state.history.append({"epoch": state.epoch + 1, "split": split, **metrics})
+        write_table(metrics_frame(state.history), self.path, markdown=False)

@@ -1,0 +1,64 @@
+"""A digest of exactly what a dataset holds, for cache keys that must change whenever the data does.
+
+Files count by path, size and modification time (cheap, and any edit or replacement changes them);
+in-memory tensors by their bytes. The resolved sample list (after class subsets, few-shot draws and
+split carving) enters through the indices, so a different selection gives a different key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset, Subset
+
+from transfer_cli.data.splits import DataSplits, TensorImages
+
+
+def _file_fact(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _base_digest(dataset: Dataset, memo: dict[int, str]) -> str:
+    key = id(dataset)
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256(type(dataset).__name__.encode())
+    if isinstance(dataset, TensorImages):
+        digest.update(dataset.images.contiguous().numpy().tobytes())
+        digest.update(dataset.targets.numpy().tobytes())
+    elif hasattr(dataset, "samples"):  # (path, label) pairs: our ImageFiles and torchvision's ImageFolder
+        for path, label in dataset.samples:
+            digest.update(f"{_file_fact(Path(path))}:{label}\n".encode())
+    else:  # other torchvision datasets: every file under their root
+        root = Path(getattr(dataset, "root", "."))
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(f"{_file_fact(path)}\n".encode())
+        digest.update(str(len(dataset)).encode())
+    memo[key] = digest.hexdigest()
+    return memo[key]
+
+
+def _dataset_digest(dataset: Dataset, memo: dict[int, str]) -> str:
+    chain: list[Any] = []
+    while isinstance(dataset, Subset):  # Relabeled is a Subset too; its mapping follows from the indices
+        chain.append(np.asarray(dataset.indices, dtype=np.int64).tobytes())
+        if hasattr(dataset, "mapping"):
+            chain.append(repr(sorted(dataset.mapping.items())).encode())
+        dataset = dataset.dataset
+    digest = hashlib.sha256(_base_digest(dataset, memo).encode())
+    for part in chain:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def data_identity(splits: DataSplits) -> str:
+    """One hex digest of every split's samples and the class names."""
+    memo: dict[int, str] = {}
+    digest = hashlib.sha256(repr(splits.classes).encode())
+    for name in ("train", "val", "test"):
+        digest.update(f"{name}:{_dataset_digest(splits.split(name), memo)}".encode())
+    return digest.hexdigest()[:32]

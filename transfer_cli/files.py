@@ -1,0 +1,34 @@
+"""Writing files so that a kill mid-write never leaves a half-written file in place of a good one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` fills a temporary file in the same folder, which is then renamed over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def remove_orphan_tmp(folder: Path) -> list[Path]:
+    """Delete temporary files a killed writer left in ``folder`` (recursively); returns what was removed."""
+    if not folder.is_dir():
+        return []
+    orphans = [p for p in folder.rglob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in orphans:
+        p.unlink(missing_ok=True)
+    return orphans

@@ -1,0 +1,102 @@
+"""Model checkpoints: ``NAME.safetensors`` (weights, with the recipe also stored in the file's own header
+metadata) plus ``NAME.json`` (the recipe, and the epoch, metrics and run config, for people to read).
+
+Loading refuses a sidecar of another format version, one that does not match the recipe's schema, and
+one whose recipe differs from the copy inside the weights file: an edited sidecar would otherwise
+silently feed the model wrongly sized or wrongly normalised input.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from transfer_cli.errors import UserError
+from transfer_cli.files import atomic_write, atomic_write_text
+from transfer_cli.models.backbone import Classifier
+from transfer_cli.models.recipe import FORMAT_VERSION, ModelRecipe
+
+_HEADER_KEY = "transfer_cli.recipe"
+
+
+def sidecar_path(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+def save_model(path: Path, state: dict[str, torch.Tensor], recipe: ModelRecipe, **extra: Any) -> None:
+    """Weights (``state``, a Classifier's state_dict) with the recipe in the file header, and the JSON sidecar.
+    Non-finite weights are refused: a diverged model must never become a checkpoint."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"refusing to write {path.name}: non-finite values in {bad[:3]}")
+    described = json.dumps(recipe.to_dict(), sort_keys=True)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={_HEADER_KEY: described}))
+    sidecar = {"format": FORMAT_VERSION, "recipe": recipe.to_dict(), **extra}
+    atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=2, default=str))
+
+
+def read_sidecar(path: str) -> dict[str, Any]:
+    """The checkpoint's sidecar, checked for format and schema (its ``recipe`` becomes a ModelRecipe)."""
+    weights = Path(path).expanduser()
+    sidecar = sidecar_path(weights)
+    if not weights.is_file():
+        raise UserError(f"checkpoint={path!r}: no such file. Pass a .safetensors file written by `transfer train` "
+                        "(run_dir/checkpoints/best.safetensors or last.safetensors).")
+    if not sidecar.is_file():
+        raise UserError(f"checkpoint={path!r} has no sidecar {sidecar.name} beside it, which says how to rebuild "
+                        "the model. Keep the .json file that `transfer train` wrote next to the weights.")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"checkpoint={path!r}: its sidecar {sidecar.name} is not valid JSON ({err}).") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise UserError(f"checkpoint={path!r}: sidecar {sidecar.name} has format {found!r}; this transfer_cli reads "
+                        f"format {FORMAT_VERSION}. Re-create the checkpoint with this version of `transfer train`.")
+    meta["recipe"] = ModelRecipe.from_dict(meta.get("recipe"), f"checkpoint={path!r} sidecar {sidecar.name}")
+    return meta
+
+
+def load_model(path: str) -> tuple[Classifier, dict[str, Any]]:
+    """The trained Classifier at ``path`` and its sidecar; refuses anything that does not fit together."""
+    meta = read_sidecar(path)
+    recipe: ModelRecipe = meta["recipe"]
+    try:
+        with safe_open(str(Path(path).expanduser()), framework="pt") as f:
+            stored = (f.metadata() or {}).get(_HEADER_KEY)
+        state = load_file(str(Path(path).expanduser()))
+    except Exception as err:  # noqa: BLE001 - a corrupt file is the user's input problem
+        raise UserError(f"checkpoint={path!r} could not be read as safetensors: {err}") from None
+    if stored is None or json.loads(stored) != recipe.to_dict():
+        differs = _first_difference(json.loads(stored), recipe.to_dict()) if stored else "no recipe in the weights file"
+        raise UserError(f"checkpoint={path!r}: the sidecar does not describe these weights ({differs}). "
+                        "Was the .json edited or copied from another run? Restore the one written with the weights.")
+    model = Classifier.from_recipe(recipe)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise UserError(
+            f"checkpoint={path!r} does not fit the architecture its recipe describes: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} with "
+            f"another shape (e.g. {wrong[:3]})."
+        )
+    model.load_state_dict(state)
+    return model, meta
+
+
+def _first_difference(stored: dict[str, Any], sidecar: dict[str, Any], prefix: str = "") -> str:
+    for key in sorted(set(stored) | set(sidecar)):
+        a, b = stored.get(key), sidecar.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            return _first_difference(a, b, f"{prefix}{key}.")
+        if a != b:
+            return f"{prefix}{key} is {b!r} in the sidecar but {a!r} in the weights file"
+    return "they differ"

@@ -1,0 +1,113 @@
+"""Checks of a composed run config that its schema cannot express; they run before any data or model is
+touched, so every mistake ends in one paragraph naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from transfer_cli.config import AUGMENTS, PROGRESS
+from transfer_cli.data.splits import DATASETS
+from transfer_cli.engine.device import AMP_DTYPES, DEVICES
+from transfer_cli.errors import UserError, bad_value, choices
+from transfer_cli.methods.base import METHODS
+from transfer_cli.models.backbone import BACKBONES
+from transfer_cli.optim import OPTIMIZERS, SCHEDULERS
+
+# key -> (test, what is allowed); None always passes for the optional keys marked "or null"
+_RANGES: dict[str, tuple[Any, str]] = {
+    "trainer.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.steps": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "trainer.accumulate": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.grad_clip": (lambda v: v is None or (math.isfinite(v) and v > 0), "null or a number > 0"),
+    "trainer.threads": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "trainer.log_every": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.save_every_s": (lambda v: math.isfinite(v) and v >= 0, "a number of seconds >= 0"),
+    "dataset.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "dataset.eval_batch_size": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "dataset.num_workers": (lambda v: v >= 0, "an integer >= 0"),
+    "dataset.image_size": (lambda v: v is None or v >= 1, "null or an integer >= 1 (pixels)"),
+    "dataset.val_fraction": (lambda v: 0 <= v < 1, "a fraction in [0, 1) (0: no validation split, the last epoch is kept)"),
+    "dataset.test_fraction": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    "dataset.fraction": (lambda v: v is None or 0 < v <= 1, "null or a fraction in (0, 1]"),
+    "dataset.shots": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "dataset.std": (lambda v: v is None or all(math.isfinite(s) and s > 0 for s in v), "null or numbers > 0"),
+    "dataset.mean": (lambda v: v is None or all(math.isfinite(m) for m in v), "null or finite numbers"),
+    "head.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "head.hidden": (lambda v: all(w >= 1 for w in v), "a list of layer widths >= 1"),
+}
+
+
+def check_choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        raise bad_value(key, value, allowed)
+
+
+def check_known_keys(cfg: DictConfig, path: str = "") -> None:
+    """Every key of a schema-typed node is a field of its dataclass. Hydra's ``+key=value`` adds keys past
+    the struct flag; without this check ``+trainer.epocs=5`` would train with the default epochs."""
+    schema = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(schema):
+        fields = [f.name for f in dataclasses.fields(schema)]
+        for key in cfg:
+            if key not in fields:
+                full = f"{path}{key}"
+                where = path.rstrip(".") or "the top level"
+                raise UserError(f"{full}: there is no option {key!r}. Keys under {where}: {choices(fields)}.")
+    for key in cfg:
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            check_known_keys(node, f"{path}{key}.")
+
+
+def _check_ranges(cfg: DictConfig, prefix: str = "") -> None:
+    """The ``_RANGES`` keys found in ``cfg`` (the run config, or its ``prefix`` block such as ``source.``)."""
+    for key, (ok, allowed) in _RANGES.items():
+        group, _, leaf = key.partition(".")
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or leaf not in node:
+            continue
+        value = OmegaConf.to_object(node[leaf]) if OmegaConf.is_config(node[leaf]) else node[leaf]
+        try:
+            good = bool(ok(value))
+        except TypeError:
+            good = False
+        if not good:
+            raise bad_value(f"{prefix}{key}", value, allowed)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Everything about a train/sweep config that can be checked without touching data or models."""
+    check_known_keys(cfg)
+    check_choice("trainer.precision", str(cfg.trainer.precision), list(AMP_DTYPES))
+    check_choice("trainer.device", cfg.trainer.device, DEVICES)
+    check_choice("trainer.progress", cfg.trainer.progress, PROGRESS)
+    check_choice("dataset.augment", cfg.dataset.augment, AUGMENTS)
+    _check_ranges(cfg)
+    if cfg.dataset.val_fraction + cfg.dataset.test_fraction >= 1:
+        raise UserError(f"dataset.val_fraction={cfg.dataset.val_fraction} and dataset.test_fraction="
+                        f"{cfg.dataset.test_fraction} leave no training data: their sum must stay below 1.")
+    DATASETS.get(cfg.dataset.name)
+    if cfg.target is not None:
+        DATASETS.get(cfg.target.dataset.name)
+        _check_ranges(cfg.target, "target.")
+    if cfg.backbone.weights == "source":
+        if cfg.source is None:
+            raise UserError("backbone.weights=source needs a source task to pretrain on: add source=NAME "
+                            "(e.g. source=digits_0to4) or a source: block.")
+        DATASETS.get(cfg.source.dataset.name)
+        _check_ranges(cfg.source, "source.")
+        if cfg.source.epochs < 1:
+            raise bad_value("source.epochs", cfg.source.epochs, "an integer >= 1")
+        OPTIMIZERS.check(cfg.source.optimizer, provided=("params",))
+        SCHEDULERS.check(cfg.source.scheduler, provided=("optimizer", "total_steps", "steps_per_epoch"))
+    BACKBONES.get(cfg.backbone.name)
+    METHODS.check(cfg.method, provided=("model",))
+    if METHODS.get(cfg.method.name).needs_target_data and cfg.target is None:
+        raise UserError(f"method={cfg.method.name} adapts to an unlabelled target domain: add target=NAME "
+                        "(e.g. target=usps) or use an experiment such as experiment=mnist_usps.")
+    OPTIMIZERS.check(cfg.optimizer, provided=("params",))
+    SCHEDULERS.check(cfg.scheduler, provided=("optimizer", "total_steps", "steps_per_epoch"))
