@@ -22,7 +22,7 @@ from rich.console import Console
 from transfer_cli.config import register_schemas
 from transfer_cli.config_errors import composition_message
 from transfer_cli.errors import EXIT_DIVERGED, EXIT_USER_ERROR, UserError
-from transfer_cli.files import atomic_write_text
+from transfer_cli.files import atomic_write_text, discard_if_only_hydra
 
 USAGE = """usage: transfer COMMAND [OVERRIDES] [--cfg job] [--help]
 
@@ -60,8 +60,9 @@ def _record_failure(err: BaseException) -> str:
     """A failed run or sweep job leaves error.json (status: failed) in its folder instead of an unexplained
     half-empty one; returns the one-paragraph message."""
     message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
-    record = {"status": "failed", "error": message, "traceback": traceback.format_exc()}
-    atomic_write_text(_run_dir() / "error.json", json.dumps(record, indent=2))
+    if _run_dir().is_dir():  # absent when the config was refused before anything ran
+        record = {"status": "failed", "error": message, "traceback": traceback.format_exc()}
+        atomic_write_text(_run_dir() / "error.json", json.dumps(record, indent=2))
     return message
 
 
@@ -105,9 +106,13 @@ def _train(cfg: DictConfig) -> float:
     from transfer_cli.train import run_train
     from transfer_cli.validation import validate
 
-    validate(cfg)
+    try:
+        validate(cfg)
+    except UserError:
+        discard_if_only_hydra(_run_dir())  # nothing ran: leave no run folder behind
+        raise
     cfg.trainer.threads = _job_threads(cfg)
-    summary = run_train(cfg, _run_dir())
+    summary = run_train(cfg, _run_dir(), sweep_job=_in_multirun())
     best = summary["best"]
     return float(best["value"]) if best["split"] == "val" else float("nan")  # what Optuna maximises
 
@@ -124,6 +129,36 @@ COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], bool]] = {
     "sweep": ("config", _train, True),
     "eval": ("eval", _eval, False),
 }
+
+
+def _sweep_resume(args: list[str]) -> list[str]:
+    """``sweep.resume=PATH|auto`` -> run the sweep again into that folder (``hydra.sweep.dir``): finished
+    jobs are kept, unfinished ones resume from their checkpoint, failed and missing ones run (run_train
+    decides per job folder). Hydra's own multirun has no resume; this is ours."""
+    from transfer_cli.reporting.sweep import sweep_overrides
+
+    given = [a for a in args if a.startswith("sweep.resume=")]
+    if not given:
+        return args
+    value = given[-1].split("=", 1)[1]
+    rest = [a for a in args if not a.startswith("sweep.resume=")]
+    wanted = [a for a in rest if "=" in a and not a.startswith(("-", "hydra."))]
+    if value == "auto":
+        output_dir = next((a.split("=", 1)[1] for a in rest if a.startswith("output_dir=")), "outputs")
+        candidates = sorted(Path(output_dir, "sweeps").glob("*/multirun.yaml"), reverse=True)
+        found = next((c.parent for c in candidates if sweep_overrides(c.parent) == wanted), None)
+        if found is None:
+            raise UserError(f"sweep.resume=auto: no sweep under {output_dir}/sweeps was started with these "
+                            f"overrides ({' '.join(wanted)}). Give its folder: sweep.resume=PATH.")
+    else:
+        found = Path(value).expanduser()
+        if not (found / "multirun.yaml").is_file():
+            raise UserError(f"sweep.resume={value!r} is not a sweep folder (it has no multirun.yaml).")
+        if sweep_overrides(found) != wanted:
+            raise UserError(f"sweep.resume={value!r} was started with the overrides {' '.join(sweep_overrides(found))}, "
+                            f"not {' '.join(wanted)}: resume it with the same ones.")
+    err_console.print(f"resuming sweep {found}", highlight=False)
+    return [*rest, f"hydra.sweep.dir={found}"]
 
 
 def _report(message: str) -> None:
@@ -171,6 +206,12 @@ def main(argv: list[str] | None = None) -> None:
     config_name, task, multirun = COMMANDS[command]
     if command == "train" and not any("=" in a and not a.startswith("-") for a in rest):
         rest = [*rest, f"experiment={DEFAULT_EXPERIMENT}"]  # bare `transfer train`: the default transfer
+    if command == "sweep":
+        try:
+            rest = _sweep_resume(rest)
+        except UserError as err:
+            _report(str(err))
+            sys.exit(EXIT_USER_ERROR)
     register_schemas()
     # Hydra refuses --multirun next to --cfg/--info/--help; those only inspect the config anyway.
     inspect_only = any(a.split("=")[0] in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in rest)
@@ -181,10 +222,22 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [f"transfer {command}", *(["--multirun"] if multirun else []), *rest]
     app = hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(task)
 
-    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    users_setting = os.environ.get("HYDRA_FULL_ERROR")
+    show_traceback = users_setting == "1"
     os.environ[_USER_FULL_ERROR] = "1" if show_traceback else "0"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's own reporter
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    try:
+        _run_app(app, multirun, status_file, show_traceback, config_name, overrides)
+    finally:  # main() may run again in this process (tests, notebooks): give the user's setting back
+        if users_setting is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = users_setting
+
+
+def _run_app(app: Callable[[], Any], multirun: bool, status_file: Path, show_traceback: bool, config_name: str,
+             overrides: list[str]) -> None:
     try:
         app()
         if multirun:

@@ -71,6 +71,7 @@ class TrainerConfig:
     log_every: int = 20
     save_every_s: float = 60.0  # checkpoint cadence: after the first epoch, then at most this often, and at the end
     plots: bool = True
+    resume: str = "none"  # none | auto (the newest unfinished run with this config) | PATH of a run folder
 
 
 @dataclass

@@ -109,6 +109,21 @@ def _check_members(members: list[Member]) -> None:
                             "(same names, same order).")
 
 
+def class_order(model_classes: list[str], data_classes: list[str], dataset: str, path: str) -> list[int] | None:
+    """None when the dataset labels classes exactly as the model does; the model-output index of each
+    dataset class when the names are the same set in another order; otherwise a UserError: scoring a model
+    on classes it was not trained for gives a number that means nothing."""
+    if model_classes == data_classes:
+        return None
+    if sorted(model_classes) == sorted(data_classes):
+        return [model_classes.index(name) for name in data_classes]
+    raise UserError(
+        f"dataset={dataset} has the classes {', '.join(data_classes[:10])}{' ...' if len(data_classes) > 10 else ''} "
+        f"but checkpoint={path!r} predicts {', '.join(model_classes[:10])}{' ...' if len(model_classes) > 10 else ''}. "
+        "Evaluate on data with the same class names (e.g. the dataset.classes the model was trained with)."
+    )
+
+
 def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
     if cfg.split not in SPLITS:
@@ -117,15 +132,12 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     check_ensemble(cfg, len(paths))
     members = [load_member(p) for p in paths]
     _check_members(members)
-    classes = members[0].recipe.classes
     data_cfg = _dataset_config(cfg, members[0].meta, paths[0])
     splits = build_data(data_cfg)
-    if splits.classes != classes:
-        raise UserError(
-            f"dataset={data_cfg.name} (classes {', '.join(splits.classes[:10])}) does not have the classes "
-            f"checkpoint={paths[0]!r} predicts ({', '.join(classes[:10])}), in that order. Evaluate on a dataset "
-            "with the same class names in the same order (e.g. the same dataset.classes the model was trained with)."
-        )
+    order = class_order(members[0].recipe.classes, splits.classes, data_cfg.name, paths[0])
+    if order is not None:
+        console.print("the dataset lists the model's classes in another order: predictions are matched by name.")
+    classes = splits.classes  # from here on, columns follow the dataset's labels
     device = resolve_device(cfg.device)
     precision = Precision(str(cfg.precision), device)
     dataset = splits.split(cfg.split)
@@ -134,6 +146,8 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     for member in members:  # each member sees the data through its own preprocessing
         loader = make_loader(dataset, splits, member.model.spec, data_cfg, False, device, batch_size=cfg.batch_size)
         logits, labels = infer(member.model.to(device).eval(), loader, device, precision)
+        if order is not None:
+            logits = logits[:, order]
         log_probs.append(logits.log_softmax(1))
         rows.append({"model": member.path, "backbone": member.recipe.backbone, **_scores(log_probs[-1], labels, classes)})
     if len(members) > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,3 +33,9 @@ def remove_orphan_tmp(folder: Path) -> list[Path]:
     for p in orphans:
         p.unlink(missing_ok=True)
     return orphans
+
+
+def discard_if_only_hydra(folder: Path) -> None:
+    """Remove a run folder that holds nothing but what Hydra writes at the start (.hydra/, *.log)."""
+    if folder.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)

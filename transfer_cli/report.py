@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 
@@ -17,23 +16,39 @@ from transfer_cli.reporting.sweep import (
     group_over_seed,
     job_dirs,
     pretty_grouped,
+    read_json,
     sweep_frame,
     write_sweep_report,
 )
-from transfer_cli.reporting.tables import rich_record, rich_table, write_table
+from transfer_cli.reporting.tables import markdown_table, rich_record, rich_table, write_table
 
 
 def is_run_dir(folder: Path) -> bool:
     return (folder / "metrics.csv").is_file()
 
 
+def read_metrics(path: Path) -> pd.DataFrame:
+    """A run's metrics.csv, or a clear error when it is empty or not the table `transfer train` writes."""
+    try:
+        metrics = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is empty or not a CSV table ({err}); nothing was rewritten.") from None
+    missing = [c for c in ("epoch", "split", "loss", "acc1") if c not in metrics.columns]
+    if missing or metrics.empty:
+        raise UserError(f"{path} is not a metrics table written by `transfer train` (no rows, or missing "
+                        f"columns {missing}); nothing was rewritten.")
+    return metrics
+
+
 def rebuild_run(folder: Path, console: Console) -> None:
-    metrics = pd.read_csv(folder / "metrics.csv")
-    write_table(metrics, folder / "metrics.csv")
+    """Rebuild what is derived from a run's metrics.csv and summary.json (metrics.md, curves.png,
+    summary.md); the CSV and JSON themselves are the record and are never rewritten."""
+    metrics = read_metrics(folder / "metrics.csv")
+    atomic_write_text(folder / "metrics.md", markdown_table(metrics) + "\n")
     plot_curves(metrics, folder / "curves.png")
     summary_file = folder / "summary.json"
     if summary_file.is_file():  # an interrupted run has metrics but no summary yet
-        summary = json.loads(summary_file.read_text())
+        summary = read_json(summary_file)
         table = summary_frame(summary)
         write_summary(folder, summary, {"Result": table, "Metrics per epoch": metrics})
         console.print(rich_record(table.iloc[0].to_dict(), title=str(folder)))

@@ -13,12 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch.utils.data import DataLoader
 
+from transfer_cli import resume
 from transfer_cli.data.identity import data_identity
+from transfer_cli.engine import train_state
 from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
 from transfer_cli.engine.hooks import Checkpointer, EvalHook
 from transfer_cli.engine.loop import Diverged, State, evaluate, fit
 from transfer_cli.errors import UserError
-from transfer_cli.files import atomic_write_text
+from transfer_cli.files import atomic_write_text, remove_orphan_tmp
 from transfer_cli.methods.base import METHODS, DataContext
 from transfer_cli.models.checkpoint import save_model
 from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader
@@ -29,14 +31,33 @@ from transfer_cli.reporting.tables import MetricsWriter, metrics_frame, rich_rec
 from transfer_cli.source import source_model
 
 
-def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) -> dict[str, Any]:
+def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sweep_job: bool = False) -> dict[str, Any]:
+    """Train one run into ``run_dir``. ``sweep_job``: the folder belongs to a sweep job, so a finished
+    run there is reused as it is and an unfinished one resumes (this is how sweeps resume)."""
     console = console or Console()
     started = time.perf_counter()
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # once: every checkpoint sidecar embeds it
+    payload = None
+    if sweep_job and resume.status(run_dir) in ("finished", "resumable"):
+        resume.check_same_config(run_dir, resolved)
+        if resume.status(run_dir) == "finished":
+            console.print(f"{run_dir} already finished with this config: kept as it is.")
+            return json.loads((run_dir / "summary.json").read_text())
+        payload = train_state.load(run_dir / "checkpoints")
+    elif not sweep_job and (found := resume.choose(str(cfg.trainer.resume), run_dir, resolved)) is not None:
+        run_dir, payload = found, train_state.load(found / "checkpoints")
+    elif not sweep_job and cfg.trainer.resume == "auto":
+        console.print("trainer.resume=auto: no unfinished run with this config; starting a new one.")
+    if payload is None:  # a fresh start: what an earlier failed attempt in this folder left is stale
+        for stale in (run_dir / "summary.json", run_dir / "error.json", run_dir / "checkpoints" / train_state.STATE_FILE):
+            stale.unlink(missing_ok=True)
+    removed = remove_orphan_tmp(run_dir)
+    if removed:
+        console.print(f"removed {len(removed)} temporary file(s) a killed write left behind.")
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     configure_threads(cfg.trainer.threads)
     device = resolve_device(cfg.trainer.device)
     precision = Precision(str(cfg.trainer.precision), device)
-    resolved = OmegaConf.to_container(cfg, resolve=True)  # once: every checkpoint sidecar embeds it
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 
     source = source_model(cfg, device, precision, console) if cfg.backbone.weights == "source" else None
@@ -50,7 +71,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
                         f"dataset={cfg.dataset.name} has {len(splits.classes)}: domains must share their classes.")
     model = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head,
                         source.body if source else None)
-    for note in model.notes:
+    for note in [*splits.notes, *model.notes]:
         console.print(note, highlight=False, soft_wrap=True)
     method = METHODS.build(cfg.method, model=model).to(device)
     if cfg.trainer.channels_last:
@@ -95,17 +116,28 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
     has_val = len(splits.val) > 0
     if not has_val:
         console.print("no validation split (dataset.val_fraction=0): the last epoch's weights are kept and tested.")
-    checkpointer = Checkpointer(run_dir / "checkpoints", save, describe_epoch, save_every_s=cfg.trainer.save_every_s)
+    checkpoints = run_dir / "checkpoints"
+
+    def save_train_state(state: State) -> None:
+        train_state.save(checkpoints, train_state.capture(state, loaders["train"], checkpointer.best_state,
+                                                          precision.scaler))
+
+    checkpointer = Checkpointer(checkpoints, save, describe_epoch, save_every_s=cfg.trainer.save_every_s,
+                                after_write=save_train_state)
     state = State(method, optimizer, scheduler, epochs, steps_per_epoch)
-    if source:  # the source model's own learning curve opens the run's table
+    if payload is not None:
+        checkpointer.best_state = train_state.restore(state, payload, loaders["train"], precision.scaler)
+        console.print(f"resuming {run_dir} at epoch {state.epoch + 1}/{epochs} (optimizer step {state.step})",
+                      highlight=False)
+    elif source:  # the source model's own learning curve opens the run's table
         state.history.extend(source.history)
     hooks = [
         *([EvalHook(loaders["val"], device, precision, "val")] if has_val else []),
         # Target labels are only ever used here, to measure; the best checkpoint is chosen on source val.
         *([EvalHook(make_target("test", False), device, precision, "target_test")] if target else []),
         MetricsWriter(run_dir / "metrics.csv"),
+        *method.hooks(),  # before the checkpointer: the saved state includes what they change (unfrozen stages)
         checkpointer,
-        *method.hooks(),
         ProgressHook(console, cfg.trainer.progress, cfg.trainer.log_every),
     ]
     try:
@@ -135,6 +167,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None) ->
         "classes": len(splits.classes),
         "samples": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "skipped_files": splits.skipped,
+        "data_notes": splits.notes,
         "target": cfg.target.dataset.name if target else None,
         "target_test": state.epoch_metrics.get("target_test"),
         "epochs": state.epoch + 1,

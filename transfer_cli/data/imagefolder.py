@@ -2,41 +2,51 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from transfer_cli.config import DatasetConfig
 from transfer_cli.data.splits import DATASETS, DataSplits, stratified_split
 from transfer_cli.errors import UserError
 
+_DRAFT = (64, 64)  # JPEGs are checked at a reduced DCT scale: every byte is still read, far fewer pixels made
 
-def _is_image(path: Path) -> bool:
+
+def check_image(path: Path) -> str | None:
+    """None when ``path`` decodes completely as an image; otherwise why not. A header check alone passes
+    truncated JPEGs, which would then kill training mid-epoch; a decompression bomb is refused by name."""
     try:
-        with Image.open(path) as img:  # reads the header only
-            img.verify()
-        return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return False
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", _DRAFT)
+            img.load()
+        return None
+    except Image.DecompressionBombError as err:
+        raise UserError(f"{path} is refused as a decompression bomb ({err}). Remove it from the dataset folder, "
+                        "or shrink it, if it is a real image.") from None
+    except Exception as err:  # noqa: BLE001 - any file PIL cannot fully decode is not a usable image
+        return f"{type(err).__name__}: {err}"
 
 
 class ImageFiles(Dataset):
-    """(RGB PIL image, label) pairs from class sub-folders, with a class list fixed by the caller."""
+    """(RGB PIL image, label) pairs from class sub-folders, with a class list fixed by the caller.
+    Every file is fully decoded once while indexing (in threads); files that fail are skipped and named."""
 
     def __init__(self, folder: Path, classes: list[str]) -> None:
-        self.samples: list[tuple[Path, int]] = []
-        self.skipped = 0
-        for label, name in enumerate(classes):
-            class_dir = folder / name
-            if not class_dir.is_dir():
-                continue
-            for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
-                if _is_image(path):
-                    self.samples.append((path, label))
-                else:
-                    self.skipped += 1
+        candidates = [(path, label) for label, name in enumerate(classes) if (folder / name).is_dir()
+                      for path in sorted(p for p in (folder / name).rglob("*") if p.is_file())]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            problems = list(pool.map(check_image, [path for path, _ in candidates]))
+        self.samples = [pair for pair, problem in zip(candidates, problems, strict=True) if problem is None]
+        self.bad = [(path, problem) for (path, _), problem in zip(candidates, problems, strict=True) if problem]
         self.targets = [label for _, label in self.samples]
+
+    @property
+    def skipped(self) -> int:
+        return len(self.bad)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -45,6 +55,10 @@ class ImageFiles(Dataset):
         path, label = self.samples[index]
         with Image.open(path) as img:
             return img.convert("RGB"), label
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
 
 @DATASETS.register("imagefolder")
@@ -58,17 +72,30 @@ def imagefolder(cfg: DatasetConfig) -> DataSplits:
             f"dataset.root={str(root)!r} has no train/ folder. dataset=imagefolder expects "
             "root/train/<class>/<image> and root/val/<class>/<image> (root/test/ is optional)."
         )
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    if not classes:
-        raise UserError(f"{train_dir} holds no class folders (expected train/<class>/<image>).")
-    train = ImageFiles(train_dir, classes)
-    if len(train) == 0:
-        raise UserError(f"no readable images under {train_dir} ({train.skipped} other files skipped).")
+    found = _class_folders(train_dir)
+    train = ImageFiles(train_dir, found)
+    counts = {name: train.targets.count(i) for i, name in enumerate(found)}
+    classes = [name for name in found if counts[name] > 0]
+    notes = []
+    empty = [name for name in found if counts[name] == 0]
+    if empty:  # an empty folder would become a class the model can never be right about
+        notes.append(f"ignored {len(empty)} class folder(s) of {train_dir} without readable images: {', '.join(empty)}")
+        train = ImageFiles(train_dir, classes)
+    if len(classes) < 2:
+        raise UserError(f"dataset.root={str(root)!r}: {train_dir} has {len(classes)} class folder(s) with readable "
+                        f"images ({', '.join(classes) or 'none'}); classification needs at least two.")
     parts = {split: ImageFiles(root / split, classes) for split in ("val", "test") if (root / split).is_dir()}
-    skipped = train.skipped + sum(p.skipped for p in parts.values())
+    for split in parts:
+        extra = [name for name in _class_folders(root / split) if name not in classes]
+        if extra:
+            notes.append(f"{root / split} has class folder(s) that train/ lacks, ignored: {', '.join(extra)}")
+    bad = train.bad + [b for part in parts.values() for b in part.bad]
+    if bad:
+        shown = "; ".join(f"{path} ({problem})" for path, problem in bad[:3])
+        notes.append(f"skipped {len(bad)} file(s) that do not decode as images, e.g. {shown}")
     val = parts.get("val")
     if val is None or len(val) == 0:
         train, val = stratified_split(train, cfg.val_fraction, cfg.split_seed)
     # Without a test/ folder the held-out val/ folder is the only unseen data: report on it.
     test = parts.get("test") or val
-    return DataSplits(train, val, test, classes, channels=3, size=None, skipped=skipped)
+    return DataSplits(train, val, test, classes, channels=3, size=None, skipped=len(bad), notes=notes)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ class DataSplits:
     channels: int
     size: tuple[int, int] | None  # every sample's (H, W) when fixed; None when images vary in size
     skipped: int = 0  # files found but not readable as images
+    notes: list[str] = field(default_factory=list)  # what the builder dropped or changed, for the run log
 
     def split(self, name: str) -> Dataset:
         return {"train": self.train, "val": self.val, "test": self.test}[name]

@@ -41,7 +41,7 @@ def select_classes(splits: DataSplits, classes: Sequence[int], name: str) -> Dat
     return DataSplits(
         train=Relabeled(splits.train, classes), val=Relabeled(splits.val, classes),
         test=Relabeled(splits.test, classes), classes=[splits.classes[c] for c in classes],
-        channels=splits.channels, size=splits.size, skipped=splits.skipped,
+        channels=splits.channels, size=splits.size, skipped=splits.skipped, notes=splits.notes,
     )
 
 

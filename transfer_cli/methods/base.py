@@ -146,6 +146,14 @@ class Method(nn.Module):
     def hooks(self) -> list:
         return []
 
+    def extra_state(self) -> dict[str, Any]:
+        """What a resumed run needs besides the parameters and buffers (tensors, numbers, lists, dicts)."""
+        return {}
+
+    def load_extra_state(self, saved: dict[str, Any], state: Any) -> None:
+        """Bring a freshly built method to ``saved``, before its state_dict and the optimizer's are loaded;
+        ``state`` is the loop State (optimizer and schedule included)."""
+
     def describe(self) -> dict[str, Any]:
         """Facts about the trainable setup for the run summary."""
         total = sum(p.numel() for p in self.model.parameters())

@@ -72,28 +72,54 @@ def mmd_loss(source: torch.Tensor, target: torch.Tensor, multipliers=(0.25, 0.5,
 
 class PairedLoader:
     """One epoch over the source loader, each batch paired with the next target batch from an endless
-    (re-shuffled) pass over the target; yields (x_source, y_source, x_target) — no target labels."""
+    (re-shuffled) pass over the target; yields (x_source, y_source, x_target) — no target labels.
+
+    ``state_dict`` records the source's shuffling generator and where the target pass stands (its
+    generator at the start of the pass, batches taken since), so a resumed run draws the same pairs."""
 
     def __init__(self, source: DataLoader, target: DataLoader) -> None:
         self.source, self.target = source, target
         self._target_iter: Iterator | None = None
+        self._pass_start: torch.Tensor | None = None
+        self._taken = 0
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def _start_pass(self, generator_state: torch.Tensor | None = None) -> None:
+        if generator_state is not None:
+            self.target.generator.set_state(generator_state)
+        self._pass_start = self.target.generator.get_state() if self.target.generator is not None else None
+        self._target_iter, self._taken = iter(self.target), 0
+
     def _next_target(self) -> torch.Tensor:
         if self._target_iter is None:
-            self._target_iter = iter(self.target)
+            self._start_pass()
         try:
             images, _labels = next(self._target_iter)
         except StopIteration:
-            self._target_iter = iter(self.target)
+            self._start_pass()
             images, _labels = next(self._target_iter)
+        self._taken += 1
         return images
 
     def __iter__(self):
         for x_source, y_source in self.source:
             yield x_source, y_source, self._next_target()
+
+    def state_dict(self) -> dict:
+        generator = self.source.generator
+        return {"source": generator.get_state() if generator is not None else None,
+                "target_pass_start": self._pass_start, "target_taken": self._taken}
+
+    def load_state_dict(self, saved: dict) -> None:
+        if saved["source"] is not None:
+            self.source.generator.set_state(saved["source"])
+        if saved["target_pass_start"] is not None:
+            self._start_pass(saved["target_pass_start"])
+            for _ in range(saved["target_taken"]):  # replay the pass up to where it stood
+                next(self._target_iter)
+            self._taken = saved["target_taken"]
 
 
 class _Progress(Hook):

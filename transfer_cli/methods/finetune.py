@@ -72,6 +72,13 @@ class GradualUnfreeze(Method):
     def hooks(self) -> list[Hook]:
         return [_UnfreezeHook(self)]
 
+    def extra_state(self) -> dict:
+        return {"frozen_stages": self.frozen_stages}
+
+    def load_extra_state(self, saved: dict, state: State) -> None:
+        while self.frozen_stages > saved["frozen_stages"]:  # same order as the run: same optimizer groups
+            self.unfreeze_next(state)
+
     def describe(self) -> dict:
         return {**super().describe(), "stages": len(self.model.stages)}
 

@@ -59,9 +59,7 @@ class LinearProbe(Method):
             logits = self.model.head(features)
             loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
             return {"loss": loss, "logits": logits.detach(), "labels": labels}
-        if not hasattr(self, "lbfgs"):
-            self.lbfgs = torch.optim.LBFGS(self.model.head.parameters(), lr=1.0, max_iter=self.max_iter,
-                                           history_size=20, line_search_fn="strong_wolfe")
+        self._ensure_lbfgs()
 
         def closure() -> torch.Tensor:
             self.lbfgs.zero_grad()
@@ -76,8 +74,21 @@ class LinearProbe(Method):
             loss = F.cross_entropy(logits, labels) + self._head_penalty()
         return {"loss": loss, "logits": logits, "labels": labels}
 
+    def _ensure_lbfgs(self) -> None:
+        if not hasattr(self, "lbfgs"):
+            self.lbfgs = torch.optim.LBFGS(self.model.head.parameters(), lr=1.0, max_iter=self.max_iter,
+                                           history_size=20, line_search_fn="strong_wolfe")
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.head(x) if self.on_features else self.model(x)
+
+    def extra_state(self) -> dict:
+        return {"lbfgs": self.lbfgs.state_dict()} if hasattr(self, "lbfgs") else {}
+
+    def load_extra_state(self, saved: dict, state) -> None:
+        if "lbfgs" in saved:
+            self._ensure_lbfgs()
+            self.lbfgs.load_state_dict(saved["lbfgs"])
 
 
 @METHODS.register("scratch")

@@ -6,6 +6,7 @@ Everything is rebuilt from what the jobs left on disk (`.hydra/overrides.yaml`, 
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write_text
 from transfer_cli.reporting.published import add_published
 from transfer_cli.reporting.summary import summary_row
@@ -37,14 +39,48 @@ def _overrides(job: Path) -> dict[str, str]:
     return out
 
 
+def sweep_overrides(sweep_dir: Path) -> list[str]:
+    """The task overrides a sweep was started with (hydra.* ones left out), as given on the command line."""
+    stored = OmegaConf.load(sweep_dir / "multirun.yaml")
+    task = OmegaConf.select(stored, "hydra.overrides.task", default=[]) or []
+    return [str(o) for o in task if not str(o).startswith("hydra.")]
+
+
+def planned_jobs(sweep_dir: Path) -> list[dict[str, str]] | None:
+    """Every job the sweep was asked to run (from its multirun.yaml), as override key -> value; None when
+    the sweeper does not enumerate its jobs up front (e.g. Optuna) or the file is missing."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return None
+    stored = OmegaConf.load(path)
+    if "optuna" in str(OmegaConf.select(stored, "hydra.sweeper._target_", default="")).lower():
+        return None
+    parsed = OverridesParser.create().parse_overrides(sweep_overrides(sweep_dir))
+    axes = [[(o.get_key_element().lstrip("+~"), v) for v in (o.sweep_string_iterator() if o.is_sweep_override()
+             else [o.get_value_element_as_str()])] for o in parsed if not o.get_key_element().startswith("hydra.")]
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); fix or remove it, then run the report again.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object; fix or remove it, then run the report again.")
+    return data
+
+
 def read_job(job: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"job": job.name, **_overrides(job)}
     summary, error = job / "summary.json", job / "error.json"
     if summary.is_file():
-        facts = summary_row(json.loads(summary.read_text()))
+        facts = summary_row(read_json(summary))
         row.update({k: v for k, v in facts.items() if k not in row and k not in ("dataset", "backbone", "method")})
     elif error.is_file():
-        row.update(status="failed", error=json.loads(error.read_text())["error"])
+        row.update(status="failed", error=read_json(error).get("error"))
     else:
         row.update(status="incomplete")  # still running, or killed before it finished
     return row
@@ -59,6 +95,11 @@ def sweep_frame(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     jobs = job_dirs(sweep_dir)
     rows = [read_job(j) for j in jobs]
     order = list(dict.fromkeys(k for j in jobs for k in _overrides(j)))
+    ran = [{k: str(r.get(k)) for k in order} for r in rows]
+    for planned in planned_jobs(sweep_dir) or []:  # jobs the sweep never started (killed, or still queued)
+        if {k: planned.get(k) for k in order} not in ran:
+            rows.append({"job": "-", **planned, "status": "not run"})
+            order += [k for k in planned if k not in order]
     keys = swept_keys(rows, order)
     df = pd.DataFrame(rows)
     for column in ("best_epoch", "epochs", "trainable", "params"):
@@ -72,13 +113,15 @@ def sweep_frame(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
 
 
 def group_over_seed(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Mean, std and n over seeds for every combination of the other swept keys."""
+    """Mean, std and n over seeds for every combination of the other swept keys (a key that some rows
+    lack, e.g. sweeps that varied different keys, is blank there rather than dropping the row)."""
     ok = df[df["status"] == "ok"]
     by = [k for k in keys if k != "seed"]
     metrics = [m for m in GROUP_METRICS if m in ok.columns]
     if ok.empty or not metrics:
         return pd.DataFrame()
-    grouped = ok.groupby(by, sort=False) if by else ok.assign(_all="all").groupby("_all")
+    ok = ok.assign(**{k: ok[k].astype(object).where(ok[k].notna(), "") for k in by if k in ok.columns})
+    grouped = ok.groupby(by, sort=False, dropna=False) if by else ok.assign(_all="all").groupby("_all")
     table = grouped[metrics].agg(["mean", "std"])
     table.columns = [f"{m}_{stat}" for m, stat in table.columns]
     table["n"] = grouped.size()
