@@ -76,3 +76,32 @@ def classifier(backbone, num_classes: int, spec):
     recipe = ModelRecipe(backbone=backbone.name, weights="none", data_channels=backbone.channels,
                          classes=[str(i) for i in range(num_classes)], input=spec, head=HeadConfig())
     return Classifier(backbone, recipe)
+
+
+@pytest.fixture
+def transfer(monkeypatch, capsys, tmp_path):
+    """The real CLI entry point, run in this process (no interpreter start-up) inside ``tmp_path``:
+    ``transfer("train", ...)`` -> (exit code, stdout, stderr)."""
+    from transfer_cli.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def _run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["transfer", *args])
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+def run_folders(root: Path) -> list[Path]:
+    """Every run folder (one holding a config.yaml or error.json) under ``root``/outputs/runs."""
+    runs = root / "outputs" / "runs"
+    return sorted(p for p in runs.glob("*/*") if p.is_dir()) if runs.is_dir() else []

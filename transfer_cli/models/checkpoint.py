@@ -92,11 +92,13 @@ def load_model(path: str) -> tuple[Classifier, dict[str, Any]]:
     return model, meta
 
 
-def _first_difference(stored: dict[str, Any], sidecar: dict[str, Any], prefix: str = "") -> str:
+def _first_difference(stored: dict[str, Any], sidecar: dict[str, Any], prefix: str = "") -> str | None:
     for key in sorted(set(stored) | set(sidecar)):
         a, b = stored.get(key), sidecar.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            return _first_difference(a, b, f"{prefix}{key}.")
-        if a != b:
+            found = _first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
             return f"{prefix}{key} is {b!r} in the sidecar but {a!r} in the weights file"
-    return "they differ"
+    return None

@@ -1,0 +1,263 @@
+"""Regression tests for inputs that once gave wrong numbers with exit code 0, or lost work. Each runs the
+real CLI entry point (in-process) on real small data and checks the outcome and what is on disk."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import run_folders
+from PIL import Image
+from safetensors.torch import load_file
+from sklearn.datasets import load_digits
+
+from transfer_cli.config import DatasetConfig
+from transfer_cli.data.identity import data_identity
+from transfer_cli.errors import UserError
+from transfer_cli.pipeline import build_data
+
+QUICK = ("trainer.progress=none", "trainer.plots=false")
+
+
+def digit_folder(root, per_class=12, classes=range(10), black=False):
+    """Real scikit-learn digits as PNG files in root/train|val/<digit>/."""
+    bunch = load_digits()
+    counts = {}
+    for i, (pixels, label) in enumerate(zip(bunch.images, bunch.target, strict=True)):
+        if label not in classes or counts.get(label, 0) >= per_class:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        split = "val" if counts[label] % 4 == 0 else "train"
+        folder = root / split / f"d{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image = np.zeros_like(pixels) if black else pixels * 255 / 16
+        Image.fromarray(image.astype(np.uint8)).convert("RGB").save(folder / f"{i}.png")
+    return root
+
+
+def summary_of(tmp_path):
+    (folder,) = run_folders(tmp_path)
+    return folder, json.loads((folder / "summary.json").read_text())
+
+
+# 1. caches must change with the data ----------------------------------------------------------------
+def test_feature_cache_follows_the_image_files(transfer, tmp_path):
+    data = digit_folder(tmp_path / "data")
+    args = ("train", "dataset=imagefolder", f"dataset.root={data}", "dataset.image_size=16", "dataset.augment=none",
+            "method=linear_probe", "trainer.epochs=3", *QUICK)
+    assert transfer(*args)[0] == 0
+    _, first = summary_of(tmp_path)
+    digit_folder(tmp_path / "data", black=True)  # every image replaced by a black one
+    for folder in run_folders(tmp_path):
+        folder.rename(folder.with_name("old_" + folder.name))
+    assert transfer(*args)[0] == 0
+    folder = next(f for f in run_folders(tmp_path) if not f.name.startswith("old_"))
+    second = json.loads((folder / "summary.json").read_text())
+    assert first["test"]["acc1"] > 60
+    assert second["test"]["acc1"] <= 20  # black images: chance level, not the cached 60+%
+    assert len(list((tmp_path / "outputs" / "cache" / "features").glob("*.safetensors"))) == 6
+
+
+def test_data_identity_changes_with_a_file_or_the_sample_list(tmp_path):
+    data = digit_folder(tmp_path)
+    cfg = DatasetConfig(name="imagefolder", root=str(data))
+    before = data_identity(build_data(cfg))
+    assert data_identity(build_data(cfg)) == before
+    some = next((data / "train" / "d3").iterdir())
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(some)
+    assert data_identity(build_data(cfg)) != before
+    digits = data_identity(build_data(DatasetConfig(name="digits")))
+    assert data_identity(build_data(DatasetConfig(name="digits", shots=3))) != digits
+
+
+# 2. divergence --------------------------------------------------------------------------------------
+def test_a_diverging_run_stops_says_so_and_keeps_no_nan_weights(transfer, tmp_path):
+    code, _, err = transfer("train", "optimizer=sgd", "optimizer.lr=1e6", "trainer.epochs=3", *QUICK)
+    assert code == 3
+    assert "training diverged: the loss became non-finite at epoch" in err and "Traceback" not in err
+    folder, summary = summary_of(tmp_path)
+    assert summary["status"] == "diverged" and summary["diverged_at"]["epoch"] >= 1
+    for weights in (folder / "checkpoints").glob("*.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(weights)).values() if t.is_floating_point())
+
+
+def test_zero_std_is_refused_before_training(transfer, tmp_path):
+    code, _, err = transfer("train", "dataset.std=[0]", *QUICK)
+    assert code == 2 and "dataset.std=[0.0] is not allowed" in err
+    assert run_folders(tmp_path) == []
+
+
+# 3-5. checkpoints, classes, ensembles --------------------------------------------------------------
+@pytest.fixture
+def digits_5to9(transfer, tmp_path):
+    assert transfer("train", "dataset.classes=[5,6,7,8,9]", "trainer.epochs=4", *QUICK)[0] == 0
+    folder, _ = summary_of(tmp_path)
+    return folder / "checkpoints" / "best.safetensors"
+
+
+def test_eval_refuses_other_classes_and_maps_a_reordering_by_name(transfer, tmp_path, digits_5to9):
+    code, _, err = transfer("eval", f"checkpoint={digits_5to9}", "dataset=digits", "dataset.classes=[0,1,2,3,4]")
+    assert code == 2 and "has the classes 0, 1, 2, 3, 4" in err and "predicts 5, 6, 7, 8, 9" in err
+    assert transfer("eval", f"checkpoint={digits_5to9}", "hydra.run.dir=same")[0] == 0
+    same = pd.read_csv(tmp_path / "same" / "eval.csv").iloc[0]
+    code, out, _ = transfer("eval", f"checkpoint={digits_5to9}", "dataset=digits", "dataset.classes=[9,8,7,6,5]",
+                            "hydra.run.dir=reordered")
+    assert code == 0 and "matched by name" in out
+    reordered = pd.read_csv(tmp_path / "reordered" / "eval.csv").iloc[0]
+    assert reordered["acc1"] == pytest.approx(same["acc1"]) and same["acc1"] > 80
+    per_class = pd.read_csv(tmp_path / "reordered" / "per_class.csv")
+    assert per_class["class"].astype(str).tolist() == ["9", "8", "7", "6", "5"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["recipe"]["input"].update(size=64), "input.size is 64 in the sidecar but 8 in the weights file"),
+    (lambda s: s.pop("recipe"), "expected a mapping with keys backbone, weights"),
+    (lambda s: s["recipe"].pop("classes"), "missing keys ['classes']"),
+    (lambda s: s.update(format=1), "has format 1; this transfer_cli reads format 2"),
+    (lambda s: s["recipe"]["input"].update(std=[0.0]), "recipe.input.std=[0.0] is not valid"),
+])
+def test_edited_sidecars_are_refused_and_left_as_they_are(transfer, digits_5to9, edit, message):
+    sidecar = digits_5to9.with_suffix(".json")
+    content = json.loads(sidecar.read_text())
+    edit(content)
+    sidecar.write_text(json.dumps(content))
+    weights = digits_5to9.read_bytes()
+    code, _, err = transfer("eval", f"checkpoint={digits_5to9}")
+    assert code == 2 and message in err and "Traceback" not in err
+    assert digits_5to9.read_bytes() == weights
+
+
+@pytest.mark.parametrize("weights", ["[0,0]", "[1,-1]", "[1]", "[1,nan]"])
+def test_ensemble_weights_must_be_non_negative_with_a_positive_sum(transfer, digits_5to9, weights):
+    code, _, err = transfer("eval", f"checkpoint=[{digits_5to9},{digits_5to9}]", "ensemble=weighted",
+                            f"ensemble.weights={weights}")
+    assert code == 2 and "ensemble" in err and "Traceback" not in err
+
+
+def test_weighted_ensemble_normalises_its_weights(transfer, tmp_path, digits_5to9):
+    code, _, _ = transfer("eval", f"checkpoint=[{digits_5to9},{digits_5to9}]", "ensemble=weighted",
+                          "ensemble.weights=[3,1]", "hydra.run.dir=ens")
+    rows = pd.read_csv(tmp_path / "ens" / "eval.csv")
+    assert code == 0 and rows["acc1"].nunique() == 1  # two copies of one model, any weighting: the same model
+
+
+# 6. image folders ----------------------------------------------------------------------------------
+def test_image_folder_edge_cases_are_dropped_named_or_refused(tmp_path):
+    data = digit_folder(tmp_path / "d", classes=(1, 2, 3))
+    (data / "train" / "empty").mkdir()
+    (data / "val" / "d7").mkdir()
+    Image.new("RGB", (8, 8)).save(data / "val" / "d7" / "x.png")
+    good = next((data / "train" / "d1").iterdir())
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(data / "train" / "d2" / "cut.jpg", quality=95)
+    cut = (data / "train" / "d2" / "cut.jpg").read_bytes()
+    (data / "train" / "d2" / "cut.jpg").write_bytes(cut[: len(cut) // 2])  # a truncated JPEG
+    splits = build_data(DatasetConfig(name="imagefolder", root=str(data)))
+    assert splits.classes == ["d1", "d2", "d3"]  # no phantom "empty" class
+    notes = "\n".join(splits.notes)
+    assert "without readable images: empty" in notes
+    assert "train/ lacks, ignored: d7" in notes
+    assert "cut.jpg" in notes and splits.skipped == 1
+    assert good.exists()
+
+
+def test_one_class_and_decompression_bombs_are_refused(tmp_path):
+    data = digit_folder(tmp_path / "one", classes=(4,))
+    with pytest.raises(UserError, match="classification needs at least two"):
+        build_data(DatasetConfig(name="imagefolder", root=str(data)))
+    data = digit_folder(tmp_path / "bomb", classes=(1, 2))
+    bomb = data / "train" / "d1" / "bomb.png"
+    Image.new("1", (14000, 14000)).save(bomb)
+    with pytest.raises(UserError, match=r"bomb.png is refused as a decompression bomb"):
+        build_data(DatasetConfig(name="imagefolder", root=str(data)))
+
+
+# 7-9. values and keys ------------------------------------------------------------------------------
+BAD = ["trainer.grad_clip=-1", "trainer.steps=-5", "dataset.image_size=0", "optimizer.lr=-1",
+       "optimizer.weight_decay=-1", "dataset.num_workers=-1", "head.dropout=1.5", "dataset.test_fraction=1",
+       "dataset.test_fraction=0", "+trainer.epocs=5", "trainer.epochs=0", "optimizer.lr=nan",
+       "optimizer=sgd optimizer.momentum=1.5", "scheduler=cosine scheduler.min_lr_ratio=2", "method.label_smoothing=1",
+       "dataset.val_fraction=0.5 dataset.test_fraction=0.5", "+dataset.colour=red"]
+
+
+@pytest.mark.parametrize("override", BAD)
+def test_out_of_range_values_and_unknown_keys_exit_2_before_any_work(transfer, tmp_path, override):
+    code, out, err = transfer("train", *override.split(), *QUICK)
+    assert code == 2, (out, err)
+    key = override.split()[-1].split("=")[0].lstrip("+")
+    assert key.split(".")[-1] in err and "Traceback" not in err
+    assert run_folders(tmp_path) == []
+
+
+def test_no_validation_split_keeps_the_last_epoch(transfer, tmp_path):
+    assert transfer("train", "dataset.val_fraction=0", "trainer.epochs=2", *QUICK)[0] == 0
+    _, summary = summary_of(tmp_path)
+    assert summary["best"]["split"] == "last" and summary["best"]["epoch"] == 2
+    assert summary["test"]["acc1"] > 50
+
+
+# 10-12. folders and files ----------------------------------------------------------------------------
+def test_the_run_folder_suffix_is_random_per_config_and_fixed_within_one():
+    from omegaconf import OmegaConf
+
+    from transfer_cli.config import register_schemas
+
+    register_schemas()
+    one = OmegaConf.create({"a": "${uid:}", "b": "${uid:}"})
+    other = OmegaConf.create({"a": "${uid:}"})
+    assert one.a == one.b  # cached per config, like Hydra's ${now:}: a run has one folder
+    assert one.a != other.a and len(one.a) == 6
+
+
+def test_two_runs_with_one_name_get_their_own_folders(transfer, tmp_path):
+    for _ in range(2):
+        assert transfer("train", "name=same", "trainer.epochs=1", *QUICK)[0] == 0
+    first, second = run_folders(tmp_path)
+    assert first != second
+    for folder in (first, second):
+        assert len(pd.read_csv(folder / "metrics.csv").query("split == 'train'")) == 1
+
+
+def test_a_failed_run_is_marked_and_orphan_temp_files_are_cleaned(transfer, tmp_path):
+    code, _, err = transfer("train", "dataset=imagefolder", f"dataset.root={tmp_path / 'nowhere'}", *QUICK)
+    assert code == 2 and "has no train/ folder" in err
+    (folder,) = run_folders(tmp_path)
+    assert json.loads((folder / "error.json").read_text())["status"] == "failed"
+    args = ("train", "trainer.epochs=2", "trainer.save_every_s=0", "name=r", *QUICK)
+    assert transfer(*args)[0] == 0
+    done = next(f for f in run_folders(tmp_path) if f.parent.name == "r")
+    (done / "summary.json").unlink()  # as if killed after its last checkpoint
+    orphan = done / "checkpoints" / ".last.safetensors.4242.tmp"
+    orphan.write_bytes(b"half")
+    code, out, _ = transfer(*args, f"trainer.resume={done}")
+    assert code == 0 and "removed 1 temporary file" in out and not orphan.exists()
+
+
+def test_report_keeps_every_row_and_lists_jobs_that_never_ran(transfer, tmp_path):
+    assert transfer("sweep", "seed=0,1,2", "trainer.epochs=1", "hydra.sweep.dir=a", *QUICK)[0] == 0
+    assert transfer("sweep", "method.freeze=0,1", "trainer.epochs=1", "hydra.sweep.dir=b", *QUICK)[0] == 0
+    import shutil
+
+    shutil.rmtree(tmp_path / "a" / "2")  # a job that never ran
+    (tmp_path / "a" / "1" / "summary.json").unlink()  # one that did not finish
+    assert transfer("report", "a")[0] == 0
+    table = pd.read_csv(tmp_path / "a" / "sweep.csv")
+    assert sorted(table["status"]) == ["incomplete", "not run", "ok"]
+    assert table.loc[table.status == "not run", "seed"].astype(str).tolist() == ["2"]
+    assert transfer("report", "a", "b")[0] == 0
+    (report,) = (tmp_path / "outputs" / "reports").iterdir()
+    runs = pd.read_csv(report / "comparison_runs.csv")
+    grouped = pd.read_csv(report / "comparison.csv")
+    assert len(runs) == 5 and grouped["n"].sum() == 3  # every ok job is in the comparison
+
+
+def test_report_on_a_corrupt_metrics_table_is_an_error_and_rewrites_nothing(transfer, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("")
+    code, _, err = transfer("report", str(run))
+    assert code == 2 and "is empty or not a CSV table" in err
+    assert (run / "metrics.csv").read_text() == ""
+    (run / "metrics.csv").write_text("a,b\n1,2\n")
+    code, _, err = transfer("report", str(run))
+    assert code == 2 and "missing columns" in err and (run / "metrics.csv").read_text() == "a,b\n1,2\n"
