@@ -1,0 +1,117 @@
+"""A run killed with SIGKILL resumes to the same weights and metrics as a run never stopped; a sweep
+resumes by re-running only what is missing, failed or unfinished."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TIMING = ["seconds", "samples_per_s"]  # wall-clock columns differ between any two runs
+COMMON = ["trainer.epochs=4", "trainer.save_every_s=0", "trainer.deterministic=true", "trainer.threads=1",
+          "trainer.progress=plain", "trainer.plots=false", "dataset.image_size=16", "dataset.batch_size=16"]
+METHODS = {
+    "finetune": ["method=finetune", "method.freeze=1"],
+    "gradual_unfreeze": ["method=gradual_unfreeze"],
+    # digits stand in as their own unlabelled target: the test is about the paired loader's state
+    "dann": ["method=dann", "target=usps", "target.dataset.name=digits", "target.dataset.root=null",
+             "target.dataset.batch_size=16"],
+}
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.Popen([sys.executable, "-m", "transfer_cli", "train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_after_first_checkpoint(proc: subprocess.Popen, run: Path, delay: float) -> int:
+    """SIGKILL ``delay`` seconds after the run saved its first resumable state; returns the epoch it had
+    reached when killed (from metrics.csv), to show the kill landed mid-run."""
+    state = run / "checkpoints" / "train_state.pt"
+    deadline = time.monotonic() + 300
+    while not state.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = pd.read_csv(run / "metrics.csv")
+    return int(done["epoch"].max())
+
+
+def final_state(run: Path) -> tuple[dict, pd.DataFrame]:
+    weights = load_file(str(run / "checkpoints" / "last.safetensors"))
+    metrics = pd.read_csv(run / "metrics.csv").drop(columns=TIMING)
+    return weights, metrics
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_killed_run_resumes_bit_identically(tmp_path, method):
+    args = [*COMMON, *METHODS[method], f"name={method}"]
+    reference = start([*args, "hydra.run.dir=reference"], tmp_path)
+    killed = start([*args, "hydra.run.dir=killed"], tmp_path)
+    reached = kill_after_first_checkpoint(killed, tmp_path / "killed", delay=1.0)
+    assert reference.wait() == 0, reference.stdout.read()
+    assert not (tmp_path / "killed" / "summary.json").exists() and reached < 4
+
+    resumed = start([*args, "hydra.run.dir=resumed", "trainer.resume=killed"], tmp_path)
+    log = resumed.communicate()[0]
+    assert resumed.returncode == 0, log
+    assert "resuming killed at epoch" in log
+    assert not (tmp_path / "resumed").exists()  # the run went on in its own folder
+
+    ref_weights, ref_metrics = final_state(tmp_path / "reference")
+    weights, metrics = final_state(tmp_path / "killed")
+    assert ref_weights.keys() == weights.keys()
+    assert all(torch.equal(ref_weights[k], weights[k]) for k in weights)
+    assert not metrics.duplicated(["epoch", "split"]).any()
+    pd.testing.assert_frame_equal(metrics, ref_metrics)
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["epochs"] == 4
+
+
+def test_resume_auto_finds_the_unfinished_run_and_refuses_another_config(transfer, tmp_path):
+    args = ("train", "trainer.epochs=3", "trainer.save_every_s=0", "trainer.progress=none", "trainer.plots=false",
+            "name=auto")
+    assert transfer(*args)[0] == 0
+    (run,) = (tmp_path / "outputs" / "runs" / "auto").iterdir()
+    (run / "summary.json").unlink()
+    code, out, _ = transfer(*args, "trainer.resume=auto")
+    assert code == 0 and f"resuming {run}" in out
+    assert len(list((tmp_path / "outputs" / "runs" / "auto").iterdir())) == 1
+    (run / "summary.json").unlink()
+    code, _, err = transfer(*args, "optimizer.lr=0.5", f"trainer.resume={run}")
+    assert code == 2 and "it was started with another config (optimizer.lr" in err
+    code, _, err = transfer(*args, f"trainer.resume={tmp_path / 'nowhere'}")
+    assert code == 2 and "no such folder" in err
+
+
+def test_sweep_resume_reruns_only_missing_failed_and_unfinished_jobs(transfer, tmp_path):
+    sweep = ("sweep", "seed=0,1,2,3", "trainer.epochs=2", "trainer.save_every_s=0", "trainer.progress=none",
+             "trainer.plots=false")
+    assert transfer(*sweep, "hydra.sweep.dir=s")[0] == 0
+    folder = tmp_path / "s"
+    kept = (folder / "0" / "summary.json").stat().st_mtime_ns
+    (folder / "1" / "summary.json").unlink()  # unfinished: resumes from its checkpoint
+    (folder / "2" / "summary.json").write_text(json.dumps({"status": "diverged"}))  # failed: runs again
+    import shutil
+
+    shutil.rmtree(folder / "3")  # never ran
+    code, out, err = transfer(*sweep, f"sweep.resume={folder}")
+    assert code == 0, err
+    assert "resuming sweep" in err and "already finished with this config" in out
+    assert (folder / "0" / "summary.json").stat().st_mtime_ns == kept
+    assert "resuming" in out and f"{folder / '1'}" in out
+    table = pd.read_csv(folder / "sweep.csv")
+    assert table["status"].tolist() == ["ok"] * 4
+    code, _, err = transfer("sweep", "seed=0,1", "trainer.epochs=2", f"sweep.resume={folder}")
+    assert code == 2 and "resume it with the same ones" in err
