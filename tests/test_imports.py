@@ -77,3 +77,13 @@ def test_layer_contract_holds():
     done = subprocess.run([str(lint), "--config", str(REPO / "pyproject.toml")], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
     assert "1 kept, 0 broken" in done.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["train", "--cfg", "job"], ["eval", "--help"]])
+def test_inspecting_commands_do_not_import_torch(args, tmp_path):
+    """Help and --cfg only read configs: they must start in a fraction of torch's import time."""
+    code = ("import sys\nfrom transfer_cli.cli import main\n"
+            f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert "torch imported: False" in done.stdout, done.stdout[-500:] + done.stderr[-2000:]

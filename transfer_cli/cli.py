@@ -69,9 +69,10 @@ def _record_failure(err: BaseException) -> str:
 def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Single runs: a UserError exits 2 with one paragraph, a diverged run 3. Sweep jobs: any failure is
     recorded and the sweep continues (NaN tells a Hydra sweeper such as Optuna that the trial failed)."""
-    from transfer_cli.engine.loop import Diverged
 
     def run(cfg: DictConfig) -> Any:
+        from transfer_cli.engine.loop import Diverged  # here, not at import: --help and --cfg need no torch
+
         try:
             return task(cfg)
         except Exception as err:

@@ -15,8 +15,6 @@ from transfer_cli.config import DatasetConfig
 from transfer_cli.data.splits import DATASETS, DataSplits, TensorImages, stratified_split, targets_of
 from transfer_cli.errors import UserError
 
-DEFAULT_ROOT = "data"
-
 
 @dataclass(frozen=True)
 class Builtin:
@@ -58,7 +56,9 @@ ESL_USPS_FILES = {"train": "zip.train.gz", "test": "zip.test.gz"}
 
 
 def _root(cfg: DatasetConfig) -> Path:
-    return Path(cfg.root or DEFAULT_ROOT).expanduser()
+    if not cfg.root:  # the dataset's YAML sets root: data; only an explicit dataset.root=null gets here
+        raise UserError(f"dataset={cfg.name} needs dataset.root=PATH: the folder that holds (or will hold) its files.")
+    return Path(cfg.root).expanduser()
 
 
 def _open_maybe_gz(path: Path) -> BinaryIO:

@@ -87,9 +87,10 @@ class PairedLoader:
         return len(self.source)
 
     def _start_pass(self, generator_state: torch.Tensor | None = None) -> None:
+        generator = getattr(self.target, "generator", None)  # None: an unshuffled iterable
         if generator_state is not None:
-            self.target.generator.set_state(generator_state)
-        self._pass_start = self.target.generator.get_state() if self.target.generator is not None else None
+            generator.set_state(generator_state)
+        self._pass_start = generator.get_state() if generator is not None else None
         self._target_iter, self._taken = iter(self.target), 0
 
     def _next_target(self) -> torch.Tensor:
@@ -108,7 +109,7 @@ class PairedLoader:
             yield x_source, y_source, self._next_target()
 
     def state_dict(self) -> dict:
-        generator = self.source.generator
+        generator = getattr(self.source, "generator", None)
         return {"source": generator.get_state() if generator is not None else None,
                 "target_pass_start": self._pass_start, "target_taken": self._taken}
 
