@@ -112,3 +112,15 @@ def test_group_over_seed_without_other_keys_gives_one_row():
     grouped = group_over_seed(df, ["seed"])
     assert grouped["n"].tolist() == [2] and grouped["val_acc1_mean"].item() == 91.0
     assert grouped["val_acc1_std"].item() == pytest.approx(2 ** 0.5)
+
+
+def test_planned_jobs_include_the_preset_sweeper_params(tmp_path):
+    from omegaconf import OmegaConf
+
+    from transfer_cli.reporting.sweep import planned_jobs
+
+    OmegaConf.save({"hydra": {"overrides": {"task": ["sweep=methods", "trainer.epochs=2"]},
+                              "sweeper": {"params": {"method": "scratch,finetune", "seed": "0,1,2"}}}},
+                   tmp_path / "multirun.yaml")
+    jobs = planned_jobs(tmp_path)
+    assert len(jobs) == 6 and {"sweep": "methods", "trainer.epochs": "2", "method": "finetune", "seed": "2"} in jobs

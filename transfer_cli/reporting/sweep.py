@@ -57,7 +57,9 @@ def planned_jobs(sweep_dir: Path) -> list[dict[str, str]] | None:
     stored = OmegaConf.load(path)
     if "optuna" in str(OmegaConf.select(stored, "hydra.sweeper._target_", default="")).lower():
         return None
-    parsed = OverridesParser.create().parse_overrides(sweep_overrides(sweep_dir))
+    params = OmegaConf.select(stored, "hydra.sweeper.params", default=None) or {}
+    given = [*sweep_overrides(sweep_dir), *(f"{k}={v}" for k, v in params.items())]  # + presets (sweep=...)
+    parsed = OverridesParser.create().parse_overrides(given)
     axes = [[(o.get_key_element().lstrip("+~"), v) for v in (o.sweep_string_iterator() if o.is_sweep_override()
              else [o.get_value_element_as_str()])] for o in parsed if not o.get_key_element().startswith("hydra.")]
     return [dict(combo) for combo in itertools.product(*axes)]
@@ -95,9 +97,8 @@ def sweep_frame(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     jobs = job_dirs(sweep_dir)
     rows = [read_job(j) for j in jobs]
     order = list(dict.fromkeys(k for j in jobs for k in _overrides(j)))
-    ran = [{k: str(r.get(k)) for k in order} for r in rows]
     for planned in planned_jobs(sweep_dir) or []:  # jobs the sweep never started (killed, or still queued)
-        if {k: planned.get(k) for k in order} not in ran:
+        if not any(all(str(r.get(k)) == v for k, v in planned.items()) for r in rows):
             rows.append({"job": "-", **planned, "status": "not run"})
             order += [k for k in planned if k not in order]
     keys = swept_keys(rows, order)
