@@ -108,3 +108,15 @@ def test_channels_last_and_gradient_accumulation_run_end_to_end(compose_cfg, tmp
                       "trainer.epochs=2", "trainer.plots=false", "scheduler=onecycle", "optimizer=sgd")
     summary = run_train(cfg, tmp_path, quiet_console)
     assert summary["test"]["acc1"] > 80
+
+
+def test_loss_watch_names_the_first_non_finite_step_when_read_late():
+    from transfer_cli.engine.loop import Diverged, LossWatch
+
+    state = State(method=None, optimizer=None, scheduler=None, max_epochs=2, steps_per_epoch=10, epoch=1)
+    watch = LossWatch(torch.device("cpu"))
+    for batch, value in enumerate([2.0, 1.5, float("nan"), float("inf"), 0.5]):  # read only at the end,
+        watch.update(torch.tensor(value), batch, step=10 + batch)               # as on a GPU
+    with pytest.raises(Diverged, match=r"at epoch 2, batch 3 \(optimizer step 12\); last finite loss 1.5") as err:
+        watch.check(state)
+    assert err.value.last_finite == 1.5

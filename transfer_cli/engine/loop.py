@@ -48,6 +48,32 @@ class State:
     last_loss: float | None = None  # the last finite training loss, named if training diverges
 
 
+class LossWatch:
+    """Finds the first non-finite training loss without a host sync per step on an accelerator: the first
+    bad step and the last finite loss are tracked on the device and read every ``every`` steps (every step
+    on the CPU, where reading costs nothing). Weights may go non-finite in between; they are never saved,
+    and the best weights kept so far come from finished epochs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.every = 1 if device.type == "cpu" else 32
+        self.bad = torch.full((3,), -1, dtype=torch.long, device=device)  # batch, step, flag of the first bad loss
+        self.last = torch.full((), float("nan"), device=device)
+
+    def update(self, loss: torch.Tensor, batch: int, step: int) -> None:
+        loss = loss.detach().float()
+        fresh = (self.bad[2] < 0) & ~torch.isfinite(loss)
+        self.bad = torch.where(fresh, torch.tensor([batch, step, 1], device=loss.device), self.bad)
+        self.last = torch.where((self.bad[2] < 0) & torch.isfinite(loss), loss, self.last)
+
+    def check(self, state: State) -> None:
+        batch, step, flag = self.bad.tolist()
+        last = self.last.item()
+        if flag > 0:
+            raise Diverged(state.epoch, batch, step, last if math.isfinite(last) else state.last_loss)
+        if math.isfinite(last):
+            state.last_loss = last
+
+
 class Hook:
     def before_fit(self, state: State) -> None: ...
     def before_epoch(self, state: State) -> None: ...
@@ -74,17 +100,16 @@ def fit(
         for hook in hooks:
             hook.before_epoch(state)
         lr = optimizer.param_groups[0]["lr"] if optimizer else float("nan")
+        watch = LossWatch(device)
         start = time.perf_counter()
         for index, batch in enumerate(loader):
             state.batch = index
             batch = to_device(batch, device)
             with precision.autocast():
                 out = method.training_step(batch)
-            # One host sync per step; a NaN must stop training before the optimizer spreads it into every weight.
-            loss = out["loss"].detach().float().item()
-            if not math.isfinite(loss):
-                raise Diverged(epoch, index, state.step, state.last_loss)
-            state.last_loss = loss
+            watch.update(out["loss"], index, state.step)
+            if index + 1 == state.steps_per_epoch or (index + 1) % watch.every == 0:
+                watch.check(state)
             if method.manual_optimization:
                 state.step += 1
             else:
