@@ -261,3 +261,11 @@ def test_report_on_a_corrupt_metrics_table_is_an_error_and_rewrites_nothing(tran
     (run / "metrics.csv").write_text("a,b\n1,2\n")
     code, _, err = transfer("report", str(run))
     assert code == 2 and "missing columns" in err and (run / "metrics.csv").read_text() == "a,b\n1,2\n"
+
+
+def test_a_sweep_records_a_diverged_job_and_exits_1(transfer, tmp_path):
+    code, _, err = transfer("sweep", "optimizer=sgd", "optimizer.lr=1e6,0.01", "trainer.epochs=1",
+                            "hydra.sweep.dir=s", *QUICK)
+    assert code == 1 and "diverged" in err
+    table = pd.read_csv(tmp_path / "s" / "sweep.csv")
+    assert table["status"].tolist() == ["diverged", "ok"]
