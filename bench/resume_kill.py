@@ -25,6 +25,7 @@ from transfer_cli.reporting.tables import write_table
 
 COMMON = ["trainer.epochs=6", "trainer.save_every_s=0", "trainer.deterministic=true", "trainer.threads=1",
           "trainer.progress=none", "trainer.plots=false", "dataset.image_size=16", "dataset.batch_size=16"]
+# also used by tests/test_resume.py; digits stand in as dann's own unlabelled target
 METHODS = {
     "finetune": ["method=finetune", "method.freeze=1"],
     "gradual_unfreeze": ["method=gradual_unfreeze"],

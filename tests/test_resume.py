@@ -14,16 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from resume_kill import METHODS  # noqa: E402 - the method settings the kill benchmark uses too
+
 TIMING = ["seconds", "samples_per_s"]  # wall-clock columns differ between any two runs
 COMMON = ["trainer.epochs=4", "trainer.save_every_s=0", "trainer.deterministic=true", "trainer.threads=1",
           "trainer.progress=plain", "trainer.plots=false", "dataset.image_size=16", "dataset.batch_size=16"]
-METHODS = {
-    "finetune": ["method=finetune", "method.freeze=1"],
-    "gradual_unfreeze": ["method=gradual_unfreeze"],
-    # digits stand in as their own unlabelled target: the test is about the paired loader's state
-    "dann": ["method=dann", "target=usps", "target.dataset.name=digits", "target.dataset.root=null",
-             "target.dataset.batch_size=16"],
-}
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
