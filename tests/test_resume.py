@@ -111,3 +111,18 @@ def test_sweep_resume_reruns_only_missing_failed_and_unfinished_jobs(transfer, t
     assert table["status"].tolist() == ["ok"] * 4
     code, _, err = transfer("sweep", "seed=0,1", "trainer.epochs=2", f"sweep.resume={folder}")
     assert code == 2 and "resume it with the same ones" in err
+
+
+def test_resume_refuses_a_run_whose_data_changed(transfer, tmp_path):
+    from PIL import Image
+    from test_trust import digit_folder
+
+    data = digit_folder(tmp_path / "data", classes=(1, 2, 3))
+    args = ("train", "dataset=imagefolder", f"dataset.root={data}", "dataset.image_size=8", "dataset.augment=none",
+            "trainer.epochs=2", "trainer.save_every_s=0", "trainer.progress=none", "trainer.plots=false", "name=d")
+    assert transfer(*args)[0] == 0
+    (run,) = (tmp_path / "outputs" / "runs" / "d").iterdir()
+    (run / "summary.json").unlink()
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(next((data / "train" / "d2").iterdir()))
+    code, _, err = transfer(*args, f"trainer.resume={run}")
+    assert code == 2 and "changed since the run started" in err

@@ -86,18 +86,20 @@ def _scores(log_probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -
     return {**logit_metrics(log_probs, labels), "macro_f1": 100.0 * macro, "n": len(truth)}
 
 
-def check_ensemble(cfg: DictConfig, count: int) -> None:
-    """The fusion rule exists and, for ``weighted``, has one non-negative weight per member, summing > 0."""
+def check_ensemble(cfg: DictConfig, count: int) -> list[float] | None:
+    """The member weights as floats, after checking that the fusion rule exists and, for ``weighted``, that
+    there is one non-negative weight per member with a positive sum."""
     FUSIONS.get(cfg.ensemble.name)
     weights = None if cfg.ensemble.weights is None else [float(w) for w in cfg.ensemble.weights]
     if cfg.ensemble.name != "weighted" or count < 2:
-        return
+        return weights
     if weights is None or len(weights) != count:
         raise UserError(f"ensemble=weighted needs ensemble.weights with one weight per checkpoint "
                         f"({count}), got {weights}.")
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise UserError(f"ensemble.weights={weights} is not allowed: weights must be finite and >= 0 with a "
                         "positive sum (they are normalised to sum 1).")
+    return weights
 
 
 def _check_members(members: list[Member]) -> None:
@@ -129,7 +131,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     if cfg.split not in SPLITS:
         raise bad_value("split", cfg.split, SPLITS)
     paths = [str(cfg.checkpoint)] if isinstance(cfg.checkpoint, str) else [str(p) for p in cfg.checkpoint]
-    check_ensemble(cfg, len(paths))
+    weights = check_ensemble(cfg, len(paths))
     members = [load_member(p) for p in paths]
     _check_members(members)
     data_cfg = _dataset_config(cfg, members[0].meta, paths[0])
@@ -151,7 +153,6 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
         log_probs.append(logits.log_softmax(1))
         rows.append({"model": member.path, "backbone": member.recipe.backbone, **_scores(log_probs[-1], labels, classes)})
     if len(members) > 1:
-        weights = None if cfg.ensemble.weights is None else [float(w) for w in cfg.ensemble.weights]
         fused = FUSIONS.get(cfg.ensemble.name)(torch.stack(log_probs), weights)
         scores = _scores(fused, labels, classes)
         if cfg.ensemble.name == "vote":

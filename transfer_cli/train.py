@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from transfer_cli import resume
@@ -38,12 +39,14 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     started = time.perf_counter()
     resolved = OmegaConf.to_container(cfg, resolve=True)  # once: every checkpoint sidecar embeds it
     payload = None
-    if sweep_job and resume.status(run_dir) in ("finished", "resumable"):
+    job_state = resume.status(run_dir) if sweep_job else None
+    if job_state in ("finished", "resumable"):
         resume.check_same_config(run_dir, resolved)
-        if resume.status(run_dir) == "finished":
+        if job_state == "finished" and _same_data(run_dir, cfg):
             console.print(f"{run_dir} already finished with this config: kept as it is.")
             return json.loads((run_dir / "summary.json").read_text())
-        payload = train_state.load(run_dir / "checkpoints")
+        if job_state == "resumable":
+            payload = train_state.load(run_dir / "checkpoints")
     elif not sweep_job and (found := resume.choose(str(cfg.trainer.resume), run_dir, resolved)) is not None:
         run_dir, payload = found, train_state.load(found / "checkpoints")
     elif not sweep_job and cfg.trainer.resume == "auto":
@@ -83,8 +86,12 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     def make_target(split: str, train: bool) -> DataLoader:
         return make_loader(target.split(split), target, model.spec, cfg.target.dataset, train, device, cfg.seed + 1)
 
+    data = data_identity(splits)
+    if payload is not None and payload["data"] != data:
+        raise UserError(f"cannot resume {run_dir}: the data of dataset={cfg.dataset.name} changed since the run "
+                        "started (files added, removed or modified). Start a new run.")
     identity = {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "input": model.spec.to_dict(),
-                "data": data_identity(splits)}
+                "data": data}
     context = DataContext(device, precision, identity, make_target if target else None)
     loaders = method.loaders(make, context)
     steps_per_epoch = len(loaders["train"])
@@ -119,14 +126,14 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     checkpoints = run_dir / "checkpoints"
 
     def save_train_state(state: State) -> None:
-        train_state.save(checkpoints, train_state.capture(state, loaders["train"], checkpointer.best_state,
-                                                          precision.scaler))
+        train_state.save(checkpoints, train_state.capture(state, loaders["train"], precision.scaler, data))
 
     checkpointer = Checkpointer(checkpoints, save, describe_epoch, save_every_s=cfg.trainer.save_every_s,
                                 after_write=save_train_state)
     state = State(method, optimizer, scheduler, epochs, steps_per_epoch)
     if payload is not None:
-        checkpointer.best_state = train_state.restore(state, payload, loaders["train"], precision.scaler)
+        train_state.restore(state, payload, loaders["train"], precision.scaler)
+        checkpointer.best_state = load_file(str(checkpoints / "best.safetensors"))
         console.print(f"resuming {run_dir} at epoch {state.epoch + 1}/{epochs} (optimizer step {state.step})",
                       highlight=False)
     elif source:  # the source model's own learning curve opens the run's table
@@ -167,6 +174,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         "classes": len(splits.classes),
         "samples": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "skipped_files": splits.skipped,
+        "data_identity": data,
         "data_notes": splits.notes,
         "target": cfg.target.dataset.name if target else None,
         "target_test": state.epoch_metrics.get("target_test"),
@@ -184,6 +192,12 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     write_summary(run_dir, summary, {"Result": table, "Metrics per epoch": metrics})
     console.print(rich_record(table.iloc[0].to_dict(), title=f"{cfg.name}  ->  {run_dir}"), soft_wrap=True)
     return summary
+
+
+def _same_data(run_dir: Path, cfg: DictConfig) -> bool:
+    """Whether a finished run's summary was computed from the data ``cfg`` reads now."""
+    recorded = json.loads((run_dir / "summary.json").read_text()).get("data_identity")
+    return recorded == data_identity(build_data(cfg.dataset))
 
 
 def _write_diverged(run_dir: Path, cfg: DictConfig, state: State, err: Diverged, seconds: float) -> None:

@@ -44,6 +44,12 @@ class ImageFiles(Dataset):
         self.bad = [(path, problem) for (path, _), problem in zip(candidates, problems, strict=True) if problem]
         self.targets = [label for _, label in self.samples]
 
+    def relabel(self, kept: list[int]) -> None:
+        """Keep the samples of the labels in ``kept``, renumbered 0..len(kept)-1 in that order."""
+        new = {old: i for i, old in enumerate(kept)}
+        self.samples = [(path, new[label]) for path, label in self.samples if label in new]
+        self.targets = [label for _, label in self.samples]
+
     @property
     def skipped(self) -> int:
         return len(self.bad)
@@ -74,13 +80,13 @@ def imagefolder(cfg: DatasetConfig) -> DataSplits:
         )
     found = _class_folders(train_dir)
     train = ImageFiles(train_dir, found)
-    counts = {name: train.targets.count(i) for i, name in enumerate(found)}
-    classes = [name for name in found if counts[name] > 0]
+    present = set(train.targets)
+    classes = [name for i, name in enumerate(found) if i in present]
     notes = []
-    empty = [name for name in found if counts[name] == 0]
+    empty = [name for name in found if name not in classes]
     if empty:  # an empty folder would become a class the model can never be right about
         notes.append(f"ignored {len(empty)} class folder(s) of {train_dir} without readable images: {', '.join(empty)}")
-        train = ImageFiles(train_dir, classes)
+        train.relabel([found.index(name) for name in classes])
     if len(classes) < 2:
         raise UserError(f"dataset.root={str(root)!r}: {train_dir} has {len(classes)} class folder(s) with readable "
                         f"images ({', '.join(classes) or 'none'}); classification needs at least two.")

@@ -4,7 +4,7 @@ Saved atomically next to the checkpoints (``train_state.pt``) at the checkpoint 
 epoch boundary, and loaded with ``weights_only=True`` (no pickle). A run killed anywhere after the first
 save resumes from the last epoch boundary and, on a deterministic CPU run, finishes with the same
 weights and metrics as a run that was never stopped: model, optimizer, schedule, grad scaler, epoch,
-step, metrics rows, best epoch and weights, every RNG (torch, CUDA, NumPy, Python, each loader's
+step, metrics rows, best epoch (its weights are best.safetensors), the data's identity, every RNG (torch, CUDA, NumPy, Python, each loader's
 shuffling generator and where the endless target iterator of a domain-adaptation run stands) and the
 method's own state (e.g. stages unfrozen so far) are all in it.
 """
@@ -61,10 +61,13 @@ def load_loader_state(loader: Any, saved: dict[str, Any]) -> None:
         loader.generator.set_state(saved["generator"])
 
 
-def capture(state: State, loader: Any, best_weights: dict[str, torch.Tensor] | None, scaler: Any) -> dict[str, Any]:
-    """The state after the epoch ``state.epoch`` finished."""
+def capture(state: State, loader: Any, scaler: Any, data: str) -> dict[str, Any]:
+    """The state after the epoch ``state.epoch`` finished. The best weights are not in it: the checkpointer
+    writes best.safetensors just before, and a resumed run reads them from there. ``data`` is the data's
+    identity (data/identity.py), so a run never resumes on changed data."""
     return {
         "version": VERSION,
+        "data": data,
         "next_epoch": state.epoch + 1,
         "step": state.step,
         "history": state.history,
@@ -75,7 +78,6 @@ def capture(state: State, loader: Any, best_weights: dict[str, torch.Tensor] | N
         "optimizer": state.optimizer.state_dict() if state.optimizer else None,
         "scheduler": state.scheduler.state_dict() if state.scheduler else None,
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-        "best_weights": best_weights,
         "loader": loader_state(loader),
         "rng": rng_states(),
     }
@@ -89,8 +91,8 @@ def load(folder: Path) -> dict[str, Any]:
     return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def restore(state: State, payload: dict[str, Any], loader: Any, scaler: Any) -> dict[str, torch.Tensor] | None:
-    """Put ``payload`` back into a freshly built run; returns the best weights kept so far."""
+def restore(state: State, payload: dict[str, Any], loader: Any, scaler: Any) -> None:
+    """Put ``payload`` back into a freshly built run."""
     state.method.load_extra_state(payload["method_extra"], state)  # first: it may add optimizer groups
     state.method.load_state_dict(payload["method"])
     if state.optimizer is not None:
@@ -103,4 +105,3 @@ def restore(state: State, payload: dict[str, Any], loader: Any, scaler: Any) -> 
     state.history, state.best, state.last_loss = payload["history"], payload["best"], payload["last_loss"]
     load_loader_state(loader, payload["loader"])
     set_rng_states(payload["rng"])
-    return payload["best_weights"]
