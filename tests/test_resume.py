@@ -126,3 +126,19 @@ def test_resume_refuses_a_run_whose_data_changed(transfer, tmp_path):
     Image.new("RGB", (8, 8), (255, 255, 255)).save(next((data / "train" / "d2").iterdir()))
     code, _, err = transfer(*args, f"trainer.resume={run}")
     assert code == 2 and "changed since the run started" in err
+
+
+def test_resume_options_with_wrong_values_are_clear_errors(transfer, tmp_path):
+    args = ("train", "trainer.epochs=1", "trainer.progress=none", "trainer.plots=false", "name=w")
+    assert transfer(*args)[0] == 0
+    (finished,) = (tmp_path / "outputs" / "runs" / "w").iterdir()
+    code, _, err = transfer(*args, f"trainer.resume={finished}")
+    assert code == 2 and "that run already finished" in err
+    code, _, err = transfer(*args, f"trainer.resume={tmp_path}")
+    assert code == 2 and "has no checkpoints/train_state.pt" in err
+    code, out, _ = transfer(*args, "trainer.resume=auto")  # nothing unfinished: a new run, said so
+    assert code == 0 and "starting a new one" in out
+    code, _, err = transfer("sweep", "seed=0,1", f"sweep.resume={tmp_path}")
+    assert code == 2 and "is not a sweep folder" in err
+    code, _, err = transfer("sweep", "seed=0,1", "sweep.resume=auto")
+    assert code == 2 and "no sweep under outputs/sweeps was started with these overrides" in err
