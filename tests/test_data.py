@@ -73,7 +73,7 @@ def test_imagefolder_skips_and_counts_files_that_are_not_images(tmp_path):
     assert splits.classes == ["cat", "dog"] and splits.skipped == 2
     assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 4, 4)
     spec = resolve_input(DatasetConfig(image_size=24), splits, 3, 8, None, None)
-    transform = sample_transform(spec, splits.size, "none", train=False)
+    transform = sample_transform(spec, "none")
     image, label = splits.val[0]
     out = transform(image)
     assert out.shape == (3, 24, 24) and out.dtype == torch.uint8 and label == 0

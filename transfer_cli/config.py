@@ -40,7 +40,9 @@ class DatasetConfig:
     std: list[float] | None = None
     batch_size: int = 64
     eval_batch_size: int | None = None
-    num_workers: int = 0
+    num_workers: str = "auto"  # per-sample loading only: auto (cores - 1) | an integer >= 0
+    in_memory: str = "auto"  # photos decoded once and held as uint8: auto (when under 4 GiB) | true | false
+    cache_dir: str = "${output_dir}/cache/decoded"  # decoded copies, keyed by the files and the resize spec
 
 
 @dataclass

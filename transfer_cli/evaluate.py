@@ -15,6 +15,7 @@ from rich.console import Console
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 from transfer_cli.config import DatasetConfig
+from transfer_cli.data.decoded import hold_in_memory
 from transfer_cli.engine.device import Precision, resolve_device
 from transfer_cli.engine.loop import infer
 from transfer_cli.engine.metrics import logit_metrics
@@ -142,11 +143,12 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     classes = splits.classes  # from here on, columns follow the dataset's labels
     device = resolve_device(cfg.device)
     precision = Precision(str(cfg.precision), device)
-    dataset = splits.split(cfg.split)
 
     log_probs, rows = [], []
     for member in members:  # each member sees the data through its own preprocessing
-        loader = make_loader(dataset, splits, member.model.spec, data_cfg, False, device, batch_size=cfg.batch_size)
+        held = hold_in_memory(splits, member.model.spec, data_cfg, lambda message: console.print(message, highlight=False))
+        loader = make_loader(held.split(cfg.split), held, member.model.spec, data_cfg, False, device,
+                             batch_size=cfg.batch_size)
         logits, labels = infer(member.model.to(device).eval(), loader, device, precision)
         if order is not None:
             logits = logits[:, order]

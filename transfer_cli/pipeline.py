@@ -8,10 +8,13 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from transfer_cli.config import DatasetConfig, HeadConfig
-from transfer_cli.data.splits import DATASETS, DataSplits, Transformed
+from transfer_cli.data.augment import BatchAugment
+from transfer_cli.data.batches import Batches, Rows, resolve_workers
+from transfer_cli.data.decoded import DecodedImages
+from transfer_cli.data.splits import DATASETS, DataSplits, Transformed, tensor_view
 from transfer_cli.data.tasks import make_task
 from transfer_cli.data.transforms import InputSpec, resolve_input, sample_transform
 from transfer_cli.methods.base import Method
@@ -43,20 +46,19 @@ def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weig
 
 
 def make_loader(dataset: Dataset, splits: DataSplits, spec: InputSpec, cfg: DatasetConfig, train: bool,
-                device: torch.device, seed: int = 0, batch_size: int | None = None) -> DataLoader:
-    transform = sample_transform(spec, splits.size, cfg.augment, train)
+                device: torch.device, seed: int = 0, batch_size: int | None = None) -> Batches:
+    """Batches of ``dataset`` as the model takes them: cut from memory and augmented on ``device`` when the
+    data is an in-memory tensor (see ``hold_in_memory``), else decoded and transformed per sample."""
     size = batch_size or (cfg.batch_size if train else cfg.eval_batch_size or 2 * cfg.batch_size)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        Transformed(dataset, transform) if transform else dataset,
-        batch_size=size,
-        shuffle=train,
-        drop_last=train and len(dataset) > size,  # a last batch of one breaks BatchNorm statistics
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=cfg.num_workers > 0,
-        generator=generator,
-    )
+    drop_last = train and len(dataset) > size  # a last batch of one breaks BatchNorm statistics
+    augment = cfg.augment if train else "none"
+    view = tensor_view(dataset)
+    if view is not None:
+        base, rows, labels = view
+        return Batches(Rows(base.images, rows, labels), size, train, drop_last, seed, device,
+                       BatchAugment(augment, spec.size, decoded=isinstance(base, DecodedImages)))
+    return Batches(Transformed(dataset, sample_transform(spec, augment)), size, train, drop_last, seed, device,
+                   workers=resolve_workers(cfg.num_workers))
 
 
 def build_optimization(method: Method, optimizer_cfg: Mapping[str, Any], scheduler_cfg: Mapping[str, Any],

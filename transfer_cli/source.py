@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from transfer_cli.config import HeadConfig
+from transfer_cli.data.decoded import hold_in_memory
 from transfer_cli.data.identity import data_identity
 from transfer_cli.data.splits import DataSplits
 from transfer_cli.data.transforms import WeightsMeta
@@ -52,6 +53,7 @@ def _pretrain(source: DictConfig, splits: DataSplits, backbone: str, folder: Pat
     torch.manual_seed(source.seed)
     model = build_model(source.dataset, splits, backbone, "none", HeadConfig())
     method = Method(model).to(device)  # plain cross-entropy, every layer trains
+    splits = hold_in_memory(splits, model.spec, source.dataset, lambda message: console.print(message, highlight=False))
     train = make_loader(splits.train, splits, model.spec, source.dataset, True, device, source.seed)
     val = make_loader(splits.val, splits, model.spec, source.dataset, False, device)
     optimizer, scheduler = build_optimization(method, source.optimizer, source.scheduler, len(train), source.epochs)

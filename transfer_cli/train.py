@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from transfer_cli import resume
+from transfer_cli.data.decoded import hold_in_memory
 from transfer_cli.data.identity import data_identity
 from transfer_cli.engine import train_state
 from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
@@ -76,6 +77,12 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
                         source.body if source else None)
     for note in [*splits.notes, *model.notes]:
         console.print(note, highlight=False, soft_wrap=True)
+
+    def log(message: str) -> None:
+        console.print(message, highlight=False, soft_wrap=True)
+
+    splits = hold_in_memory(splits, model.spec, cfg.dataset, log)
+    target = hold_in_memory(target, model.spec, cfg.target.dataset, log) if target else None
     method = METHODS.build(cfg.method, model=model).to(device)
     if cfg.trainer.channels_last:
         method.to(memory_format=torch.channels_last)

@@ -22,7 +22,12 @@ def _file_fact(path: Path) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _base_digest(dataset: Dataset, memo: dict[int, str]) -> str:
+def base_digest(dataset: Dataset, memo: dict[int, str] | None = None) -> str:
+    """The digest of one dataset that is not a subset of another."""
+    memo = {} if memo is None else memo
+    source = getattr(dataset, "source", None)  # a decoded copy is the data it was decoded from
+    if source is not None:
+        return base_digest(source, memo)
     key = id(dataset)
     if key in memo:
         return memo[key]
@@ -49,7 +54,7 @@ def _dataset_digest(dataset: Dataset, memo: dict[int, str]) -> str:
         if hasattr(dataset, "mapping"):
             chain.append(repr(sorted(dataset.mapping.items())).encode())
         dataset = dataset.dataset
-    digest = hashlib.sha256(_base_digest(dataset, memo).encode())
+    digest = hashlib.sha256(base_digest(dataset, memo).encode())
     for part in chain:
         digest.update(part)
     return digest.hexdigest()

@@ -60,6 +60,20 @@ def targets_of(dataset: Dataset) -> np.ndarray:
     return np.asarray([label for _, label in dataset])
 
 
+def tensor_view(dataset: Dataset) -> tuple[TensorImages, torch.Tensor, torch.Tensor] | None:
+    """(in-memory base, its row of every sample, every sample's label) for a ``TensorImages`` seen through
+    any chain of subsets (class subsets, few-shot draws, carved splits); None for other datasets."""
+    base, rows = dataset, None
+    while isinstance(base, Subset):
+        picked = torch.as_tensor(base.indices, dtype=torch.long)
+        rows = picked if rows is None else picked[rows]
+        base = base.dataset
+    if not isinstance(base, TensorImages):
+        return None
+    rows = torch.arange(len(base)) if rows is None else rows
+    return base, rows, torch.as_tensor(targets_of(dataset), dtype=torch.long)
+
+
 def stratified_split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Split off ``fraction`` of ``dataset`` with the class proportions kept, reproducibly."""
     if fraction <= 0:

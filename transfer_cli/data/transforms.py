@@ -1,9 +1,9 @@
-"""How images become model input: the spec stored with every checkpoint, and per-sample transforms.
+"""How images become model input: the spec stored with every checkpoint, and the per-sample transform.
 
 Deterministic, batched work (uint8 -> float, channel adaptation, resizing fixed-size data,
 normalisation) happens inside the model (``models.input.InputAdapter``) on whole batches on the
-device; only what must happen per sample (decoding, resizing images of varying size, augmentation)
-happens here.
+device. Data held in memory is cut and augmented per batch (``data.augment``); only image files
+that are decoded per sample (more than ``dataset.in_memory`` holds) go through ``sample_transform``.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import torch
-from torch.utils.data import Subset
 from torchvision.transforms import v2
 
 from transfer_cli.config import DatasetConfig
-from transfer_cli.data.splits import DataSplits, TensorImages
+from transfer_cli.data.splits import DataSplits, tensor_view
 from transfer_cli.errors import UserError
 
 
@@ -42,23 +40,13 @@ class WeightsMeta:
     std: list[float]
 
 
-def _train_pixels(splits: DataSplits) -> torch.Tensor | None:
-    """The train split's pixels when it is an in-memory tensor (possibly behind nested subsets)."""
-    ds, indices = splits.train, None
-    while isinstance(ds, Subset):
-        picked = torch.as_tensor(ds.indices, dtype=torch.long)
-        indices = picked if indices is None else picked[indices]
-        ds = ds.dataset
-    if not isinstance(ds, TensorImages):
-        return None
-    return ds.images if indices is None else ds.images[indices]
-
-
 def _statistics(splits: DataSplits) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of the train split when it is in memory; 0.5/0.5 otherwise."""
-    pixels = _train_pixels(splits)
-    if pixels is None:
+    view = tensor_view(splits.train)
+    if view is None:
         return [0.5] * splits.channels, [0.5] * splits.channels
+    base, rows, _ = view
+    pixels = base.images[rows]
     x = pixels.float().div_(255).transpose(0, 1).reshape(pixels.shape[1], -1)
     return x.mean(1).tolist(), x.std(1).clamp_min(1e-3).tolist()
 
@@ -101,20 +89,15 @@ def resolve_input(
     return InputSpec(channels=channels, size=size, mean=mean, std=std, resize=resize)
 
 
-def sample_transform(spec: InputSpec, data_size: tuple[int, int] | None, augment: str, train: bool) -> Callable | None:
-    """Per-sample work: decode and bring varying sizes to one size; augment the train split."""
-    augment = augment if train else "none"
-    steps: list[Callable] = []
-    if data_size is None:
-        steps.append(v2.PILToTensor())
-        if augment == "flip_crop":
-            steps += [v2.RandomResizedCrop(spec.size, antialias=True), v2.RandomHorizontalFlip()]
-        else:
-            steps += [v2.Resize(spec.resize or spec.size, antialias=True), v2.CenterCrop(spec.size)]
-    elif augment == "flip_crop":
-        steps += [v2.RandomCrop(data_size, padding=max(1, data_size[0] // 8)), v2.RandomHorizontalFlip()]
+def sample_transform(spec: InputSpec, augment: str) -> Callable:
+    """Per-sample work for images of varying size held as files: decode, bring to one size, augment."""
+    steps: list[Callable] = [v2.PILToTensor()]
+    if augment == "flip_crop":
+        steps += [v2.RandomResizedCrop(spec.size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        steps += [v2.Resize(spec.resize or spec.size, antialias=True), v2.CenterCrop(spec.size)]
     if augment == "randaugment":
         steps.append(v2.RandAugment())
     elif augment == "trivialaugment":
         steps.append(v2.TrivialAugmentWide())
-    return v2.Compose(steps) if steps else None
+    return v2.Compose(steps)

@@ -1,0 +1,100 @@
+"""Loaders: whole batches cut from an in-memory uint8 tensor (the fast path), or per-sample decoding.
+
+The in-memory path hands the DataLoader a batch sampler and a dataset that returns a whole batch per
+index list, so shuffling, ``drop_last``, the seeded generator and pinned memory stay the DataLoader's own
+(a run shuffles identically on either path, and resuming restores the same generator); there is no
+per-sample Python and no collate. Batches are moved to the device first and augmented there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
+
+# Data that fits this share of free GPU memory is moved there once; each batch is then a device gather.
+_DEVICE_SHARE = 0.25
+
+
+class Rows(Dataset):
+    """Samples of an in-memory uint8 tensor, indexed by a list of positions: returns (images, labels) of all
+    of them at once."""
+
+    def __init__(self, images: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.rows, self.labels = images, rows, labels
+
+    def to(self, device: torch.device) -> None:
+        self.images, self.rows = self.images.to(device), self.rows.to(device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        at = torch.as_tensor(positions, dtype=torch.long)
+        return torch.index_select(self.images, 0, self.rows[at.to(self.rows.device)]), self.labels[at]
+
+
+class EpochShuffle(Sampler[int]):
+    """A fresh permutation each epoch from ``generator`` alone. DataLoader's own shuffling also draws a
+    worker seed from its generator whenever it makes a new iterator, which persistent workers make only
+    once: the order would then depend on the worker setting and would not resume exactly."""
+
+    def __init__(self, count: int, generator: torch.Generator) -> None:
+        self.count, self.generator = count, generator
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[int]:
+        yield from torch.randperm(self.count, generator=self.generator).tolist()
+
+
+class Batches:
+    """(images, labels) batches on ``device``: what the training code asks of a loader (``len``,
+    ``batch_size``, ``dataset`` and the shuffling ``generator``, which a resumed run restores).
+
+    In memory (``rows``/``labels`` given): the DataLoader gets a batch sampler and a dataset that returns a
+    whole batch per list of positions, and each batch is augmented on the device by ``augment``.
+    Otherwise every sample is decoded and transformed by ``dataset`` itself, in ``workers`` processes."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
+                 device: torch.device, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 workers: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        count = len(dataset)
+        order = EpochShuffle(count, self.generator) if shuffle else SequentialSampler(range(count))
+        pin = device.type == "cuda"
+        if isinstance(dataset, Rows):
+            if pin and dataset.images.nbytes < _DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]:
+                dataset.to(device)
+            pin = pin and dataset.images.device.type == "cpu"
+            self.loader = DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last), batch_size=None,
+                                     pin_memory=pin)
+        else:
+            self.loader = DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=drop_last,
+                                     num_workers=workers, persistent_workers=workers > 0, pin_memory=pin,
+                                     generator=torch.Generator().manual_seed(seed + 1))  # worker seeds only
+        self.dataset, self.batch_size, self.device, self.augment = dataset, batch_size, device, augment
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            yield (self.augment(images) if self.augment else images), labels.to(self.device, non_blocking=True)
+
+
+def resolve_workers(value: str | int) -> int:
+    """``dataset.num_workers``: an integer, or auto = one worker per core but one (for the training process)."""
+    if str(value) == "auto":
+        return max(0, usable_cores() - 1)
+    return int(value)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
