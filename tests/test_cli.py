@@ -101,6 +101,11 @@ def test_help(tmp_path):
     train = run_cli("train", "--help", cwd=tmp_path)
     assert train.returncode == 0
     assert "Config groups" in train.stdout and "optimizer: adagrad, adam, adamw" in train.stdout
+    assert "Examples:" in train.stdout and "hydra:" not in train.stdout
+    with_override = run_cli("train", "--help", "trainer.epochs=9", cwd=tmp_path)
+    assert with_override.returncode == 0 and "epochs: 9" in with_override.stdout
+    wrong = run_cli("train", "--help", "dataset=nope", cwd=tmp_path)
+    assert wrong.returncode == 2 and "Could not find 'dataset/nope'" in wrong.stderr
     assert run_cli(cwd=tmp_path).returncode == 2
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import string
 import sys
 import tempfile
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
@@ -46,6 +48,29 @@ def conf_dir() -> Path:
     """Configs ship inside the wheel; in a source checkout they sit at the repository top level."""
     packaged = Path(__file__).parent / "conf"
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+
+
+def config_groups() -> str:
+    """The help's list of config groups and their options, read from conf/."""
+    lines = []
+    for group in sorted(p for p in conf_dir().iterdir() if p.is_dir() and p.name != "hydra"):
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        lines.append(f"{group.name}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+def print_help(config_name: str, overrides: list[str]) -> None:
+    """``transfer train --help``: the help template of conf/ filled with the composed config. Hydra's own
+    --help first lists every config group its plugins register (seconds of deep copies), to print these
+    same lines."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    template = str(cfg.hydra.help.template)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    print(string.Template(template).safe_substitute(APP_CONFIG_GROUPS=config_groups(), CONFIG=OmegaConf.to_yaml(cfg)))
 
 
 def _run_dir() -> Path:
@@ -222,12 +247,14 @@ def main(argv: list[str] | None = None) -> None:
         rest = [*rest, f"hydra.callbacks.sweep_report.status_file={status_file}"]
     sys.argv = [f"transfer {command}", *(["--multirun"] if multirun else []), *rest]
     app = hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(task)
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    if any(a in ("--help", "-h") for a in rest):
+        app = partial(print_help, config_name, overrides)
 
     users_setting = os.environ.get("HYDRA_FULL_ERROR")
     show_traceback = users_setting == "1"
     os.environ[_USER_FULL_ERROR] = "1" if show_traceback else "0"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's own reporter
-    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     try:
         _run_app(app, multirun, status_file, show_traceback, config_name, overrides)
     finally:  # main() may run again in this process (tests, notebooks): give the user's setting back
