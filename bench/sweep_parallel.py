@@ -1,8 +1,8 @@
 """Wall time of a 4-job sweep: Hydra's sequential launcher vs the joblib launcher with 2 workers.
 
-    python bench/sweep_parallel.py [--epochs 60] [--out outputs/bench]
+    python bench/sweep_parallel.py [--epochs 60]
 
-Each job trains small_cnn on the bundled digits data. Writes sweep_parallel.csv/.md.
+Each job trains small_cnn on the bundled digits data. Writes bench/results/sweep_parallel.csv/.md.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
-
-from transfer_cli.reporting.tables import write_table
+from results_table import record
 
 LAUNCHERS = {
     "sequential (basic)": [],
@@ -35,17 +33,15 @@ def time_sweep(extra: list[str], epochs: int, folder: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for index, (name, extra) in enumerate(LAUNCHERS.items()):
             seconds = time_sweep(extra, args.epochs, Path(tmp) / f"sweep{index}")
             rows.append({"launcher": name, "jobs": 4, "epochs_per_job": args.epochs, "wall_s": round(seconds, 1)})
-    df = pd.DataFrame(rows)
-    df["ratio_to_sequential"] = (df["wall_s"] / df["wall_s"].iloc[0]).round(3)
-    write_table(df, args.out / "sweep_parallel.csv")  # + sweep_parallel.md
-    print(df.to_markdown(index=False))
+    for row in rows:
+        row["ratio_to_sequential"] = row["wall_s"] / rows[0]["wall_s"]
+    record("sweep_parallel", rows, "4-job sweep wall time (each parallel job gets cores / n_jobs threads)")
 
 
 if __name__ == "__main__":

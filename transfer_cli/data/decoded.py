@@ -6,7 +6,8 @@ every epoch; a GPU trains at thousands. Datasets of images of varying size whose
 copy is cached on disk under ``dataset.cache_dir``, keyed by the files (path, size, mtime, label), the
 resize spec and this module's format; a changed file gives a new key, so a stale copy is never read.
 
-Each image is stored as a square of ``spec.resize`` pixels: resized to that short side exactly as the
+Each image is stored as a square of ``spec.resize`` pixels (``spec.size`` when the spec has no resize: a
+target domain of files next to a fixed-size source): resized to that short side exactly as the
 per-sample path resizes it, then cut so that a centred crop of ``spec.size`` from the square is the very
 crop the per-sample ``CenterCrop`` takes. Evaluation therefore sees identical pixels on both paths; random
 resized crops for training are drawn from the square (the per-sample path draws them from the whole,
@@ -79,8 +80,13 @@ def decode(dataset: Dataset, resize: int, size: int) -> torch.Tensor:
     return out
 
 
+def _side(spec: InputSpec) -> int:
+    """The stored square's side: the per-sample path's resize (the crop size when it has none)."""
+    return spec.resize or spec.size
+
+
 def cache_path(dataset: Dataset, spec: InputSpec, cache_dir: Path) -> Path:
-    key = hashlib.sha256(f"{FORMAT}:{base_digest(dataset)}:{spec.resize}:{spec.size}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{FORMAT}:{base_digest(dataset)}:{_side(spec)}:{spec.size}".encode()).hexdigest()[:24]
     return cache_dir / f"{key}.safetensors"
 
 
@@ -88,11 +94,12 @@ def decoded_copy(dataset: Dataset, spec: InputSpec, cache_dir: Path) -> tuple[De
     """The decoded copy of ``dataset`` and whether it came from the cache."""
     path = cache_path(dataset, spec, cache_dir)
     labels = torch.as_tensor(targets_of(dataset), dtype=torch.long)
+    side = _side(spec)
     if path.is_file():
         images = load_file(str(path))["images"]
-        if images.shape == (len(dataset), 3, spec.resize, spec.resize):
+        if images.shape == (len(dataset), 3, side, side):
             return DecodedImages(images, labels, dataset), True
-    images = decode(dataset, spec.resize, spec.size)
+    images = decode(dataset, side, spec.size)
     atomic_write(path, lambda tmp: save_file({"images": images}, str(tmp)))
     return DecodedImages(images, labels, dataset), False
 
@@ -101,11 +108,12 @@ def hold_in_memory(splits: DataSplits, spec: InputSpec, cfg: DatasetConfig, log:
     """``splits`` with its image files replaced by their decoded copies when ``dataset.in_memory`` says so."""
     mode = str(cfg.in_memory).lower()
     bases = {id(b): b for b in map(_base, (splits.train, splits.val, splits.test)) if not isinstance(b, TensorImages)}
-    if splits.size is not None or spec.resize is None or mode == "false" or not bases:
+    if splits.size is not None or mode == "false" or not bases:
         return splits
-    need = sum(len(b) for b in bases.values()) * 3 * spec.resize ** 2
+    side = _side(spec)
+    need = sum(len(b) for b in bases.values()) * 3 * side ** 2
     if mode == "auto" and need > IN_MEMORY_BUDGET:
-        log(f"dataset={cfg.name}: decoded at {spec.resize} px the images would take {need / 2**30:.1f} GiB, over "
+        log(f"dataset={cfg.name}: decoded at {side} px the images would take {need / 2**30:.1f} GiB, over "
             f"the {IN_MEMORY_BUDGET / 2**30:.0f} GiB that dataset.in_memory=auto holds; decoding per sample "
             "instead (dataset.in_memory=true holds them anyway).")
         return splits
@@ -116,7 +124,7 @@ def hold_in_memory(splits: DataSplits, spec: InputSpec, cfg: DatasetConfig, log:
         cached.append(hit)
     count = sum(len(b) for b in bases.values())
     how = "read from the cache" if all(cached) else "decoded once"
-    log(f"{count:,} images {how} at {spec.resize}x{spec.resize} ({need / 2**30:.2f} GiB in memory, "
+    log(f"{count:,} images {how} at {side}x{side} ({need / 2**30:.2f} GiB in memory, "
         f"{time.perf_counter() - start:.1f} s; cache: {cfg.cache_dir})")
     swapped = copy.copy(splits)
     for name in ("train", "val", "test"):

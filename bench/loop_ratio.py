@@ -1,0 +1,181 @@
+"""`transfer train` / `transfer eval` throughput against a minimal hand-written loop on the same model, data
+and batch size, measured alternately in one process (ours, minimal, ours, minimal ...; medians compared).
+
+The minimal loop is what one would write by hand: shuffle the in-memory uint8 tensor, cut batches by index,
+call the method's own ``training_step`` (so both sides compute exactly the same thing), backward, step;
+for evaluation, ``model(x)`` under ``torch.inference_mode``. The difference is everything transfer_cli adds:
+loader, hooks, progress, meters, the divergence watch.
+
+    python bench/loop_ratio.py [--repeats 2]   # needs ../shared/datasets/mnist and usps
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
+from results_table import record
+from rich.console import Console
+
+from transfer_cli.cli import conf_dir
+from transfer_cli.config import register_schemas
+from transfer_cli.data.decoded import hold_in_memory
+from transfer_cli.data.splits import tensor_view
+from transfer_cli.engine.device import Precision, resolve_device
+from transfer_cli.engine.loop import evaluate
+from transfer_cli.methods.base import METHODS
+from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader
+from transfer_cli.train import run_train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+CPU = torch.device("cpu")
+
+
+def usps_folder(root: Path) -> Path:
+    """USPS (the ESL files) written out as a PNG image folder: the target domain read from files."""
+    splits = build_data(compose_cfg(["dataset=usps", f"dataset.root={SHARED / 'usps'}"]).dataset)
+    for split in ("train", "test"):
+        base, rows, labels = tensor_view(splits.split(split))
+        for row, label in zip(rows.tolist(), labels.tolist(), strict=True):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(base.images[row, 0].numpy()).save(folder / f"{row}.png")
+    return root
+
+
+CASES = {
+    "small_cnn / MNIST (6k)": ["dataset=mnist", f"dataset.root={SHARED / 'mnist'}", "dataset.fraction=0.1",
+                               "backbone=small_cnn", "method=finetune"],
+    "resnet18 at 32 px / MNIST (2k)": ["dataset=mnist", f"dataset.root={SHARED / 'mnist'}", "dataset.shots=200",
+                                       "dataset.image_size=32", "backbone=resnet18", "method=finetune"],
+    "dann MNIST -> USPS folder": ["experiment=mnist_usps", f"dataset.root={SHARED / 'mnist'}", "method=dann",
+                                  "target.dataset.name=imagefolder", "target.dataset.root={usps}",
+                                  "target.dataset.shots=null"],
+}
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def ours(cfg: DictConfig, folder: Path) -> float:
+    """Train images per second of `transfer train`'s last epoch, from its metrics table."""
+    run_train(cfg, folder, Console(quiet=True))
+    metrics = pd.read_csv(folder / "metrics.csv")
+    return float(metrics[metrics.split == "train"].samples_per_s.iloc[-1])
+
+
+def minimal(cfg: DictConfig, epochs: int) -> float:
+    """Train images per second of the last of ``epochs`` epochs of the hand-written loop, on the device,
+    precision, memory format and compile setting of ``cfg.trainer``."""
+    device = resolve_device(cfg.trainer.device)
+    precision = Precision(str(cfg.trainer.precision), device)
+    splits = build_data(cfg.dataset)
+    model = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head)
+    splits = hold_in_memory(splits, model.spec, cfg.dataset, print)
+    method = METHODS.build(cfg.method, model=model).to(device)
+    if cfg.trainer.channels_last:
+        method.to(memory_format=torch.channels_last)
+    if cfg.trainer.compile:
+        method.model.compile()
+    images, labels = (t.to(device) for t in _tensors(splits.train))
+    crop = CentreCrop(model.spec.size)
+    if cfg.target:
+        target_splits = hold_in_memory(build_data(cfg.target.dataset), model.spec, cfg.target.dataset, print)
+        target = _tensors(target_splits.train)[0].to(device)
+    batch = cfg.dataset.batch_size
+    steps = len(labels) // batch
+    optimizer, _ = build_optimization(method, cfg.optimizer, cfg.scheduler, steps, epochs)
+    method.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), device=device)
+        start = time.perf_counter()
+        for i in range(steps):
+            index = order[i * batch:(i + 1) * batch]
+            step = (crop(images[index]), labels[index])
+            if cfg.target:
+                step = (*step, target[torch.randint(len(target), (batch,), device=device)])
+            with precision.autocast():
+                out = method.training_step(step)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return steps * batch / seconds
+
+
+class CentreCrop:
+    """Photos decoded at the resize size are cut to the model's input; fixed-size data passes as it is."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] <= self.size:
+            return x
+        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+        return x[..., top:top + self.size, left:left + self.size]
+
+
+def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    base, rows, labels = tensor_view(dataset)
+    return base.images[rows], labels
+
+
+def eval_rates(cfg: DictConfig) -> tuple[float, float]:
+    splits = build_data(cfg.dataset)
+    model = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head)
+    method = METHODS.build(cfg.method, model=model).eval()
+    loader = make_loader(splits.test, splits, model.spec, cfg.dataset, False, CPU)
+    images, _ = _tensors(splits.test)
+    rate_ours = evaluate(method, loader, CPU, Precision("32", CPU))["samples_per_s"]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(images), loader.batch_size):
+            method.predict(images[i:i + loader.batch_size])
+    return rate_ours, len(images) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    register_schemas()
+    torch.manual_seed(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        usps = usps_folder(Path(tmp) / "usps")
+        common = [f"trainer.epochs={args.epochs}", "trainer.progress=plain", "trainer.plots=false",
+                  f"output_dir={tmp}"]
+        for name, overrides in CASES.items():
+            cfg = compose_cfg([o.replace("{usps}", str(usps)) for o in overrides] + common)
+            rates: dict[str, list[float]] = {"ours": [], "minimal": []}
+            for repeat in range(args.repeats):
+                rates["ours"].append(ours(cfg, Path(tmp) / f"{len(rows)}_{repeat}"))
+                rates["minimal"].append(minimal(cfg, args.epochs))
+            rows.append({"case": f"train: {name}", "ours_img_per_s": statistics.median(rates["ours"]),
+                         "minimal_img_per_s": statistics.median(rates["minimal"])})
+        cfg = compose_cfg(CASES["small_cnn / MNIST (6k)"] + common)
+        pairs = [eval_rates(cfg) for _ in range(args.repeats + 1)]
+        rows.append({"case": "eval: small_cnn / MNIST test (10k)",
+                     "ours_img_per_s": statistics.median(p[0] for p in pairs),
+                     "minimal_img_per_s": statistics.median(p[1] for p in pairs)})
+    for row in rows:
+        row["ratio"] = row["ours_img_per_s"] / row["minimal_img_per_s"]
+    record("loop_ratio", rows, "transfer_cli loop / minimal loop (target >= 0.97)")
+
+
+if __name__ == "__main__":
+    main()
