@@ -61,7 +61,7 @@ def main() -> None:
             start = time.perf_counter()
             splits = build_data(cfg)
             setup = time.perf_counter() - start
-            loader = make_loader(splits.train, splits, SPEC, cfg, False, CPU)
+            loader = make_loader(splits.train, SPEC, cfg, False, CPU)
             rate = throughput(loader, epochs=2 if workers != "0" else 1, limit=8 * args.batch)
             rows.append({"path": f"per sample, num_workers={workers} ({resolve_workers(workers)})", "augment": "none",
                          "img_per_s": rate, "setup_s": setup})
@@ -73,7 +73,7 @@ def main() -> None:
             splits = hold_in_memory(build_data(cfg), SPEC, cfg, lambda message: None)
             setup = time.perf_counter() - start
             for augment in ("none", "flip_crop"):
-                loader = make_loader(splits.train, splits, SPEC, DatasetConfig(**{**cfg.__dict__, "augment": augment}),
+                loader = make_loader(splits.train, SPEC, DatasetConfig(**{**cfg.__dict__, "augment": augment}),
                                      True, CPU)
                 rows.append({"path": f"decoded once, {run}", "augment": augment, "img_per_s": throughput(loader),
                              "setup_s": setup})

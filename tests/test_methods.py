@@ -42,7 +42,7 @@ def setup(name: str, **settings):
     method = build_method(name, model, **settings)
 
     def make(split, train):
-        return make_loader(splits.split(split), splits, model.spec, data_cfg, train, CPU)
+        return make_loader(splits.split(split), model.spec, data_cfg, train, CPU)
 
     # The digits themselves serve as the "target domain" of the adaptation methods here: this test is
     # about mechanics; test_domain.py adapts MNIST to USPS.
@@ -151,7 +151,7 @@ def probe_with_counter(cache_dir, image_size=None, seed=0):
     method.model.body = counter
 
     def make(split, train):
-        return make_loader(splits.split(split), splits, model.spec, data_cfg, train, CPU)
+        return make_loader(splits.split(split), model.spec, data_cfg, train, CPU)
 
     identity = {"dataset": "digits", "input": model.spec.to_dict()}
     loaders = method.loaders(make, DataContext(CPU, Precision("32", CPU), identity))

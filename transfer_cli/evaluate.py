@@ -147,7 +147,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     log_probs, rows = [], []
     for member in members:  # each member sees the data through its own preprocessing
         held = hold_in_memory(splits, member.model.spec, data_cfg, lambda message: console.print(message, highlight=False, soft_wrap=True))
-        loader = make_loader(held.split(cfg.split), held, member.model.spec, data_cfg, False, device,
+        loader = make_loader(held.split(cfg.split), member.model.spec, data_cfg, False, device,
                              batch_size=cfg.batch_size)
         logits, labels = infer(member.model.to(device).eval(), loader, device, precision)
         if order is not None:

@@ -45,7 +45,7 @@ def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weig
     return Classifier(bb, recipe)
 
 
-def make_loader(dataset: Dataset, splits: DataSplits, spec: InputSpec, cfg: DatasetConfig, train: bool,
+def make_loader(dataset: Dataset, spec: InputSpec, cfg: DatasetConfig, train: bool,
                 device: torch.device, seed: int = 0, batch_size: int | None = None) -> Batches:
     """Batches of ``dataset`` as the model takes them: cut from memory and augmented on ``device`` when the
     data is an in-memory tensor (see ``hold_in_memory``), else decoded and transformed per sample."""

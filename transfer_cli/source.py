@@ -54,8 +54,8 @@ def _pretrain(source: DictConfig, splits: DataSplits, backbone: str, folder: Pat
     model = build_model(source.dataset, splits, backbone, "none", HeadConfig())
     method = Method(model).to(device)  # plain cross-entropy, every layer trains
     splits = hold_in_memory(splits, model.spec, source.dataset, lambda message: console.print(message, highlight=False, soft_wrap=True))
-    train = make_loader(splits.train, splits, model.spec, source.dataset, True, device, source.seed)
-    val = make_loader(splits.val, splits, model.spec, source.dataset, False, device)
+    train = make_loader(splits.train, model.spec, source.dataset, True, device, source.seed)
+    val = make_loader(splits.val, model.spec, source.dataset, False, device)
     optimizer, scheduler = build_optimization(method, source.optimizer, source.scheduler, len(train), source.epochs)
     console.print(f"pretraining {backbone} on source {source.dataset.name} ({len(splits.train)} train, "
                   f"{len(splits.classes)} classes, {source.epochs} epochs) -> {folder}", highlight=False)

@@ -88,10 +88,10 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         method.to(memory_format=torch.channels_last)
 
     def make(split: str, train: bool) -> DataLoader:
-        return make_loader(splits.split(split), splits, model.spec, cfg.dataset, train, device, cfg.seed)
+        return make_loader(splits.split(split), model.spec, cfg.dataset, train, device, cfg.seed)
 
     def make_target(split: str, train: bool) -> DataLoader:
-        return make_loader(target.split(split), target, model.spec, cfg.target.dataset, train, device, cfg.seed + 1)
+        return make_loader(target.split(split), model.spec, cfg.target.dataset, train, device, cfg.seed + 1)
 
     data = data_identity(splits)
     if payload is not None and payload["data"] != data:

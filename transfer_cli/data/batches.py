@@ -1,9 +1,9 @@
 """Loaders: whole batches cut from an in-memory uint8 tensor (the fast path), or per-sample decoding.
 
 The in-memory path hands the DataLoader a batch sampler and a dataset that returns a whole batch per
-index list, so shuffling, ``drop_last``, the seeded generator and pinned memory stay the DataLoader's own
-(a run shuffles identically on either path, and resuming restores the same generator); there is no
-per-sample Python and no collate. Batches are moved to the device first and augmented there.
+index list: no per-sample Python and no collate, while ``drop_last`` and pinned memory stay the
+DataLoader's. Both paths shuffle with the same ``EpochShuffle``, so a run sees the same order on either
+path and a resumed run restores it. Batches are moved to the device first and augmented there.
 """
 
 from __future__ import annotations
