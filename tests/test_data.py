@@ -69,7 +69,7 @@ def test_imagefolder_skips_and_counts_files_that_are_not_images(tmp_path):
     _image_folder(tmp_path, "val", 2)
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
     (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG garbage")
-    splits = build_data(DatasetConfig(name="imagefolder", root=str(tmp_path)))
+    splits = build_data(DatasetConfig(name="imagefolder", root=str(tmp_path), cache_dir=str(tmp_path / "cache")))
     assert splits.classes == ["cat", "dog"] and splits.skipped == 2
     assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 4, 4)
     spec = resolve_input(DatasetConfig(image_size=24), splits, 3, 8, None, None)
@@ -81,7 +81,7 @@ def test_imagefolder_skips_and_counts_files_that_are_not_images(tmp_path):
 
 def test_imagefolder_without_train_folder_explains_the_layout(tmp_path):
     with pytest.raises(UserError, match="has no train/ folder. dataset=imagefolder expects root/train/<class>"):
-        build_data(DatasetConfig(name="imagefolder", root=str(tmp_path)))
+        build_data(DatasetConfig(name="imagefolder", root=str(tmp_path), cache_dir=str(tmp_path / "cache")))
 
 
 def test_input_spec_prefers_config_then_weights_then_data():

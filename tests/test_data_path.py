@@ -152,3 +152,22 @@ def test_a_run_on_the_decoded_path_equals_the_per_sample_path(photos, tmp_path, 
 def test_num_workers_auto_leaves_one_core_for_training():
     assert resolve_workers("auto") == max(0, usable_cores() - 1)
     assert resolve_workers("3") == 3
+
+
+def test_files_that_decoded_are_not_checked_again_until_they_change(photos, tmp_path, monkeypatch):
+    from transfer_cli.data import imagefolder
+
+    root = tmp_path / "photos"
+    shutil.copytree(photos, root)
+    checked: list[Path] = []
+    real_check = imagefolder.check_image
+    monkeypatch.setattr(imagefolder, "check_image", lambda path: checked.append(path) or real_check(path))
+    cfg = DatasetConfig(name="imagefolder", root=str(root), cache_dir=str(tmp_path / "cache"))
+    first = build_data(cfg)
+    assert len(checked) == len(first.train) + len(first.val)
+    checked.clear()
+    assert len(build_data(cfg).train) == len(first.train) and checked == []
+    broken = sorted((root / "val" / "china").iterdir())[0]
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated: size and mtime change
+    again = build_data(cfg)
+    assert checked == [broken] and again.skipped == 1 and len(again.val) == len(first.val) - 1

@@ -61,7 +61,7 @@ def test_feature_cache_follows_the_image_files(transfer, tmp_path):
 
 def test_data_identity_changes_with_a_file_or_the_sample_list(tmp_path):
     data = digit_folder(tmp_path)
-    cfg = DatasetConfig(name="imagefolder", root=str(data))
+    cfg = DatasetConfig(name="imagefolder", root=str(data), cache_dir=str(tmp_path / "cache"))
     before = data_identity(build_data(cfg))
     assert data_identity(build_data(cfg)) == before
     some = next((data / "train" / "d3").iterdir())
@@ -152,7 +152,7 @@ def test_image_folder_edge_cases_are_dropped_named_or_refused(tmp_path):
     Image.new("RGB", (64, 64), (9, 9, 9)).save(data / "train" / "d2" / "cut.jpg", quality=95)
     cut = (data / "train" / "d2" / "cut.jpg").read_bytes()
     (data / "train" / "d2" / "cut.jpg").write_bytes(cut[: len(cut) // 2])  # a truncated JPEG
-    splits = build_data(DatasetConfig(name="imagefolder", root=str(data)))
+    splits = build_data(DatasetConfig(name="imagefolder", root=str(data), cache_dir=str(tmp_path / "cache")))
     assert splits.classes == ["d1", "d2", "d3"]  # no phantom "empty" class
     notes = "\n".join(splits.notes)
     assert "without readable images: empty" in notes
@@ -164,12 +164,12 @@ def test_image_folder_edge_cases_are_dropped_named_or_refused(tmp_path):
 def test_one_class_and_decompression_bombs_are_refused(tmp_path):
     data = digit_folder(tmp_path / "one", classes=(4,))
     with pytest.raises(UserError, match="classification needs at least two"):
-        build_data(DatasetConfig(name="imagefolder", root=str(data)))
+        build_data(DatasetConfig(name="imagefolder", root=str(data), cache_dir=str(tmp_path / "cache")))
     data = digit_folder(tmp_path / "bomb", classes=(1, 2))
     bomb = data / "train" / "d1" / "bomb.png"
     Image.new("1", (14000, 14000)).save(bomb)
     with pytest.raises(UserError, match=r"bomb.png is refused as a decompression bomb"):
-        build_data(DatasetConfig(name="imagefolder", root=str(data)))
+        build_data(DatasetConfig(name="imagefolder", root=str(data), cache_dir=str(tmp_path / "cache")))
 
 
 # 7-9. values and keys ------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ class DatasetConfig:
     eval_batch_size: int | None = None
     num_workers: str = "auto"  # per-sample loading only: auto (cores - 1) | an integer >= 0
     in_memory: str = "auto"  # photos decoded once and held as uint8: auto (when under 4 GiB) | true | false
-    cache_dir: str = "${output_dir}/cache/decoded"  # decoded copies, keyed by the files and the resize spec
+    cache_dir: str | None = "${output_dir}/cache/decoded"  # decoded copies and checked files; null: none kept
 
 
 @dataclass

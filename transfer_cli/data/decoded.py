@@ -90,11 +90,13 @@ def cache_path(dataset: Dataset, spec: InputSpec, cache_dir: Path) -> Path:
     return cache_dir / f"{key}.safetensors"
 
 
-def decoded_copy(dataset: Dataset, spec: InputSpec, cache_dir: Path) -> tuple[DecodedImages, bool]:
-    """The decoded copy of ``dataset`` and whether it came from the cache."""
-    path = cache_path(dataset, spec, cache_dir)
+def decoded_copy(dataset: Dataset, spec: InputSpec, cache_dir: Path | None) -> tuple[DecodedImages, bool]:
+    """The decoded copy of ``dataset`` and whether it came from the cache (None: no cache)."""
     labels = torch.as_tensor(targets_of(dataset), dtype=torch.long)
     side = _side(spec)
+    if cache_dir is None:
+        return DecodedImages(decode(dataset, side, spec.size), labels, dataset), False
+    path = cache_path(dataset, spec, cache_dir)
     if path.is_file():
         images = load_file(str(path))["images"]
         if images.shape == (len(dataset), 3, side, side):
@@ -120,7 +122,7 @@ def hold_in_memory(splits: DataSplits, spec: InputSpec, cfg: DatasetConfig, log:
     start = time.perf_counter()
     copies, cached = {}, []
     for key, base in bases.items():
-        copies[key], hit = decoded_copy(base, spec, Path(cfg.cache_dir).expanduser())
+        copies[key], hit = decoded_copy(base, spec, Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None)
         cached.append(hit)
     count = sum(len(b) for b in bases.values())
     how = "read from the cache" if all(cached) else "decoded once"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from torch.utils.data import Dataset
 from transfer_cli.config import DatasetConfig
 from transfer_cli.data.splits import DATASETS, DataSplits, stratified_split
 from transfer_cli.errors import UserError
+from transfer_cli.files import atomic_write_text
 
 _DRAFT = (64, 64)  # JPEGs are checked at a reduced DCT scale: every byte is still read, far fewer pixels made
 
@@ -31,15 +34,39 @@ def check_image(path: Path) -> str | None:
         return f"{type(err).__name__}: {err}"
 
 
+def _fact(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def check_images(paths: list[Path], record: Path | None) -> list[str | None]:
+    """``check_image`` of every path, in threads. ``record`` (a JSON file) remembers the size and mtime of
+    the files that decoded: those are not decoded again while both stay the same."""
+    known = json.loads(record.read_text()) if record is not None and record.is_file() else {}
+    facts = [_fact(path) for path in paths]
+    todo = [i for i, (path, fact) in enumerate(zip(paths, facts, strict=True)) if known.get(str(path)) != fact]
+    problems: list[str | None] = [None] * len(paths)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for i, problem in zip(todo, pool.map(check_image, [paths[i] for i in todo]), strict=True):
+            problems[i] = problem
+    if record is not None and todo:
+        good = {str(path): fact for path, fact, problem in zip(paths, facts, problems, strict=True) if problem is None}
+        atomic_write_text(record, json.dumps(good))
+    return problems
+
+
 class ImageFiles(Dataset):
     """(RGB PIL image, label) pairs from class sub-folders, with a class list fixed by the caller.
-    Every file is fully decoded once while indexing (in threads); files that fail are skipped and named."""
+    Every file is fully decoded once while indexing (in threads; files already checked with the same size
+    and mtime are remembered under ``check_dir``); files that fail are skipped and named."""
 
-    def __init__(self, folder: Path, classes: list[str]) -> None:
+    def __init__(self, folder: Path, classes: list[str], check_dir: Path | None = None) -> None:
         candidates = [(path, label) for label, name in enumerate(classes) if (folder / name).is_dir()
                       for path in sorted(p for p in (folder / name).rglob("*") if p.is_file())]
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            problems = list(pool.map(check_image, [path for path, _ in candidates]))
+        record = None
+        if check_dir is not None:
+            record = check_dir / f"checked-{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]}.json"
+        problems = check_images([path for path, _ in candidates], record)
         self.samples = [pair for pair, problem in zip(candidates, problems, strict=True) if problem is None]
         self.bad = [(path, problem) for (path, _), problem in zip(candidates, problems, strict=True) if problem]
         self.targets = [label for _, label in self.samples]
@@ -79,7 +106,8 @@ def imagefolder(cfg: DatasetConfig) -> DataSplits:
             "root/train/<class>/<image> and root/val/<class>/<image> (root/test/ is optional)."
         )
     found = _class_folders(train_dir)
-    train = ImageFiles(train_dir, found)
+    check_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
+    train = ImageFiles(train_dir, found, check_dir)
     present = set(train.targets)
     classes = [name for i, name in enumerate(found) if i in present]
     notes = []
@@ -90,7 +118,7 @@ def imagefolder(cfg: DatasetConfig) -> DataSplits:
     if len(classes) < 2:
         raise UserError(f"dataset.root={str(root)!r}: {train_dir} has {len(classes)} class folder(s) with readable "
                         f"images ({', '.join(classes) or 'none'}); classification needs at least two.")
-    parts = {split: ImageFiles(root / split, classes) for split in ("val", "test") if (root / split).is_dir()}
+    parts = {split: ImageFiles(root / split, classes, check_dir) for split in ("val", "test") if (root / split).is_dir()}
     for split in parts:
         extra = [name for name in _class_folders(root / split) if name not in classes]
         if extra:
