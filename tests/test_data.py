@@ -151,3 +151,31 @@ def test_fraction_keeps_a_stratified_part_of_train():
 def test_bad_task_settings_are_clear_errors(cfg, message):
     with pytest.raises(UserError, match=message):
         build_data(cfg)
+
+
+def test_weights_bring_their_preprocessing_a_sidecar_and_backbone_preprocess_override_it(tmp_path):
+    import json
+
+    import torchvision
+    from safetensors.torch import save_file
+
+    from transfer_cli.config import HeadConfig
+    from transfer_cli.pipeline import build_model
+
+    _image_folder(tmp_path / "data", "train", 4)
+    data_cfg = DatasetConfig(name="imagefolder", root=str(tmp_path / "data"), val_fraction=0.5,
+                             cache_dir=str(tmp_path / "cache"))
+    splits = build_data(data_cfg)
+    weights = tmp_path / "resnet18_in1k.safetensors"
+    save_file(torchvision.models.resnet18().state_dict(), str(weights))
+
+    def spec(**preprocess):
+        return build_model(data_cfg, splits, "resnet18", str(weights), HeadConfig(), preprocess=preprocess).spec
+
+    plain = spec()  # torchvision's resnet18 recipe: resize 256, crop 224, ImageNet statistics
+    assert (plain.size, plain.resize, plain.mean) == (224, 256, [0.485, 0.456, 0.406])
+    weights.with_suffix(".json").write_text(json.dumps({"resize": 232, "mean": [0.5, 0.5, 0.5]}))
+    sidecar = spec()
+    assert (sidecar.size, sidecar.resize, sidecar.mean, sidecar.std) == (224, 232, [0.5] * 3, plain.std)
+    chosen = spec(resize=240, crop=200, std=[0.2, 0.2, 0.2])
+    assert (chosen.size, chosen.resize, chosen.mean, chosen.std) == (200, 240, [0.5] * 3, [0.2] * 3)

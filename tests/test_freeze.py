@@ -11,12 +11,15 @@ from transfer_cli.methods.finetune import Finetune
 from transfer_cli.models.backbone import Classifier, build_backbone, in_stage
 from transfer_cli.optim import OPTIMIZERS
 
+# timm families: stages come from timm's own group_matcher.
+TIMM = ["timm/resnet18", "timm/convnext_atto", "timm/vit_tiny_patch16_224", "timm/efficientnet_b0",
+        "timm/mobilenetv3_small_050"]
 # One member of every family with its own stage rule, plus generic-fallback families.
 FAMILIES = ["small_cnn", "lenet", "resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small",
             "efficientnet_b0", "convnext_tiny", "regnet_y_400mf", "densenet121", "vgg11_bn", "vit_b_16",
-            "swin_t", "shufflenet_v2_x0_5"]
+            "swin_t", "shufflenet_v2_x0_5", *TIMM]
 STEP_FAMILIES = ["small_cnn", "lenet", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
-                 "convnext_tiny", "regnet_y_400mf", "densenet121", "vit_b_16"]  # vgg: stages tested, step too slow
+                 "convnext_tiny", "regnet_y_400mf", "densenet121", "vit_b_16", *TIMM]  # vgg: stages tested, step too slow
 
 
 def build(name: str, num_classes: int = 4) -> Classifier:

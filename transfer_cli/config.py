@@ -46,9 +46,21 @@ class DatasetConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """How the weights were trained to see images; each key set here wins over the weights' own values
+    (a JSON sidecar next to a weights file, then the architecture's defaults)."""
+
+    resize: int | None = None  # short side before the centre crop
+    crop: int | None = None  # the square the model sees
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
 class BackboneConfig:
-    name: str = "small_cnn"
-    weights: str = "none"  # none | DEFAULT | a torchvision weights enum name | a local file
+    name: str = "small_cnn"  # a registered backbone, any torchvision classifier, or timm/<model>[.<tag>]
+    weights: str = "none"  # none | DEFAULT | a torchvision weights enum name | pretrained (timm) | a local file
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
 @dataclass

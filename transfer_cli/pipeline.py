@@ -16,10 +16,11 @@ from transfer_cli.data.batches import Batches, Rows, resolve_workers
 from transfer_cli.data.decoded import DecodedImages
 from transfer_cli.data.splits import DATASETS, DataSplits, Transformed, tensor_view
 from transfer_cli.data.tasks import make_task
-from transfer_cli.data.transforms import InputSpec, resolve_input, sample_transform
+from transfer_cli.data.transforms import InputSpec, WeightsMeta, resolve_input, sample_transform
 from transfer_cli.methods.base import Method
 from transfer_cli.models.backbone import Classifier, PretrainedBody, build_backbone
 from transfer_cli.models.recipe import ModelRecipe
+from transfer_cli.models.weights import weights_sidecar
 from transfer_cli.optim import OPTIMIZERS, SCHEDULERS
 
 
@@ -28,8 +29,10 @@ def build_data(cfg: DatasetConfig) -> DataSplits:
 
 
 def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weights: str,
-                head: HeadConfig, pretrained: PretrainedBody | None = None) -> Classifier:
-    """The classifier for ``splits``; with ``pretrained``, its body starts from those weights."""
+                head: HeadConfig, pretrained: PretrainedBody | None = None,
+                preprocess: Mapping[str, Any] | None = None) -> Classifier:
+    """The classifier for ``splits``; with ``pretrained``, its body starts from those weights.
+    ``preprocess`` (backbone.preprocess) overrides the preprocessing the weights bring."""
     if pretrained is None:
         bb = build_backbone(backbone, weights, splits.channels)
         data_channels = splits.channels
@@ -38,6 +41,10 @@ def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weig
         bb.body.load_state_dict(pretrained.state)
         bb.weights_meta = pretrained.meta
         data_channels = pretrained.channels
+    for values in (weights_sidecar(weights), preprocess):
+        if values and any(v is not None for v in values.values()):
+            base = bb.weights_meta or WeightsMeta(crop=None, resize=None, mean=None, std=None)
+            bb.weights_meta = base.updated(dict(values))
     spec = resolve_input(data_cfg, splits, bb.channels, bb.min_size, bb.fixed_size, bb.weights_meta)
     head = HeadConfig(hidden=list(head.hidden), dropout=float(head.dropout))
     recipe = ModelRecipe(backbone=backbone, weights=weights, data_channels=data_channels,

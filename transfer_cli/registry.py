@@ -51,6 +51,7 @@ class Registry:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, Callable[..., Any]] = {}
+        self._families: dict[str, Callable[[str], Callable[..., Any]]] = {}
 
     def register(self, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def add(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,16 +66,22 @@ class Registry:
     def add(self, name: str, fn: Callable[..., Any]) -> None:
         self.register(name)(fn)
 
+    def add_family(self, prefix: str, factory: Callable[[str], Callable[..., Any]]) -> None:
+        """Names ``prefix<anything>`` are served by ``factory(anything)``: a whole library's models
+        (``timm/<model>``) without registering each one."""
+        self._families[prefix] = factory
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 
     def get(self, name: str) -> Callable[..., Any]:
-        try:
+        if name in self._entries:
             return self._entries[name]
-        except KeyError:
-            raise UserError(
-                f"{self.kind}={name!r} is not a known {self.kind}. Known: {choices(self.names(), 60)}."
-            ) from None
+        for prefix, factory in self._families.items():
+            if name.startswith(prefix) and len(name) > len(prefix):
+                return factory(name[len(prefix):])
+        families = "".join(f", or {prefix}<name>" for prefix in self._families)
+        raise UserError(f"{self.kind}={name!r} is not a known {self.kind}. Known: {choices(self.names(), 60)}{families}.")
 
     def check(self, cfg: Mapping[str, Any], provided: tuple[str, ...] = ()) -> None:
         """Reject keys the builder does not take and values of the wrong type, before any work starts.

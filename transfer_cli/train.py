@@ -74,7 +74,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         raise UserError(f"target.dataset={cfg.target.dataset.name} has {len(target.classes)} classes but "
                         f"dataset={cfg.dataset.name} has {len(splits.classes)}: domains must share their classes.")
     model = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head,
-                        source.body if source else None)
+                        source.body if source else None, preprocess=cfg.backbone.preprocess)
     for note in [*splits.notes, *model.notes]:
         console.print(note, highlight=False, soft_wrap=True)
 
@@ -179,6 +179,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         "weights": str(source.path) if source else cfg.backbone.weights,
         "method": cfg.method.name,
         "classes": len(splits.classes),
+        "input": model.spec.to_dict(),  # the preprocessing used: size, resize, mean, std
         "samples": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "skipped_files": splits.skipped,
         "data_identity": data,

@@ -9,7 +9,7 @@ that are decoded per sample (more than ``dataset.in_memory`` holds) go through `
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from torchvision.transforms import v2
 
@@ -36,8 +36,13 @@ class WeightsMeta:
 
     crop: int | None  # None: any input size works (a source-pretrained backbone)
     resize: int | None
-    mean: list[float]
-    std: list[float]
+    mean: list[float] | None  # None: computed on the train split
+    std: list[float] | None
+
+    def updated(self, values: dict) -> WeightsMeta:
+        """These values with the keys set (not None) in ``values`` (resize, crop, mean, std) replaced."""
+        given = {k: (list(v) if k in ("mean", "std") else int(v)) for k, v in values.items() if v is not None}
+        return replace(self, **given)
 
 
 def _statistics(splits: DataSplits) -> tuple[list[float], list[float]]:
@@ -77,15 +82,20 @@ def resolve_input(
             f"dataset.image_size={size} does not fit this backbone, which only takes {fixed_size}x{fixed_size} input."
         )
     size = max(size, min_size)
-    if weights:
+    if weights is not None and weights.mean is not None and weights.std is not None:
         mean, std = weights.mean, weights.std
     else:
         mean, std = _statistics(splits)
+        if weights is not None:
+            mean, std = weights.mean or mean, weights.std or std
     mean = _fit_channels(list(cfg.mean) if cfg.mean is not None else mean, channels, "dataset.mean")
     std = _fit_channels(list(cfg.std) if cfg.std is not None else std, channels, "dataset.std")
     resize = None
     if splits.size is None:  # varying sizes: resize then centre-crop, keeping the weights' ratio
-        resize = round(size * weights.resize / weights.crop) if weights and weights.crop else size
+        if weights and weights.crop and weights.resize:
+            resize = round(size * weights.resize / weights.crop)
+        else:
+            resize = (weights.resize if weights else None) or size
     return InputSpec(channels=channels, size=size, mean=mean, std=std, resize=resize)
 
 

@@ -46,7 +46,8 @@ def _vit(model: nn.Module) -> list[Stage]:
     return [["conv_proj", "class_token", "encoder.pos_embedding"], *blocks]
 
 
-def _generic(model: nn.Module) -> list[Stage]:
+def generic_stages(model: nn.Module) -> list[Stage]:
+    """Top-level children with parameters, the main feature container expanded into its blocks."""
     stages: list[Stage] = []
     for name, child in model.named_children():
         if name in _EXPAND and isinstance(child, nn.Sequential):
@@ -68,5 +69,5 @@ _FAMILIES = {
 
 def torchvision_stages(name: str, body: nn.Module) -> list[Stage]:
     family = next((f for f in _FAMILIES if name.startswith(f)), None)
-    split = _FAMILIES[family] if family else _generic
+    split = _FAMILIES[family] if family else generic_stages
     return split(body)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -55,3 +57,22 @@ def load_weights_file(model: nn.Module, path: str, name: str) -> list[str]:
         if keys:
             notes.append(f"  {len(keys)} {label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
     return notes
+
+
+PREPROCESS_KEYS = ("resize", "crop", "mean", "std")
+
+
+def weights_sidecar(weights: str) -> dict[str, Any] | None:
+    """The preprocessing a JSON file next to a local weights file states (``<stem>.json`` with any of
+    resize, crop, mean, std at its top level); None when there is none."""
+    if not looks_like_path(weights):
+        return None
+    path = Path(weights).expanduser().with_suffix(".json")
+    if not path.is_file():
+        return None
+    try:
+        stated = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} (the sidecar of backbone.weights={weights!r}) is not valid JSON: {err}.") from None
+    found = {k: stated[k] for k in PREPROCESS_KEYS if isinstance(stated, dict) and stated.get(k) is not None}
+    return found or None

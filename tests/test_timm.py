@@ -1,0 +1,40 @@
+"""timm backbones: preprocessing from pretrained_cfg, local weight files, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from transfer_cli.errors import UserError
+from transfer_cli.models.backbone import build_backbone
+
+timm = pytest.importorskip("timm")
+
+
+def test_a_local_weights_file_loads_and_brings_the_models_preprocessing(tmp_path):
+    source = timm.create_model("resnet18.a1_in1k", pretrained=False, num_classes=0)
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    bb = build_backbone("timm/resnet18.a1_in1k", str(path), 3)
+    assert torch.equal(bb.body.conv1.weight, source.conv1.weight)
+    config = timm.data.resolve_model_data_config(source)
+    assert bb.weights_meta.crop == config["input_size"][-1]
+    assert bb.weights_meta.resize == int(config["input_size"][-1] / config["crop_pct"])
+    assert bb.weights_meta.mean == list(config["mean"]) and bb.feature_dim == 512
+    assert build_backbone("timm/resnet18", "none", 3).weights_meta is None  # random init: data statistics
+
+
+def test_vit_takes_its_fixed_input_size_and_features_have_num_features():
+    bb = build_backbone("timm/vit_tiny_patch16_224", "none", 3)
+    assert bb.fixed_size == 224 and bb.feature_dim == 192
+    assert bb.body(torch.zeros(2, 3, 224, 224)).shape == (2, 192)
+
+
+@pytest.mark.parametrize("name, weights, message", [
+    ("timm/resnet_nonsense", "none", "timm has no model 'resnet_nonsense'. Similar names: resnet"),
+    ("timm/resnet18", "imagenet", "allowed are none, pretrained"),
+])
+def test_unknown_models_and_weights_are_refused_by_name(name, weights, message):
+    with pytest.raises(UserError, match=message):
+        build_backbone(name, weights, 3)
