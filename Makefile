@@ -22,13 +22,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check transfer_cli tests bench
 
-# About 9 minutes on 2 cores; each script writes bench/results/<name>.csv/.md and prints its table.
+# About 8 minutes on 2 cores; each script writes bench/results/<name>.csv/.md and prints its table.
 # loop_ratio needs ../shared/datasets (MNIST, USPS); bench/gpu.sh is the GPU counterpart.
 bench: $(STAMP)
 	cd bench && $(abspath $(BIN))/python startup.py
 	cd bench && $(abspath $(BIN))/python data_path.py
 	cd bench && $(abspath $(BIN))/python loop_ratio.py
-	cd bench && $(abspath $(BIN))/python sweep_parallel.py --epochs 40
+	cd bench && $(abspath $(BIN))/python sweep_parallel.py --epochs 30
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -54,7 +54,7 @@ def usps_folder(root: Path) -> Path:
 
 CASES = {
     "small_cnn / digits (tiny steps: overhead shows)": ["dataset=digits", "backbone=small_cnn", "method=finetune"],
-    "small_cnn / MNIST (6k)": ["dataset=mnist", f"dataset.root={SHARED / 'mnist'}", "dataset.fraction=0.1",
+    "small_cnn / MNIST (3k)": ["dataset=mnist", f"dataset.root={SHARED / 'mnist'}", "dataset.fraction=0.05",
                                "backbone=small_cnn", "method=finetune"],
     "resnet18 at 32 px / digits": ["dataset=digits", "dataset.image_size=32", "backbone=resnet18",
                                    "method=finetune"],
@@ -179,7 +179,7 @@ def main() -> None:
                 rates["minimal"].append(minimal(cfg, args.epochs))
             rows.append({"case": f"train: {name}", "batch": cfg.dataset.batch_size,
                          "ours_img_per_s": max(rates["ours"]), "minimal_img_per_s": max(rates["minimal"])})
-        cfg = compose_cfg(CASES["small_cnn / MNIST (6k)"] + common)
+        cfg = compose_cfg(CASES["small_cnn / MNIST (3k)"] + common)
         rate_ours, rate_minimal = eval_rates(cfg, 2 * args.repeats)
         rows.append({"case": "eval: small_cnn / MNIST test (10k)", "batch": 2 * cfg.dataset.batch_size,
                      "ours_img_per_s": rate_ours, "minimal_img_per_s": rate_minimal})

@@ -19,6 +19,7 @@ CPU = torch.device("cpu")
 # test_every_method_has_test_settings, so no method goes untested.
 METHOD_SETTINGS = {
     "finetune": {"freeze": 1},
+    "lp_ft": {"freeze": 1, "cache": False, "probe_iters": 30},
     "scratch": {},
     "linear_probe": {"solver": "sgd", "cache": False},
     "gradual_unfreeze": {"every_epochs": 1},
@@ -177,3 +178,13 @@ def test_feature_cache_is_invalidated_by_other_preprocessing_or_weights(tmp_path
     calls_other_weights, _ = probe_with_counter(tmp_path, seed=5)  # another random initialisation
     assert calls_other_weights > 0
     assert len(list(tmp_path.glob("*.safetensors"))) == 9
+
+
+def test_lp_ft_starts_fine_tuning_from_a_fitted_probe_head_with_a_slower_backbone():
+    method, loaders = setup("lp_ft", cache=False, probe_iters=50)
+    # the probe head alone already classifies the train features far above chance (10 classes)
+    assert method.describe()["probe_train_acc1"] > 50
+    fresh, _ = setup("finetune")
+    assert not torch.equal(method.model.head[-1].weight, fresh.model.head[-1].weight)
+    rates = {round(g["lr"] / 1e-2, 6) for g in method.param_groups(1e-2, 0.01)}
+    assert rates == {0.1, 1.0}  # backbone stages at 0.1x, the head at 1x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -38,3 +39,21 @@ def test_vit_takes_its_fixed_input_size_and_features_have_num_features():
 def test_unknown_models_and_weights_are_refused_by_name(name, weights, message):
     with pytest.raises(UserError, match=message):
         build_backbone(name, weights, 3)
+
+
+def test_a_timm_run_trains_and_its_checkpoint_evaluates_the_same(transfer, tmp_path):
+    import json
+
+    from conftest import run_folders
+
+    code, _, err = transfer("train", "dataset=digits", "backbone=timm", "backbone.name=timm/resnet18",
+                            "method.freeze=2", "trainer.epochs=2", "trainer.plots=false", "trainer.progress=none")
+    assert code == 0, err
+    run = run_folders(tmp_path)[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["backbone"] == "timm/resnet18" and summary["test"]["acc1"] > 30
+    assert summary["input"]["size"] == 32  # digits are 8 px; timm's resnet takes at least 32
+    code, _, err = transfer("eval", f"checkpoint={run / 'checkpoints' / 'best.safetensors'}")
+    assert code == 0, err
+    evaluated = pd.read_csv(sorted((tmp_path / "outputs").rglob("eval.csv"))[0])
+    assert evaluated["acc1"].iloc[0] == pytest.approx(summary["test"]["acc1"], abs=1e-6)

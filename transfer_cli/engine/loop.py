@@ -138,15 +138,17 @@ def fit(
     return state
 
 
-@torch.no_grad()
 def infer(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: torch.device,
           precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fn`` applied to every batch of ``loader`` (float32 outputs on the CPU) and the batches' labels."""
+    """``fn`` applied to every batch of ``loader`` (float32 outputs on the CPU) and the batches' labels.
+    Inference mode skips autograd's bookkeeping; the results are concatenated outside it, so they are
+    ordinary tensors that training may use (cached features feed a head that learns)."""
     outputs, labels = [], []
-    for x, y in loader:
-        with precision.autocast():
-            outputs.append(fn(to_device(x, device)).float().cpu())
-        labels.append(y)
+    with torch.inference_mode():
+        for x, y in loader:
+            with precision.autocast():
+                outputs.append(fn(to_device(x, device)).float().cpu())
+            labels.append(y.cpu())
     return torch.cat(outputs), torch.cat(labels)
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from transfer_cli.engine.loop import Hook, State
-from transfer_cli.methods.base import METHODS, Method
+from transfer_cli.methods.base import METHODS, DataContext, LoaderFactory, Method
+from transfer_cli.methods.feature_cache import cached_features, weights_digest
+from transfer_cli.methods.probe_scratch import head_lbfgs, lbfgs_head_step
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.optim import add_param_groups
 from transfer_cli.registry import Count, Fraction, NonNegative, Range
@@ -30,6 +34,35 @@ class Finetune(Method):
 
     def describe(self) -> dict:
         return {**super().describe(), "frozen_stages": self.frozen_stages, "stages": len(self.model.stages)}
+
+
+@METHODS.register("lp_ft")
+class LinearProbeThenFinetune(Finetune):
+    """LP-FT (Kumar et al. 2022): the head is first fitted as a linear probe (L2-regularised logistic
+    regression with L-BFGS on the frozen backbone's cached features), then fine-tuning starts from that
+    head, so early gradients do not tear pretrained features apart to fit a random head. The backbone
+    trains at ``backbone_lr_mult`` (0.1 by default) of the head's rate."""
+
+    def __init__(self, model: Classifier, *, freeze: int | Literal["all"], bn: BNMode, label_smoothing: Fraction,
+                 layer_decay: LayerDecay, backbone_lr_mult: NonNegative, probe_l2: NonNegative, probe_iters: Count,
+                 cache: bool, cache_dir: str) -> None:
+        super().__init__(model, freeze=freeze, bn=bn, label_smoothing=label_smoothing, layer_decay=layer_decay,
+                         backbone_lr_mult=backbone_lr_mult)
+        self.probe_l2, self.probe_iters = probe_l2, probe_iters
+        self.cache_dir = Path(cache_dir) if cache else None
+        self.probe: dict[str, float] = {}
+
+    def loaders(self, make: LoaderFactory, context: DataContext) -> dict[str, DataLoader]:
+        features, labels = cached_features(self.model, make("train", False), "train", context.identity, self.cache_dir,
+                                           context.device, context.precision, weights_digest(self.model))
+        features, labels = features.to(context.device), labels.to(context.device)
+        logits, loss = lbfgs_head_step(head_lbfgs(self.model, self.probe_iters), self.model, features, labels,
+                                       self.probe_l2)
+        self.probe = {"probe_train_loss": float(loss), "probe_train_acc1": 100 * float((logits.argmax(1) == labels).float().mean())}
+        return super().loaders(make, context)
+
+    def describe(self) -> dict:
+        return {**super().describe(), **self.probe}
 
 
 class _UnfreezeHook(Hook):

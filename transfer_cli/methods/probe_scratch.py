@@ -15,6 +15,31 @@ from transfer_cli.models.backbone import Classifier
 from transfer_cli.registry import Count, Fraction, NonNegative
 
 
+def head_lbfgs(model: Classifier, max_iter: int) -> torch.optim.LBFGS:
+    return torch.optim.LBFGS(model.head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                             line_search_fn="strong_wolfe")
+
+
+def lbfgs_head_step(lbfgs: torch.optim.LBFGS, model: Classifier, features: torch.Tensor, labels: torch.Tensor,
+                    l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One L-BFGS call (up to its ``max_iter`` iterations) on the L2-regularised logistic loss of the head;
+    returns the head's logits and that loss afterwards."""
+
+    def objective() -> torch.Tensor:
+        return F.cross_entropy(model.head(features), labels) + 0.5 * l2 * model.head_weight_sq_norm()
+
+    def closure() -> torch.Tensor:
+        lbfgs.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        lbfgs.step(closure)
+    with torch.no_grad():
+        return model.head(features), objective()
+
+
 @METHODS.register("linear_probe")
 class LinearProbe(Method):
     """Backbone frozen as a fixed feature extractor (BatchNorm included); only the head trains.
@@ -50,9 +75,6 @@ class LinearProbe(Method):
         self.on_features = True
         return out
 
-    def _head_penalty(self) -> torch.Tensor:
-        return 0.5 * self.l2 * self.model.head_weight_sq_norm()
-
     def training_step(self, batch):
         features, labels = batch
         if self.solver == "sgd":
@@ -60,24 +82,12 @@ class LinearProbe(Method):
             loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
             return {"loss": loss, "logits": logits.detach(), "labels": labels}
         self._ensure_lbfgs()
-
-        def closure() -> torch.Tensor:
-            self.lbfgs.zero_grad()
-            loss = F.cross_entropy(self.model.head(features), labels) + self._head_penalty()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            self.lbfgs.step(closure)
-        with torch.no_grad():
-            logits = self.model.head(features)
-            loss = F.cross_entropy(logits, labels) + self._head_penalty()
+        logits, loss = lbfgs_head_step(self.lbfgs, self.model, features, labels, self.l2)
         return {"loss": loss, "logits": logits, "labels": labels}
 
     def _ensure_lbfgs(self) -> None:
         if not hasattr(self, "lbfgs"):
-            self.lbfgs = torch.optim.LBFGS(self.model.head.parameters(), lr=1.0, max_iter=self.max_iter,
-                                           history_size=20, line_search_fn="strong_wolfe")
+            self.lbfgs = head_lbfgs(self.model, self.max_iter)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.head(x) if self.on_features else self.model(x)
