@@ -1,7 +1,7 @@
 """Start-up time of the commands that only read configs, against `python -c "import hydra"` (the floor:
 every command composes a Hydra config). Medians of alternating runs in fresh interpreters.
 
-    python bench/startup.py [--repeats 5]
+    python bench/startup.py [--repeats 3]
 """
 
 from __future__ import annotations

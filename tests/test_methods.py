@@ -10,6 +10,7 @@ from torch import nn
 from transfer_cli.config import DatasetConfig, HeadConfig
 from transfer_cli.engine.device import Precision
 from transfer_cli.engine.loop import State
+from transfer_cli.errors import UserError
 from transfer_cli.methods.base import METHODS, DataContext
 from transfer_cli.optim import OPTIMIZERS, SCHEDULERS
 from transfer_cli.pipeline import build_data, build_model, make_loader
@@ -188,3 +189,13 @@ def test_lp_ft_starts_fine_tuning_from_a_fitted_probe_head_with_a_slower_backbon
     assert not torch.equal(method.model.head[-1].weight, fresh.model.head[-1].weight)
     rates = {round(g["lr"] / 1e-2, 6) for g in method.param_groups(1e-2, 0.01)}
     assert rates == {0.1, 1.0}  # backbone stages at 0.1x, the head at 1x
+
+
+def test_linear_probe_l2_auto_picks_the_best_validation_strength():
+    method, _ = setup("linear_probe", cache=False, l2="auto")
+    scores = method.describe()["l2_val_acc1"]
+    assert len(scores) == 7 and method.l2 in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    assert scores[f"{method.l2:g}"] == max(scores.values())
+    assert scores["10"] < max(scores.values())  # the strongest penalty underfits: the grid matters
+    with pytest.raises(UserError, match="needs method.solver=lbfgs"):
+        setup("linear_probe", solver="sgd", l2="auto")

@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from transfer_cli.errors import UserError
 from transfer_cli.methods.base import METHODS, DataContext, LoaderFactory, Method
 from transfer_cli.methods.feature_cache import cached_features, weights_digest
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.registry import Count, Fraction, NonNegative
+
+L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def head_lbfgs(model: Classifier, max_iter: int) -> torch.optim.LBFGS:
@@ -48,32 +51,61 @@ class LinearProbe(Method):
     ``cache_dir``; every epoch, and every later run with the same key, trains on the cached tensors.
     ``solver=lbfgs`` fits the head as an L2-regularised logistic regression with full-batch L-BFGS
     (the linear-evaluation protocol of Kornblith et al. 2019); ``solver=sgd`` uses the configured
-    optimizer on mini-batches of features.
+    optimizer on mini-batches of features. ``l2=auto`` picks the L2 strength on validation, as that
+    protocol does, from a log grid.
     """
 
-    def __init__(self, model: Classifier, *, solver: Literal["sgd", "lbfgs"], l2: NonNegative, max_iter: Count,
-                 cache: bool, cache_dir: str, label_smoothing: Fraction) -> None:
+    def __init__(self, model: Classifier, *, solver: Literal["sgd", "lbfgs"], l2: NonNegative | Literal["auto"],
+                 max_iter: Count, cache: bool, cache_dir: str, label_smoothing: Fraction) -> None:
         super().__init__(model, label_smoothing=label_smoothing)
         self.freeze_stages("all")
         self.freeze_norms()
         self.solver, self.l2, self.max_iter = solver, l2, max_iter
+        self.l2_scores: dict[str, float] = {}  # l2=auto: validation top-1 of each candidate
+        if l2 == "auto" and solver != "lbfgs":
+            raise UserError("method.l2=auto chooses the L2 strength of the L-BFGS probe: it needs method.solver=lbfgs "
+                            "(solver=sgd regularises through optimizer.weight_decay instead).")
         self.cache_dir = Path(cache_dir) if cache else None
         self.manual_optimization = solver == "lbfgs"
         self.on_features = False
 
     def loaders(self, make: LoaderFactory, context: DataContext) -> dict[str, DataLoader]:
         digest = weights_digest(self.model)
-        out = {}
+        out, cached = {}, {}
         for split in ("train", "val", "test"):
             plain = make(split, False)  # the linear-evaluation protocol uses no augmentation
-            features, labels = cached_features(self.model, plain, split, context.identity, self.cache_dir,
-                                               context.device, context.precision, digest)
+            cached[split] = cached_features(self.model, plain, split, context.identity, self.cache_dir,
+                                            context.device, context.precision, digest)
             train = split == "train"
-            batch = len(labels) if train and self.solver == "lbfgs" else plain.batch_size
-            out[split] = DataLoader(TensorDataset(features, labels), batch_size=max(batch, 1), shuffle=train,
+            batch = len(cached[split][1]) if train and self.solver == "lbfgs" else plain.batch_size
+            out[split] = DataLoader(TensorDataset(*cached[split]), batch_size=max(batch, 1), shuffle=train,
                                     generator=torch.Generator().manual_seed(0))
+        if self.l2 == "auto":
+            self.l2 = self._choose_l2(cached["train"], cached["val"])
         self.on_features = True
         return out
+
+    def _choose_l2(self, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor]) -> float:
+        """The L2 strength of L2_GRID whose probe is most accurate on validation (ties: the stronger one),
+        each fitted from the same initial head; cheap, because the features are computed once."""
+        if len(val[1]) == 0:
+            raise UserError("method.l2=auto chooses the L2 strength on the validation split, and this run has none "
+                            "(dataset.val_fraction=0): give method.l2 a number, or a validation split.")
+        initial = {k: v.clone() for k, v in self.model.head.state_dict().items()}
+        device = next(self.model.head.parameters()).device
+        (x, y), (vx, vy) = [(f.to(device), t.to(device)) for f, t in (train, val)]
+        for l2 in L2_GRID:
+            self.model.head.load_state_dict(initial)
+            lbfgs_head_step(head_lbfgs(self.model, 100), self.model, x, y, l2)
+            with torch.no_grad():
+                self.l2_scores[f"{l2:g}"] = 100 * float((self.model.head(vx).argmax(1) == vy).float().mean())
+        self.model.head.load_state_dict(initial)
+        best = max(self.l2_scores.values())
+        return max(l2 for l2 in L2_GRID if self.l2_scores[f"{l2:g}"] == best)
+
+    def describe(self) -> dict:
+        chosen = {"l2": self.l2, "l2_val_acc1": self.l2_scores} if self.l2_scores else {}
+        return {**super().describe(), **chosen}
 
     def training_step(self, batch):
         features, labels = batch
