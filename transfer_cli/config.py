@@ -147,9 +147,15 @@ def _unique_suffix() -> str:
 
 
 def register_schemas() -> None:
-    """The schemas, and ``${uid:}``: a random suffix for run folders, resolved once per config (cached like
-    Hydra's ``${now:}``), so two runs started in the same second never share a folder."""
+    """The schemas; ``${uid:}``: a random suffix for run folders, resolved once per config (cached like
+    Hydra's ``${now:}``), so two runs started in the same second never share a folder; ``${slug:x}``."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="eval_schema", node=EvalConfig)
     OmegaConf.register_new_resolver("uid", _unique_suffix, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("slug", _slug, replace=True)
+
+
+def _slug(value: str) -> str:
+    """A name that is one path component: ``timm/resnet18`` -> ``timm-resnet18``."""
+    return str(value).replace("/", "-")

@@ -25,9 +25,11 @@ PRETRAINED = ("pretrained", "DEFAULT")  # backbone.weights values that ask timm 
 def _create(model_name: str, pretrained: bool) -> nn.Module:
     import timm  # here: importing timm costs a second that runs without it should not pay
 
-    if not timm.is_model(model_name.split(".")[0]):
-        close = timm.list_models(f"*{model_name.split('.')[0].split('_')[0]}*")[:12]
-        raise UserError(f"backbone.name={PREFIX}{model_name}: timm has no model {model_name.split('.')[0]!r}. "
+    architecture = model_name.split(".")[0]
+    if not timm.is_model(architecture):
+        family = architecture.split("_")[0]
+        close = (timm.list_models(f"{family}*") or timm.list_models(f"*{family}*"))[:12]
+        raise UserError(f"backbone.name={PREFIX}{model_name}: timm has no model {architecture!r}. "
                         f"Similar names: {', '.join(close) or 'none'} (timm.list_models() lists all).")
     try:
         return timm.create_model(model_name, pretrained=pretrained, num_classes=0)
@@ -76,7 +78,9 @@ def build_timm(model_name: str, weights: str = "none") -> Backbone:
     patch = getattr(model, "patch_embed", None)
     fixed = getattr(patch, "img_size", None) if patch is not None and not getattr(patch, "dynamic_img_size", False) else None
     return Backbone(
-        name=f"{PREFIX}{model_name}", body=model, feature_dim=int(model.num_features),
+        # head_hidden_size: what a headless model outputs when a pre-logits layer follows the trunk (MobileNetV3)
+        name=f"{PREFIX}{model_name}", body=model,
+        feature_dim=int(getattr(model, "head_hidden_size", None) or model.num_features),
         stages=complete_stages(model, timm_stages(model)), channels=3, min_size=32,
         fixed_size=int(fixed[0]) if fixed else None,
         weights_meta=_meta(model) if weights != "none" else None, notes=notes,
