@@ -28,7 +28,7 @@ bench: $(STAMP)
 	cd bench && $(abspath $(BIN))/python startup.py
 	cd bench && $(abspath $(BIN))/python data_path.py
 	cd bench && $(abspath $(BIN))/python loop_ratio.py
-	cd bench && $(abspath $(BIN))/python sweep_parallel.py --epochs 30
+	cd bench && $(abspath $(BIN))/python sweep_parallel.py --epochs 40
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
