@@ -21,6 +21,7 @@ CPU = torch.device("cpu")
 METHOD_SETTINGS = {
     "finetune": {"freeze": 1},
     "lp_ft": {"freeze": 1, "cache": False, "probe_iters": 30},
+    "bitfit": {},
     "scratch": {},
     "linear_probe": {"solver": "sgd", "cache": False},
     "gradual_unfreeze": {"every_epochs": 1},
@@ -199,3 +200,12 @@ def test_linear_probe_l2_auto_picks_the_best_validation_strength():
     assert scores["10"] < max(scores.values())  # the strongest penalty underfits: the grid matters
     with pytest.raises(UserError, match="needs method.solver=lbfgs"):
         setup("linear_probe", solver="sgd", l2="auto")
+
+
+def test_bitfit_trains_only_biases_and_the_head():
+    method, loaders = setup("bitfit")
+    trainable = [n for n, p in method.model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("head.") or n.endswith("bias") for n in trainable)
+    assert any(n.startswith("body.") for n in trainable)
+    share = method.describe()["params_trainable"] / method.describe()["params_total"]
+    assert share < 0.2

@@ -65,6 +65,22 @@ class LinearProbeThenFinetune(Finetune):
         return {**super().describe(), **self.probe}
 
 
+@METHODS.register("bitfit")
+class BitFit(Method):
+    """BitFit (Ben Zaken et al. 2022): only the body's bias terms (BatchNorm/LayerNorm shifts included)
+    and the head train; every weight matrix and scale keeps its pretrained value. ``bn``: as finetune,
+    for the running statistics (auto: fixed for folded-BN weights)."""
+
+    def __init__(self, model: Classifier, *, bn: BNMode, label_smoothing: Fraction) -> None:
+        super().__init__(model, label_smoothing)
+        for name, param in model.body.named_parameters():
+            param.requires_grad_(name.endswith("bias"))
+        self.apply_bn_mode(bn)
+        for norm in self.frozen_norms:  # fixed statistics, but the shift is one of the biases that train
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.requires_grad_(True)
+
+
 class _UnfreezeHook(Hook):
     def __init__(self, method: GradualUnfreeze) -> None:
         self.method = method
