@@ -171,3 +171,13 @@ def test_files_that_decoded_are_not_checked_again_until_they_change(photos, tmp_
     broken.write_bytes(broken.read_bytes()[:200])  # truncated: size and mtime change
     again = build_data(cfg)
     assert checked == [broken] and again.skipped == 1 and len(again.val) == len(first.val) - 1
+
+
+def test_a_corrupt_decoded_cache_or_check_record_is_rebuilt_not_trusted(photos, tmp_path):
+    _, held = _held(photos, tmp_path / "cache")
+    for stored in (tmp_path / "cache").iterdir():
+        stored.write_bytes(b"garbage")  # a disk error or a killed copy
+    messages: list[str] = []
+    splits, again = _held(photos, tmp_path / "cache", messages)
+    assert "decoded once" in messages[0] and len(again.train) == len(splits.train)
+    assert torch.equal(again.train.images, held.train.images)

@@ -177,7 +177,9 @@ BAD = ["trainer.grad_clip=-1", "trainer.steps=-5", "dataset.image_size=0", "opti
        "optimizer.weight_decay=-1", "dataset.num_workers=-1", "head.dropout=1.5", "dataset.test_fraction=1",
        "dataset.test_fraction=0", "+trainer.epocs=5", "trainer.epochs=0", "optimizer.lr=nan",
        "optimizer=sgd optimizer.momentum=1.5", "scheduler=cosine scheduler.min_lr_ratio=2", "method.label_smoothing=1",
-       "dataset.val_fraction=0.5 dataset.test_fraction=0.5", "+dataset.colour=red"]
+       "dataset.val_fraction=0.5 dataset.test_fraction=0.5", "+dataset.colour=red", "dataset.in_memory=maybe",
+       "dataset.num_workers=two", "backbone.preprocess.crop=0", "backbone.preprocess.resize=-256",
+       "backbone.preprocess.std=[0.2,0,0.2]", "method=linear_probe method.l2=-1", "method=lp_ft method.probe_iters=0"]
 
 
 @pytest.mark.parametrize("override", BAD)

@@ -38,9 +38,16 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "dataset.shots": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
     "dataset.std": (lambda v: v is None or all(math.isfinite(s) and s > 0 for s in v), "null or numbers > 0"),
     "dataset.mean": (lambda v: v is None or all(math.isfinite(m) for m in v), "null or finite numbers"),
+    "backbone.preprocess.resize": (lambda v: v is None or v >= 1, "null or an integer >= 1 (pixels)"),
+    "backbone.preprocess.crop": (lambda v: v is None or v >= 1, "null or an integer >= 1 (pixels)"),
+    "backbone.preprocess.std": (lambda v: v is None or all(math.isfinite(s) and s > 0 for s in v), "null or numbers > 0"),
+    "backbone.preprocess.mean": (lambda v: v is None or all(math.isfinite(m) for m in v), "null or finite numbers"),
     "head.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "head.hidden": (lambda v: all(w >= 1 for w in v), "a list of layer widths >= 1"),
 }
+
+
+_ABSENT = object()
 
 
 def check_choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
@@ -68,11 +75,10 @@ def check_known_keys(cfg: DictConfig, path: str = "") -> None:
 def _check_ranges(cfg: DictConfig, prefix: str = "") -> None:
     """The ``_RANGES`` keys found in ``cfg`` (the run config, or its ``prefix`` block such as ``source.``)."""
     for key, (ok, allowed) in _RANGES.items():
-        group, _, leaf = key.partition(".")
-        node = cfg.get(group)
-        if not isinstance(node, DictConfig) or leaf not in node:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
             continue
-        value = OmegaConf.to_object(node[leaf]) if OmegaConf.is_config(node[leaf]) else node[leaf]
+        value = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
         try:
             good = bool(ok(value))
         except TypeError:

@@ -98,8 +98,11 @@ def decoded_copy(dataset: Dataset, spec: InputSpec, cache_dir: Path | None) -> t
         return DecodedImages(decode(dataset, side, spec.size), labels, dataset), False
     path = cache_path(dataset, spec, cache_dir)
     if path.is_file():
-        images = load_file(str(path))["images"]
-        if images.shape == (len(dataset), 3, side, side):
+        try:
+            images = load_file(str(path))["images"]
+        except Exception:  # noqa: BLE001 - an unreadable cache file is decoded again, never trusted
+            images = None
+        if images is not None and images.shape == (len(dataset), 3, side, side):
             return DecodedImages(images, labels, dataset), True
     images = decode(dataset, side, spec.size)
     atomic_write(path, lambda tmp: save_file({"images": images}, str(tmp)))

@@ -42,7 +42,11 @@ def _fact(path: Path) -> list[int]:
 def check_images(paths: list[Path], record: Path | None) -> list[str | None]:
     """``check_image`` of every path, in threads. ``record`` (a JSON file) remembers the size and mtime of
     the files that decoded: those are not decoded again while both stay the same."""
-    known = json.loads(record.read_text()) if record is not None and record.is_file() else {}
+    try:
+        known = json.loads(record.read_text()) if record is not None and record.is_file() else {}
+    except (OSError, ValueError):  # an unreadable record only means every file is checked again
+        known = {}
+    known = known if isinstance(known, dict) else {}
     facts = [_fact(path) for path in paths]
     todo = [i for i, (path, fact) in enumerate(zip(paths, facts, strict=True)) if known.get(str(path)) != fact]
     problems: list[str | None] = [None] * len(paths)
