@@ -28,7 +28,8 @@ from rich.console import Console
 
 from transfer_cli.cli import conf_dir
 from transfer_cli.config import register_schemas
-from transfer_cli.data.decoded import hold_in_memory
+from transfer_cli.data.augment import BatchAugment
+from transfer_cli.data.decoded import DecodedImages, hold_in_memory
 from transfer_cli.data.splits import tensor_view
 from transfer_cli.engine.device import Precision, resolve_device
 from transfer_cli.engine.loop import evaluate
@@ -90,7 +91,8 @@ def minimal(cfg: DictConfig, epochs: int) -> float:
     if cfg.trainer.compile:
         method.model.compile()
     images, labels = (t.to(device) for t in _tensors(splits.train))
-    crop = CentreCrop(model.spec.size)
+    decoded = isinstance(tensor_view(splits.train)[0], DecodedImages)
+    crop = BatchAugment("none", model.spec.size, decoded=decoded)  # decoded photos: centre crop to the input
     if cfg.target:
         target_splits = hold_in_memory(build_data(cfg.target.dataset), model.spec, cfg.target.dataset, print)
         target = _tensors(target_splits.train)[0].to(device)
@@ -116,19 +118,6 @@ def minimal(cfg: DictConfig, epochs: int) -> float:
             torch.cuda.synchronize()
         rates.append(steps * batch / (time.perf_counter() - start))
     return max(rates[1:] or rates)
-
-
-class CentreCrop:
-    """Photos decoded at the resize size are cut to the model's input; fixed-size data passes as it is."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] <= self.size:
-            return x
-        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
-        return x[..., top:top + self.size, left:left + self.size]
 
 
 def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ from transfer_cli.config import DatasetConfig
 from transfer_cli.data.augment import centre_anchor
 from transfer_cli.data.batches import usable_cores
 from transfer_cli.data.identity import base_digest
-from transfer_cli.data.splits import DataSplits, TensorImages, targets_of
+from transfer_cli.data.splits import DataSplits, TensorImages, base_of, targets_of
 from transfer_cli.data.transforms import InputSpec
 from transfer_cli.files import atomic_write
 
@@ -46,12 +46,6 @@ class DecodedImages(TensorImages):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, source: Dataset) -> None:
         super().__init__(images, labels)
         self.source = source
-
-
-def _base(dataset: Dataset) -> Dataset:
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return dataset
 
 
 def _with_base(dataset: Dataset, replace: Callable[[Dataset], Dataset]) -> Dataset:
@@ -112,7 +106,7 @@ def decoded_copy(dataset: Dataset, spec: InputSpec, cache_dir: Path | None) -> t
 def hold_in_memory(splits: DataSplits, spec: InputSpec, cfg: DatasetConfig, log: Callable[[str], None]) -> DataSplits:
     """``splits`` with its image files replaced by their decoded copies when ``dataset.in_memory`` says so."""
     mode = str(cfg.in_memory).lower()
-    bases = {id(b): b for b in map(_base, (splits.train, splits.val, splits.test)) if not isinstance(b, TensorImages)}
+    bases = {id(b): b for b in map(base_of, (splits.train, splits.val, splits.test)) if not isinstance(b, TensorImages)}
     if splits.size is not None or mode == "false" or not bases:
         return splits
     side = _side(spec)

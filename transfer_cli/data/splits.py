@@ -60,16 +60,24 @@ def targets_of(dataset: Dataset) -> np.ndarray:
     return np.asarray([label for _, label in dataset])
 
 
+def base_of(dataset: Dataset) -> Dataset:
+    """The dataset at the bottom of a chain of subsets (class subsets, few-shot draws, carved splits)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
 def tensor_view(dataset: Dataset) -> tuple[TensorImages, torch.Tensor, torch.Tensor] | None:
     """(in-memory base, its row of every sample, every sample's label) for a ``TensorImages`` seen through
     any chain of subsets (class subsets, few-shot draws, carved splits); None for other datasets."""
-    base, rows = dataset, None
-    while isinstance(base, Subset):
-        picked = torch.as_tensor(base.indices, dtype=torch.long)
-        rows = picked if rows is None else picked[rows]
-        base = base.dataset
+    base = base_of(dataset)
     if not isinstance(base, TensorImages):
         return None
+    rows, outer = None, dataset
+    while isinstance(outer, Subset):
+        picked = torch.as_tensor(outer.indices, dtype=torch.long)
+        rows = picked if rows is None else picked[rows]
+        outer = outer.dataset
     rows = torch.arange(len(base)) if rows is None else rows
     return base, rows, torch.as_tensor(targets_of(dataset), dtype=torch.long)
 
