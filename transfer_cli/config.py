@@ -86,6 +86,8 @@ class TrainerConfig:
     save_every_s: float = 60.0  # checkpoint cadence: after the first epoch, then at most this often, and at the end
     plots: bool = True
     resume: str = "none"  # none | auto (the newest unfinished run with this config) | PATH of a run folder
+    ema_decay: float | None = None  # evaluate and checkpoint an EMA of the weights (e.g. 0.999); null: off
+    swa_start: int | None = None  # SWA: average the weights of every epoch from this one (1-based); null: off
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ from transfer_cli.data.decoded import hold_in_memory
 from transfer_cli.data.identity import data_identity
 from transfer_cli.engine import train_state
 from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
-from transfer_cli.engine.hooks import Checkpointer, EvalHook
+from transfer_cli.engine.averaging import WeightAverage
+from transfer_cli.engine.hooks import Checkpointer, EvalHook, training_weights
 from transfer_cli.engine.loop import Diverged, State, evaluate, fit
 from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write_text, remove_orphan_tmp
-from transfer_cli.methods.base import METHODS, DataContext
+from transfer_cli.methods.base import METHODS, DataContext, Method
 from transfer_cli.models.checkpoint import save_model
 from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader
 from transfer_cli.reporting.plots import plot_curves
@@ -127,28 +129,32 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     def save(path: Path, weights: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:
         save_model(path, weights, model.recipe, **facts)
 
+    averaging = _weight_average(cfg, method, make, device, precision)
+    weights = averaging.applied if averaging else training_weights
+
     has_val = len(splits.val) > 0
     if not has_val:
         console.print("no validation split (dataset.val_fraction=0): the last epoch's weights are kept and tested.")
     checkpoints = run_dir / "checkpoints"
 
     def save_train_state(state: State) -> None:
-        train_state.save(checkpoints, train_state.capture(state, loaders["train"], precision.scaler, data))
+        train_state.save(checkpoints, train_state.capture(state, loaders["train"], precision.scaler, data, averaging))
 
     checkpointer = Checkpointer(checkpoints, save, describe_epoch, save_every_s=cfg.trainer.save_every_s,
-                                after_write=save_train_state)
+                                after_write=save_train_state, weights=weights)
     state = State(method, optimizer, scheduler, epochs, steps_per_epoch)
     if payload is not None:
-        train_state.restore(state, payload, loaders["train"], precision.scaler)
+        train_state.restore(state, payload, loaders["train"], precision.scaler, averaging)
         checkpointer.best_state = load_file(str(checkpoints / "best.safetensors"))
         console.print(f"resuming {run_dir} at epoch {state.epoch + 1}/{epochs} (optimizer step {state.step})",
                       highlight=False)
     elif source:  # the source model's own learning curve opens the run's table
         state.history.extend(source.history)
     hooks = [
-        *([EvalHook(loaders["val"], device, precision, "val")] if has_val else []),
+        *([averaging] if averaging else []),  # first: the average includes this epoch before it is evaluated
+        *([EvalHook(loaders["val"], device, precision, "val", weights)] if has_val else []),
         # Target labels are only ever used here, to measure; the best checkpoint is chosen on source val.
-        *([EvalHook(make_target("test", False), device, precision, "target_test")] if target else []),
+        *([EvalHook(make_target("test", False), device, precision, "target_test", weights)] if target else []),
         MetricsWriter(run_dir / "metrics.csv"),
         *method.hooks(),  # before the checkpointer: the saved state includes what they change (unfrozen stages)
         checkpointer,
@@ -161,7 +167,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         raise
 
     # Report the test split once, with the weights that were best on validation.
-    method.model.load_state_dict(checkpointer.best_state)
+    method.load_plain_state(checkpointer.best_state)
     test = evaluate(method, loaders["test"], device, precision)
     state.history.append({"epoch": state.best["epoch"], "split": "test", **test})
     metrics = metrics_frame(state.history)
@@ -191,6 +197,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         "test": test,
         "final": dict(state.epoch_metrics),
         **method.describe(),  # after training: gradual unfreezing changes what trains
+        **(averaging.describe() if averaging else {}),
         "wall_time_s": time.perf_counter() - started,
         "device": str(device),
         "precision": precision.name,
@@ -200,6 +207,20 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     write_summary(run_dir, summary, {"Result": table, "Metrics per epoch": metrics})
     console.print(rich_record(table.iloc[0].to_dict(), title=f"{cfg.name}  ->  {run_dir}"), soft_wrap=True)
     return summary
+
+
+def _weight_average(cfg: DictConfig, method: Method, make: Callable[[str, bool], DataLoader], device: torch.device,
+                    precision: Precision) -> WeightAverage | None:
+    """The EMA / SWA hook the trainer settings ask for, or None."""
+    ema, swa = cfg.trainer.ema_decay, cfg.trainer.swa_start
+    if ema is None and swa is None:
+        return None
+    if method.manual_optimization:
+        raise UserError(f"trainer.ema_decay={ema} / trainer.swa_start={swa} average the weights along a "
+                        f"gradient-descent path, but method={cfg.method.name} fits its weights in one solve "
+                        "(solver=lbfgs): there is nothing to average. Set them to null, or use solver=sgd.")
+    bn_loader = make("train", False) if swa is not None else None  # plain train images, as test time sees them
+    return WeightAverage(method.model, ema, swa, bn_loader, device, precision, method.frozen_norms)
 
 
 def _same_data(run_dir: Path, cfg: DictConfig) -> bool:

@@ -26,6 +26,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "trainer.threads": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
     "trainer.log_every": (lambda v: v >= 1, "an integer >= 1"),
     "trainer.save_every_s": (lambda v: math.isfinite(v) and v >= 0, "a number of seconds >= 0"),
+    "trainer.ema_decay": (lambda v: v is None or 0 < v < 1, "null (off) or a decay in (0, 1), e.g. 0.999"),
+    "trainer.swa_start": (lambda v: v is None or v >= 1, "null (off) or the 1-based epoch where averaging starts"),
     "dataset.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "dataset.eval_batch_size": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
     "dataset.num_workers": (lambda v: v == "auto" or v.isdigit(), "auto (cores - 1) or an integer >= 0"),
@@ -114,8 +116,19 @@ def validate(cfg: DictConfig) -> None:
         SCHEDULERS.check(cfg.source.scheduler, provided=("optimizer", "total_steps", "steps_per_epoch"))
     BACKBONES.get(cfg.backbone.name)
     METHODS.check(cfg.method, provided=("model",))
+    _check_weight_average(cfg)
     if METHODS.get(cfg.method.name).needs_target_data and cfg.target is None:
         raise UserError(f"method={cfg.method.name} adapts to an unlabelled target domain: add target=NAME "
                         "(e.g. target=usps) or use an experiment such as experiment=mnist_usps.")
     OPTIMIZERS.check(cfg.optimizer, provided=("params",))
     SCHEDULERS.check(cfg.scheduler, provided=("optimizer", "total_steps", "steps_per_epoch"))
+
+
+def _check_weight_average(cfg: DictConfig) -> None:
+    ema, swa = cfg.trainer.ema_decay, cfg.trainer.swa_start
+    if ema is not None and swa is not None:
+        raise UserError(f"trainer.ema_decay={ema} and trainer.swa_start={swa} are both set: choose one way of "
+                        "averaging the weights (set the other to null).")
+    if swa is not None and not cfg.trainer.steps and swa > cfg.trainer.epochs:
+        raise bad_value("trainer.swa_start", swa, f"an epoch in 1..trainer.epochs={cfg.trainer.epochs}: a later "
+                        "start averages nothing")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,26 @@ from transfer_cli.engine.loop import Hook, State, evaluate
 SaveWeights = Callable[[Path, dict[str, torch.Tensor], dict[str, Any]], None]
 
 
-class EvalHook(Hook):
-    """Evaluates a held-out split after every epoch."""
+# State -> a context in which the method's model holds the weights to evaluate and checkpoint
+# (e.g. the averaged weights of EMA or SWA); nullcontext when they are the weights training.
+Weights = Callable[[State], AbstractContextManager]
 
-    def __init__(self, loader: Iterable, device: torch.device, precision: Precision, split: str = "val") -> None:
+
+def training_weights(state: State) -> AbstractContextManager:
+    return nullcontext()
+
+
+class EvalHook(Hook):
+    """Evaluates a held-out split after every epoch, with the weights ``weights`` puts in place."""
+
+    def __init__(self, loader: Iterable, device: torch.device, precision: Precision, split: str = "val",
+                 weights: Weights = training_weights) -> None:
         self.loader, self.device, self.precision, self.split = loader, device, precision, split
+        self.weights = weights
 
     def after_epoch(self, state: State) -> None:
-        state.epoch_metrics[self.split] = evaluate(state.method, self.loader, self.device, self.precision)
+        with self.weights(state):
+            state.epoch_metrics[self.split] = evaluate(state.method, self.loader, self.device, self.precision)
 
 
 class Checkpointer(Hook):
@@ -36,8 +49,8 @@ class Checkpointer(Hook):
 
     def __init__(self, folder: Path, save: SaveWeights, describe: Callable[[State], dict[str, Any]],
                  split: str = "val", metric: str = "acc1", save_every_s: float = 60.0,
-                 after_write: Callable[[State], None] | None = None) -> None:
-        self.folder, self.save, self.describe = folder, save, describe
+                 after_write: Callable[[State], None] | None = None, weights: Weights = training_weights) -> None:
+        self.folder, self.save, self.describe, self.weights = folder, save, describe, weights
         self.split, self.metric, self.save_every_s = split, metric, save_every_s
         self.after_write = after_write
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -51,7 +64,7 @@ class Checkpointer(Hook):
         if not state.best or value > state.best["value"] or not monitored:
             state.best = {"epoch": state.epoch + 1, "split": self.split if monitored else "last",
                           "metric": self.metric if monitored else "epoch", "value": value}
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.method.model.state_dict().items()}
+            self.best_state = self.checkpoint_weights(state)
             self.best_facts, self.best_written = self.describe(state), False
         if time.monotonic() - self.last_write >= self.save_every_s:
             self.write(state)
@@ -59,11 +72,16 @@ class Checkpointer(Hook):
     def after_fit(self, state: State) -> None:
         self.write(state)
 
+    def checkpoint_weights(self, state: State) -> dict[str, torch.Tensor]:
+        """CPU copies of what a checkpoint holds: the plain Classifier's weights (see Method.plain_state)."""
+        with self.weights(state):
+            return state.method.plain_state()
+
     def write(self, state: State) -> None:
         if not self.best_written:
             self.save(self.folder / "best.safetensors", self.best_state, self.best_facts)
             self.best_written = True
-        self.save(self.folder / "last.safetensors", state.method.model.state_dict(), self.describe(state))
+        self.save(self.folder / "last.safetensors", self.checkpoint_weights(state), self.describe(state))
         if self.after_write:
             self.after_write(state)
         self.last_write = time.monotonic()

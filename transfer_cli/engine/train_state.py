@@ -61,10 +61,11 @@ def load_loader_state(loader: Any, saved: dict[str, Any]) -> None:
         loader.generator.set_state(saved["generator"])
 
 
-def capture(state: State, loader: Any, scaler: Any, data: str) -> dict[str, Any]:
+def capture(state: State, loader: Any, scaler: Any, data: str, averaging: Any = None) -> dict[str, Any]:
     """The state after the epoch ``state.epoch`` finished. The best weights are not in it: the checkpointer
     writes best.safetensors just before, and a resumed run reads them from there. ``data`` is the data's
-    identity (data/identity.py), so a run never resumes on changed data."""
+    identity (data/identity.py), so a run never resumes on changed data. ``averaging``: the EMA / SWA hook,
+    whose average is part of the state (the weights saved are the training weights, not the average)."""
     return {
         "version": VERSION,
         "data": data,
@@ -80,6 +81,7 @@ def capture(state: State, loader: Any, scaler: Any, data: str) -> dict[str, Any]
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "loader": loader_state(loader),
         "rng": rng_states(),
+        "averaging": averaging.state_dict() if averaging is not None else None,
     }
 
 
@@ -91,8 +93,12 @@ def load(folder: Path) -> dict[str, Any]:
     return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def restore(state: State, payload: dict[str, Any], loader: Any, scaler: Any) -> None:
+def restore(state: State, payload: dict[str, Any], loader: Any, scaler: Any, averaging: Any = None) -> None:
     """Put ``payload`` back into a freshly built run."""
+    if (averaging is None) != (payload.get("averaging") is None):
+        raise ValueError("the saved run and this one differ in trainer.ema_decay / trainer.swa_start")
+    if averaging is not None:
+        averaging.load_state_dict(payload["averaging"])
     state.method.load_extra_state(payload["method_extra"], state)  # first: it may add optimizer groups
     state.method.load_state_dict(payload["method"])
     if state.optimizer is not None:

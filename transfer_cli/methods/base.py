@@ -146,6 +146,15 @@ class Method(nn.Module):
     def hooks(self) -> list:
         return []
 
+    def plain_state(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """CPU copies of the weights of ``model`` (default: the model training) as the plain Classifier
+        holds them: what checkpoints store. Methods that change the model's structure (LoRA) convert here."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in (model or self.model).state_dict().items()}
+
+    def load_plain_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put checkpoint weights (``plain_state``'s form) back into the model training."""
+        self.model.load_state_dict(state)
+
     def extra_state(self) -> dict[str, Any]:
         """What a resumed run needs besides the parameters and buffers (tensors, numbers, lists, dicts)."""
         return {}
