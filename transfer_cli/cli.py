@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
+from rich.markup import escape
 
 from transfer_cli.config import register_schemas
 from transfer_cli.config_errors import composition_message
@@ -188,7 +189,7 @@ def _sweep_resume(args: list[str]) -> list[str]:
 
 
 def _report(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # [a, b] is text
 
 
 def _exit_on_failed_jobs(status_file: Path) -> None:

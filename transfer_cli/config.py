@@ -128,8 +128,15 @@ class Config:
 
 @dataclass
 class EnsembleConfig:
-    name: str = MISSING  # a fusion rule registered in evaluate.FUSIONS (conf/ensemble/*.yaml)
+    name: str = MISSING  # a fusion rule registered in evaluate.ENSEMBLES (conf/ensemble/*.yaml)
     weights: list[float] | None = None  # weighted: one weight per checkpoint
+
+
+@dataclass
+class FusionConfig:
+    name: str = "none"  # none | wise | soup | greedy_soup (models/fusion.py's WEIGHT_FUSIONS)
+    alphas: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])  # wise only
+    recompute_bn: bool = True  # measure BatchNorm statistics that differ between members again on train data
 
 
 @dataclass
@@ -142,6 +149,7 @@ class EvalConfig:
     precision: str = "32"
     batch_size: int = 256
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
 
 def _unique_suffix() -> str:

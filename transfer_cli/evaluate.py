@@ -16,21 +16,24 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 
 from transfer_cli.config import DatasetConfig
 from transfer_cli.data.decoded import hold_in_memory
+from transfer_cli.engine.averaging import recompute_norm_statistics
 from transfer_cli.engine.device import Precision, resolve_device
 from transfer_cli.engine.loop import infer
 from transfer_cli.engine.metrics import logit_metrics
 from transfer_cli.errors import UserError, bad_value
 from transfer_cli.models.backbone import Classifier
-from transfer_cli.models.checkpoint import load_model
+from transfer_cli.models.checkpoint import load_model, save_model
+from transfer_cli.models.fusion import WEIGHT_FUSIONS
 from transfer_cli.models.recipe import ModelRecipe
 from transfer_cli.pipeline import build_data, make_loader
 from transfer_cli.registry import Registry
-from transfer_cli.reporting.plots import plot_confusion
+from transfer_cli.reporting.plots import plot_confusion, plot_wise
 from transfer_cli.reporting.tables import rich_table, write_table
 
 SPLITS = ("train", "val", "test")
-# name -> fuse(member log-probabilities [M, N, C], weights or None) -> ensemble log-probabilities [N, C]
-FUSIONS = Registry("ensemble")
+# name -> fuse(member log-probabilities [M, N, C], weights or None) -> ensemble log-probabilities [N, C].
+# Prediction ensembles; weight-space fusion (one model out) is models/fusion.py's WEIGHT_FUSIONS.
+ENSEMBLES = Registry("ensemble")
 
 
 @dataclass
@@ -60,20 +63,20 @@ def _dataset_config(cfg: DictConfig, meta: dict[str, Any], path: str) -> Dataset
     return OmegaConf.to_object(OmegaConf.merge(schema, stored))
 
 
-@FUSIONS.register("mean")
+@ENSEMBLES.register("mean")
 def mean_probability(log_probs: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
     """Average of the members' softmax probabilities."""
     return log_probs.exp().mean(0).log()
 
 
-@FUSIONS.register("weighted")
+@ENSEMBLES.register("weighted")
 def weighted_probability(log_probs: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
     """Weighted average of softmax probabilities; weights are non-negative and normalised to sum 1."""
     w = torch.tensor(weights, dtype=torch.float)
     return (log_probs.exp() * (w / w.sum()).view(-1, 1, 1)).sum(0).log()
 
 
-@FUSIONS.register("vote")
+@ENSEMBLES.register("vote")
 def majority_vote(log_probs: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
     """Majority of top-1 predictions; ties go to the higher mean probability."""
     probs = log_probs.exp()
@@ -90,7 +93,7 @@ def _scores(log_probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -
 def check_ensemble(cfg: DictConfig, count: int) -> list[float] | None:
     """The member weights as floats, after checking that the fusion rule exists and, for ``weighted``, that
     there is one non-negative weight per member with a positive sum."""
-    FUSIONS.get(cfg.ensemble.name)
+    ENSEMBLES.get(cfg.ensemble.name)
     weights = None if cfg.ensemble.weights is None else [float(w) for w in cfg.ensemble.weights]
     if cfg.ensemble.name != "weighted" or count < 2:
         return weights
@@ -127,12 +130,47 @@ def class_order(model_classes: list[str], data_classes: list[str], dataset: str,
     )
 
 
+def checkpoint_paths(value: Any) -> list[str]:
+    """``checkpoint=``: a file, a list, or a folder (a sweep's or a run's): every
+    ``checkpoints/best.safetensors`` under it, in path order."""
+    paths = [str(value)] if isinstance(value, str) else [str(p) for p in value]
+    found = []
+    for path in paths:
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            found.append(path)
+            continue
+        best = sorted(str(p) for p in folder.rglob("checkpoints/best.safetensors"))
+        if not best:
+            raise UserError(f"checkpoint={path!r} is a folder without any checkpoints/best.safetensors below it. "
+                            "Pass a .safetensors file, a list of them, or a run or sweep folder.")
+        found += best
+    return found
+
+
+def member_labels(members: list[Member]) -> list[str]:
+    """Short names for tables: method and seed from each sidecar's run config, else the run folder."""
+    labels = []
+    for m in members:
+        config = m.meta.get("config") if isinstance(m.meta.get("config"), dict) else {}
+        method = (config.get("method") or {}).get("name") if isinstance(config.get("method"), dict) else None
+        labels.append(f"{method} seed={config.get('seed')}" if method else "/".join(Path(m.path).parts[-4:-2]))
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
+    return labels
+
+
 def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
     if cfg.split not in SPLITS:
         raise bad_value("split", cfg.split, SPLITS)
-    paths = [str(cfg.checkpoint)] if isinstance(cfg.checkpoint, str) else [str(p) for p in cfg.checkpoint]
-    weights = check_ensemble(cfg, len(paths))
+    paths = checkpoint_paths(cfg.checkpoint)
+    fusion = cfg.fusion.name
+    if fusion != "none":
+        WEIGHT_FUSIONS.get(fusion)
+        alphas = check_fusion(cfg, len(paths))
+    else:
+        weights = check_ensemble(cfg, len(paths))
     members = [load_member(p) for p in paths]
     _check_members(members)
     data_cfg = _dataset_config(cfg, members[0].meta, paths[0])
@@ -140,29 +178,130 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     order = class_order(members[0].recipe.classes, splits.classes, data_cfg.name, paths[0])
     if order is not None:
         console.print("the dataset lists the model's classes in another order: predictions are matched by name.")
-    classes = splits.classes  # from here on, columns follow the dataset's labels
     device = resolve_device(cfg.device)
     precision = Precision(str(cfg.precision), device)
 
-    log_probs, rows = [], []
-    for member in members:  # each member sees the data through its own preprocessing
-        held = hold_in_memory(splits, member.model.spec, data_cfg, lambda message: console.print(message, highlight=False, soft_wrap=True))
-        loader = make_loader(held.split(cfg.split), member.model.spec, data_cfg, False, device,
-                             batch_size=cfg.batch_size)
-        logits, labels = infer(member.model.to(device).eval(), loader, device, precision)
-        if order is not None:
-            logits = logits[:, order]
-        log_probs.append(logits.log_softmax(1))
-        rows.append({"model": member.path, "backbone": member.recipe.backbone, **_scores(log_probs[-1], labels, classes)})
-    if len(members) > 1:
-        fused = FUSIONS.get(cfg.ensemble.name)(torch.stack(log_probs), weights)
-        scores = _scores(fused, labels, classes)
-        if cfg.ensemble.name == "vote":
-            scores["loss"] = float("nan")  # votes are not probabilities
-        rows.append({"model": f"ensemble ({cfg.ensemble.name})", "backbone": "+".join(m.recipe.backbone for m in members),
-                     **scores})
-    final = log_probs[0] if len(members) == 1 else fused
+    def log(message: str) -> None:
+        console.print(message, highlight=False, soft_wrap=True)
 
+    def predict(model: Classifier, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, labels = infer(model.to(device).eval(), loader, device, precision)
+        return (logits if order is None else logits[:, order]).log_softmax(1), labels
+
+    if fusion != "none":
+        table, final, labels = _fuse(cfg, members, splits, data_cfg, alphas, predict, device, precision, out_dir, log)
+        title = f"{fusion} on {data_cfg.name} {cfg.split}"
+    else:
+        log_probs, rows = [], []
+        for member in members:  # each member sees the data through its own preprocessing
+            held = hold_in_memory(splits, member.model.spec, data_cfg, log)
+            member_log_probs, labels = predict(member.model, make_loader(held.split(cfg.split), member.model.spec,
+                                                                         data_cfg, False, device, batch_size=cfg.batch_size))
+            log_probs.append(member_log_probs)
+            rows.append({"model": member.path, "backbone": member.recipe.backbone,
+                         **_scores(member_log_probs, labels, splits.classes)})
+        final = log_probs[0]
+        if len(members) > 1:
+            final = ENSEMBLES.get(cfg.ensemble.name)(torch.stack(log_probs), weights)
+            scores = _scores(final, labels, splits.classes)
+            if cfg.ensemble.name == "vote":
+                scores["loss"] = float("nan")  # votes are not probabilities
+            rows.append({"model": f"ensemble ({cfg.ensemble.name})",
+                         "backbone": "+".join(m.recipe.backbone for m in members), **scores})
+        table = pd.DataFrame(rows)
+        title = f"eval on {data_cfg.name} {cfg.split}"
+    return _report(table, final, labels, splits.classes, data_cfg.name, cfg.split, len(members) > 1, title,
+                   out_dir, console)
+
+
+def check_fusion(cfg: DictConfig, count: int) -> list[float]:
+    """The WiSE-FT mixing coefficients, after checking that the checkpoints suit the fusion rule."""
+    name = cfg.fusion.name
+    alphas = [float(a) for a in cfg.fusion.alphas]
+    if name == "wise":
+        if count != 2:
+            raise UserError(f"fusion=wise interpolates two checkpoints (checkpoint=[A,B]: A at alpha 0, e.g. the "
+                            f"linear probe; B at alpha 1, the fine-tuned model), got {count}.")
+        if not alphas or any(not math.isfinite(a) or not 0 <= a <= 1 for a in alphas):
+            raise bad_value("fusion.alphas", alphas, "a non-empty list of numbers in [0, 1]")
+    elif count < 2:
+        raise UserError(f"fusion={name} averages several checkpoints, got {count}: pass checkpoint=[A,B,...] or a "
+                        "sweep folder (checkpoint=outputs/sweeps/<time>).")
+    return alphas
+
+
+def _same_architecture(members: list[Member]) -> None:
+    first = {k: v for k, v in members[0].recipe.to_dict().items() if k != "weights"}
+    for m in members[1:]:
+        other = {k: v for k, v in m.recipe.to_dict().items() if k != "weights"}
+        if other != first:
+            differs = sorted(k for k in first if first[k] != other[k])
+            raise UserError(f"checkpoint={m.path!r} differs from {members[0].path!r} in {', '.join(differs)}: "
+                            "weight-space fusion needs checkpoints of one architecture with the same input "
+                            "preprocessing (e.g. the runs of one sweep over seeds or methods on one backbone).")
+
+
+def _differing_norms(model: Classifier, states: list[dict[str, torch.Tensor]]) -> list[str]:
+    """BatchNorm layers whose running statistics differ between the members: only their statistics need
+    measuring again for an average (identical ones, e.g. folded BatchNorm, stay as they are)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            keys = (f"{name}.running_mean", f"{name}.running_var")
+            if any(not torch.equal(s[k], states[0][k]) for s in states[1:] for k in keys):
+                names.append(name)
+    return names
+
+
+def _fuse(cfg: DictConfig, members: list[Member], splits: Any, data_cfg: DatasetConfig, alphas: list[float],
+          predict: Any, device: torch.device, precision: Precision, out_dir: Path,
+          log: Any) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
+    """Score every candidate of the weight-fusion rule on validation and ``cfg.split``; write the chosen
+    model as ``fused.safetensors`` (a checkpoint like any other) and, for wise, ``wise.png``."""
+    _same_architecture(members)
+    if len(splits.val) == 0:
+        raise UserError(f"fusion={cfg.fusion.name} chooses on the validation split, but dataset={data_cfg.name} has "
+                        "none here: set dataset.val_fraction > 0 (e.g. 0.1, the training default).")
+    spec = members[0].model.spec
+    held = hold_in_memory(splits, spec, data_cfg, log)
+    loader = {split: make_loader(held.split(split), spec, data_cfg, False, device, batch_size=cfg.batch_size)
+              for split in {"train", "val", cfg.split}}
+    states = [m.model.state_dict() for m in members]
+    model = Classifier.from_recipe(members[0].recipe).to(device)
+    norms = _differing_norms(model, states) if cfg.fusion.recompute_bn else []
+    if norms:
+        log(f"fusion.recompute_bn=true: BatchNorm statistics of {len(norms)} layer(s) differ between the checkpoints; "
+            f"they are measured again on the {len(splits.train)} training images for every fused model.")
+
+    def load(state: dict[str, torch.Tensor]) -> Classifier:
+        model.load_state_dict(state)
+        if norms:
+            recompute_norm_statistics(model, loader["train"], device, precision, norms)
+        return model
+
+    def score(state: dict[str, torch.Tensor]) -> dict[str, float]:
+        fused = load(state)
+        val = _scores(*predict(fused, loader["val"]), splits.classes)
+        return {"val_acc1": val["acc1"], **_scores(*predict(fused, loader[cfg.split]), splits.classes)}
+
+    result = WEIGHT_FUSIONS.get(cfg.fusion.name)([s for s in states], member_labels(members), score, alphas)
+    table = pd.DataFrame([{"model": c.label, **c.facts, **c.metrics, "chosen": i == result.chosen}
+                          for i, c in enumerate(result.candidates)])
+    chosen = result.candidates[result.chosen]
+    final, labels = predict(load(chosen.state), loader[cfg.split])
+    save_model(out_dir / "fused.safetensors", model.state_dict(), members[0].recipe,
+               fusion={"name": cfg.fusion.name, "chosen": chosen.label, **chosen.facts,
+                       "members": [m.path for m in members]},
+               config=members[0].meta.get("config"))
+    if cfg.fusion.name == "wise":
+        plot_wise(table, cfg.split, out_dir / "wise.png")
+    log(f"chosen on validation: {chosen.label} (val acc1 {chosen.metrics['val_acc1']:.2f}) -> {out_dir / 'fused.safetensors'}")
+    return table, final, labels
+
+
+def _report(table: pd.DataFrame, final: torch.Tensor, labels: torch.Tensor, classes: list[str], dataset: str,
+            split: str, combined: bool, title: str, out_dir: Path, console: Console) -> dict[str, Any]:
+    """eval.csv, per_class.csv, confusion.csv/png of ``final`` (log-probabilities), and the tables shown."""
     predicted, truth = final.argmax(1).numpy(), labels.numpy()
     every = np.arange(len(classes))
     precision_, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=every, zero_division=0)
@@ -172,19 +311,18 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     confusion = pd.DataFrame(matrix, columns=classes)
     confusion.insert(0, "true", classes)
 
-    table = pd.DataFrame(rows)
-    table.insert(2, "dataset", data_cfg.name)
-    table.insert(3, "split", cfg.split)
+    table.insert(1, "dataset", dataset)
+    table.insert(2, "split", split)
     write_table(table, out_dir / "eval.csv")
     write_table(per_class, out_dir / "per_class.csv")
     write_table(confusion, out_dir / "confusion.csv")
     plot_confusion(matrix, classes, out_dir / "confusion.png")
-    # a checkpoint is shown by its run folder (<name>/<time>), the ensemble by its fusion rule
+    # a checkpoint is shown by its run folder (<name>/<time>)
     shown = table.assign(model=["/".join(Path(m).parts[-4:-2]) if m.endswith(".safetensors") else m
                                 for m in table["model"]])
-    console.print(rich_table(shown.drop(columns=["dataset"]), title=f"eval on {data_cfg.name} {cfg.split}"))
-    console.print(rich_table(per_class, title="per class" + (" (ensemble)" if len(members) > 1 else "")))
+    console.print(rich_table(shown.drop(columns=["dataset", "split", "n"]), title=title))
+    console.print(rich_table(per_class, title="per class" + (" (combined model)" if combined else "")))
     if len(classes) <= 20:
         console.print(rich_table(confusion, title="confusion (rows: true, columns: predicted)"))
     console.print(f"written to {out_dir}")
-    return rows[-1]
+    return table.iloc[-1].to_dict() if "chosen" not in table else table[table["chosen"]].iloc[0].to_dict()

@@ -19,8 +19,8 @@ from transfer_cli import resume
 from transfer_cli.data.decoded import hold_in_memory
 from transfer_cli.data.identity import data_identity
 from transfer_cli.engine import train_state
-from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
 from transfer_cli.engine.averaging import WeightAverage
+from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
 from transfer_cli.engine.hooks import Checkpointer, EvalHook, training_weights
 from transfer_cli.engine.loop import Diverged, State, evaluate, fit
 from transfer_cli.errors import UserError

@@ -33,10 +33,15 @@ def _peft() -> Any:
 
 def auto_targets(body: nn.Module) -> list[str]:
     """Every linear layer (attention qkv/proj and MLPs of transformers, the fully connected layers of
-    small nets) and every ungrouped 1x1 convolution (the channel mixing of ResNet bottlenecks,
-    MobileNet/EfficientNet inverted residuals, ConvNeXt's MLPs are linear already)."""
-    return [name for name, m in body.named_modules()
-            if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1)]
+    small nets) and every ungrouped 1x1 convolution (the channel mixing of ResNet bottlenecks and
+    MobileNet/EfficientNet inverted residuals); a body with neither (a plain small CNN): every
+    ungrouped convolution."""
+    def ungrouped_conv(m: nn.Module) -> bool:
+        return isinstance(m, nn.Conv2d) and m.groups == 1
+
+    chosen = [name for name, m in body.named_modules()
+              if isinstance(m, nn.Linear) or (ungrouped_conv(m) and m.kernel_size == (1, 1))]
+    return chosen or [name for name, m in body.named_modules() if ungrouped_conv(m)]
 
 
 def _matching(body: nn.Module, pattern: str | list[str]) -> list[str]:

@@ -71,3 +71,18 @@ def plot_sweep(grouped: pd.DataFrame, keys: list[str], path: Path, metric: str =
     if len(keys) > 1:
         ax.legend()
     _save(fig, path)
+
+
+def plot_wise(table: pd.DataFrame, split: str, path: Path) -> None:
+    """WiSE-FT: accuracy on validation and on ``split`` against the mixing coefficient alpha."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(table["alpha"], table["val_acc1"], marker="o", label="val")
+    ax.plot(table["alpha"], table["acc1"], marker="s", label=split)
+    chosen = table[table["chosen"]]
+    ax.scatter(chosen["alpha"], chosen["acc1"], s=120, facecolors="none", edgecolors="black", zorder=3,
+               label="chosen on val")
+    ax.set_xlabel("alpha (0: first checkpoint, 1: second)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
