@@ -29,6 +29,8 @@ COMMON = ["trainer.epochs=6", "trainer.save_every_s=0", "trainer.deterministic=t
 METHODS = {
     "finetune": ["method=finetune", "method.freeze=1"],
     "gradual_unfreeze": ["method=gradual_unfreeze"],
+    "lora_ema": ["method=lora", "trainer.ema_decay=0.9"],  # adapters and the running average resume too
+    "finetune_swa": ["method=finetune", "trainer.swa_start=2"],
     "dann": ["method=dann", "target=usps", "target.dataset.name=digits", "target.dataset.root=null",
              "target.dataset.batch_size=16"],
 }

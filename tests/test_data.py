@@ -173,9 +173,15 @@ def test_weights_bring_their_preprocessing_a_sidecar_and_backbone_preprocess_ove
         return build_model(data_cfg, splits, "resnet18", str(weights), HeadConfig(), preprocess=preprocess).spec
 
     plain = spec()  # torchvision's resnet18 recipe: resize 256, crop 224, ImageNet statistics
-    assert (plain.size, plain.resize, plain.mean) == (224, 256, [0.485, 0.456, 0.406])
-    weights.with_suffix(".json").write_text(json.dumps({"resize": 232, "mean": [0.5, 0.5, 0.5]}))
+    assert (plain.size, plain.resize, plain.mean, plain.interpolation) == (224, 256, [0.485, 0.456, 0.406], "bilinear")
+    weights.with_suffix(".json").write_text(json.dumps({"resize": 232, "mean": [0.5, 0.5, 0.5],
+                                                        "interpolation": "bicubic"}))
     sidecar = spec()
     assert (sidecar.size, sidecar.resize, sidecar.mean, sidecar.std) == (224, 232, [0.5] * 3, plain.std)
-    chosen = spec(resize=240, crop=200, std=[0.2, 0.2, 0.2])
+    assert sidecar.interpolation == "bicubic"
+    chosen = spec(resize=240, crop=200, std=[0.2, 0.2, 0.2], interpolation="nearest")
     assert (chosen.size, chosen.resize, chosen.mean, chosen.std) == (200, 240, [0.5] * 3, [0.2] * 3)
+    assert chosen.interpolation == "nearest"
+    weights.with_suffix(".json").write_text(json.dumps({"interpolation": "lanczos5"}))
+    with pytest.raises(UserError, match="states interpolation='lanczos5'. Allowed: bilinear, bicubic, nearest"):
+        spec()

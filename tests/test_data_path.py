@@ -3,6 +3,7 @@ batched augmentation with torchvision's distributions, and whole runs equal to t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import sys
@@ -35,24 +36,29 @@ def photos(tmp_path_factory) -> Path:
     return make_photo_folder(tmp_path_factory.mktemp("photos"), {"train": 12, "val": 4}, sides=(41, 90))
 
 
-def _held(root: Path, cache: Path, messages: list[str] | None = None, **cfg):
+def _held(root: Path, cache: Path, messages: list[str] | None = None, spec: InputSpec = SPEC, **cfg):
     data_cfg = DatasetConfig(name="imagefolder", root=str(root), cache_dir=str(cache), **cfg)
     splits = build_data(data_cfg)
-    return splits, hold_in_memory(splits, SPEC, data_cfg, (messages if messages is not None else []).append)
+    return splits, hold_in_memory(splits, spec, data_cfg, (messages if messages is not None else []).append)
 
 
 def _images(dataset) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
-def test_decoded_centre_crops_equal_the_per_sample_transform(photos, tmp_path):
-    splits, held = _held(photos, tmp_path)
-    per_sample = sample_transform(SPEC, "none")
-    augment = BatchAugment("none", SPEC.size, decoded=True)
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_decoded_centre_crops_equal_the_per_sample_transform(photos, tmp_path, interpolation):
+    spec = dataclasses.replace(SPEC, interpolation=interpolation)
+    splits, held = _held(photos, tmp_path, spec=spec)
+    per_sample = sample_transform(spec, "none")
+    augment = BatchAugment("none", spec.size, decoded=True)
     for name in ("train", "val"):
         expected = torch.stack([per_sample(image) for image, _ in splits.split(name)])
         assert torch.equal(augment(_images(held.split(name))), expected)
     assert data_identity(held) == data_identity(splits)  # a decoded copy is the same data
+    if interpolation != "bilinear":  # another filter is another cached copy, with other pixels
+        _, bilinear = _held(photos, tmp_path)
+        assert not torch.equal(bilinear.train.images, held.train.images)
 
 
 def test_the_cache_is_reused_and_a_changed_file_is_decoded_again(photos, tmp_path):

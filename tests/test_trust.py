@@ -179,7 +179,10 @@ BAD = ["trainer.grad_clip=-1", "trainer.steps=-5", "dataset.image_size=0", "opti
        "optimizer=sgd optimizer.momentum=1.5", "scheduler=cosine scheduler.min_lr_ratio=2", "method.label_smoothing=1",
        "dataset.val_fraction=0.5 dataset.test_fraction=0.5", "+dataset.colour=red", "dataset.in_memory=maybe",
        "dataset.num_workers=two", "backbone.preprocess.crop=0", "backbone.preprocess.resize=-256",
-       "backbone.preprocess.std=[0.2,0,0.2]", "method=linear_probe method.l2=-1", "method=lp_ft method.probe_iters=0"]
+       "backbone.preprocess.std=[0.2,0,0.2]", "method=linear_probe method.l2=-1", "method=lp_ft method.probe_iters=0",
+       "backbone.preprocess.interpolation=lanczos", "trainer.ema_decay=0", "trainer.swa_start=-1",
+       "method=lora method.rank=0", "method=lora method.alpha=0", "method=lora method.dropout=1",
+       "method=lora method.target_modules=5"]
 
 
 @pytest.mark.parametrize("override", BAD)

@@ -52,6 +52,7 @@ class PreprocessConfig:
 
     resize: int | None = None  # short side before the centre crop
     crop: int | None = None  # the square the model sees
+    interpolation: str | None = None  # of the resize: bilinear | bicubic | nearest
     mean: list[float] | None = None
     std: list[float] | None = None
 

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.config import AUGMENTS, PROGRESS
 from transfer_cli.data.splits import DATASETS
+from transfer_cli.data.transforms import INTERPOLATIONS
 from transfer_cli.engine.device import AMP_DTYPES, DEVICES
 from transfer_cli.errors import UserError, bad_value, choices
 from transfer_cli.methods.base import METHODS
@@ -42,6 +43,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "dataset.mean": (lambda v: v is None or all(math.isfinite(m) for m in v), "null or finite numbers"),
     "backbone.preprocess.resize": (lambda v: v is None or v >= 1, "null or an integer >= 1 (pixels)"),
     "backbone.preprocess.crop": (lambda v: v is None or v >= 1, "null or an integer >= 1 (pixels)"),
+    "backbone.preprocess.interpolation": (lambda v: v is None or v in INTERPOLATIONS,
+                                         f"null or one of {', '.join(INTERPOLATIONS)}"),
     "backbone.preprocess.std": (lambda v: v is None or all(math.isfinite(s) and s > 0 for s in v), "null or numbers > 0"),
     "backbone.preprocess.mean": (lambda v: v is None or all(math.isfinite(m) for m in v), "null or finite numbers"),
     "head.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),

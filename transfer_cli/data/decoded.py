@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, Subset
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from transfer_cli.config import DatasetConfig
@@ -57,13 +58,14 @@ def _with_base(dataset: Dataset, replace: Callable[[Dataset], Dataset]) -> Datas
     return outer
 
 
-def decode(dataset: Dataset, resize: int, size: int) -> torch.Tensor:
+def decode(dataset: Dataset, resize: int, size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """Every image of ``dataset`` (PIL images) as uint8 [N, 3, resize, resize], aligned for the centre crop."""
+    mode = InterpolationMode(interpolation)
     out = torch.empty(len(dataset), 3, resize, resize, dtype=torch.uint8)
 
     def one(index: int) -> None:
         image, _ = dataset[index]
-        pixels = TF.resize(TF.pil_to_tensor(image.convert("RGB")), [resize], antialias=True)
+        pixels = TF.resize(TF.pil_to_tensor(image.convert("RGB")), [resize], interpolation=mode, antialias=True)
         height, width = pixels.shape[-2:]
         top = min(centre_anchor(height, size) - centre_anchor(resize, size), height - resize)
         left = min(centre_anchor(width, size) - centre_anchor(resize, size), width - resize)
@@ -80,7 +82,7 @@ def _side(spec: InputSpec) -> int:
 
 
 def cache_path(dataset: Dataset, spec: InputSpec, cache_dir: Path) -> Path:
-    key = hashlib.sha256(f"{FORMAT}:{base_digest(dataset)}:{_side(spec)}:{spec.size}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{FORMAT}:{base_digest(dataset)}:{_side(spec)}:{spec.size}:{spec.interpolation}".encode()).hexdigest()[:24]
     return cache_dir / f"{key}.safetensors"
 
 
@@ -89,7 +91,7 @@ def decoded_copy(dataset: Dataset, spec: InputSpec, cache_dir: Path | None) -> t
     labels = torch.as_tensor(targets_of(dataset), dtype=torch.long)
     side = _side(spec)
     if cache_dir is None:
-        return DecodedImages(decode(dataset, side, spec.size), labels, dataset), False
+        return DecodedImages(decode(dataset, side, spec.size, spec.interpolation), labels, dataset), False
     path = cache_path(dataset, spec, cache_dir)
     if path.is_file():
         try:
@@ -98,7 +100,7 @@ def decoded_copy(dataset: Dataset, spec: InputSpec, cache_dir: Path | None) -> t
             images = None
         if images is not None and images.shape == (len(dataset), 3, side, side):
             return DecodedImages(images, labels, dataset), True
-    images = decode(dataset, side, spec.size)
+    images = decode(dataset, side, spec.size, spec.interpolation)
     atomic_write(path, lambda tmp: save_file({"images": images}, str(tmp)))
     return DecodedImages(images, labels, dataset), False
 

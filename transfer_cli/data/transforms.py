@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from transfer_cli.config import DatasetConfig
 from transfer_cli.data.splits import DataSplits, tensor_view
 from transfer_cli.errors import UserError
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 @dataclass
@@ -25,6 +27,10 @@ class InputSpec:
     mean: list[float]
     std: list[float]
     resize: int | None = None  # per-sample resize before the centre crop (images of varying size)
+    interpolation: str = "bilinear"  # of that resize: the filter the weights were trained with
+
+    def filter(self) -> InterpolationMode:
+        return InterpolationMode(self.interpolation)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,10 +44,12 @@ class WeightsMeta:
     resize: int | None
     mean: list[float] | None  # None: computed on the train split
     std: list[float] | None
+    interpolation: str | None = None  # None: bilinear
 
     def updated(self, values: dict) -> WeightsMeta:
-        """These values with the keys set (not None) in ``values`` (resize, crop, mean, std) replaced."""
-        given = {k: (list(v) if k in ("mean", "std") else int(v)) for k, v in values.items() if v is not None}
+        """These values with the keys set (not None) in ``values`` (resize, crop, interpolation, mean, std) replaced."""
+        kinds = {"mean": list, "std": list, "interpolation": str}
+        given = {k: kinds.get(k, int)(v) for k, v in values.items() if v is not None}
         return replace(self, **given)
 
 
@@ -96,16 +104,17 @@ def resolve_input(
             resize = round(size * weights.resize / weights.crop)
         else:
             resize = (weights.resize if weights else None) or size
-    return InputSpec(channels=channels, size=size, mean=mean, std=std, resize=resize)
+    interpolation = (weights.interpolation if weights else None) or "bilinear"
+    return InputSpec(channels=channels, size=size, mean=mean, std=std, resize=resize, interpolation=interpolation)
 
 
 def sample_transform(spec: InputSpec, augment: str) -> Callable:
     """Per-sample work for images of varying size held as files: decode, bring to one size, augment."""
     steps: list[Callable] = [v2.PILToTensor()]
     if augment == "flip_crop":
-        steps += [v2.RandomResizedCrop(spec.size, antialias=True), v2.RandomHorizontalFlip()]
+        steps += [v2.RandomResizedCrop(spec.size, interpolation=spec.filter(), antialias=True), v2.RandomHorizontalFlip()]
     else:
-        steps += [v2.Resize(spec.resize or spec.size, antialias=True), v2.CenterCrop(spec.size)]
+        steps += [v2.Resize(spec.resize or spec.size, interpolation=spec.filter(), antialias=True), v2.CenterCrop(spec.size)]
     if augment == "randaugment":
         steps.append(v2.RandAugment())
     elif augment == "trivialaugment":

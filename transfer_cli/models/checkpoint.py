@@ -73,7 +73,7 @@ def load_model(path: str) -> tuple[Classifier, dict[str, Any]]:
         state = load_file(str(Path(path).expanduser()))
     except Exception as err:  # noqa: BLE001 - a corrupt file is the user's input problem
         raise UserError(f"checkpoint={path!r} could not be read as safetensors: {err}") from None
-    if stored is None or json.loads(stored) != recipe.to_dict():
+    if stored is None or _normalised(json.loads(stored), path) != recipe.to_dict():
         differs = _first_difference(json.loads(stored), recipe.to_dict()) if stored else "no recipe in the weights file"
         raise UserError(f"checkpoint={path!r}: the sidecar does not describe these weights ({differs}). "
                         "Was the .json edited or copied from another run? Restore the one written with the weights.")
@@ -90,6 +90,14 @@ def load_model(path: str) -> tuple[Classifier, dict[str, Any]]:
         )
     model.load_state_dict(state)
     return model, meta
+
+
+def _normalised(raw: Any, path: str) -> Any:
+    """The weights file's own recipe as the current schema writes it (older files lack newer defaults)."""
+    try:
+        return ModelRecipe.from_dict(raw, f"checkpoint={path!r} weights header").to_dict()
+    except UserError:
+        return raw
 
 
 def _first_difference(stored: dict[str, Any], sidecar: dict[str, Any], prefix: str = "") -> str | None:

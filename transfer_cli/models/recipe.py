@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from transfer_cli.config import HeadConfig
-from transfer_cli.data.transforms import InputSpec
+from transfer_cli.data.transforms import INTERPOLATIONS, InputSpec
 from transfer_cli.errors import UserError
 
 FORMAT_VERSION = 2  # of the checkpoint sidecar; bump when the recipe's schema changes
@@ -29,6 +29,9 @@ class ModelRecipe:
     def from_dict(cls, raw: Any, where: str) -> ModelRecipe:
         """The recipe in ``raw``, or a UserError naming the first key that does not fit the schema."""
         _keys(raw, [f.name for f in fields(cls)], where)
+        # checkpoints written before the interpolation key existed were resized bilinearly
+        if isinstance(raw.get("input"), dict) and "interpolation" not in raw["input"]:
+            raw = {**raw, "input": {**raw["input"], "interpolation": "bilinear"}}
         _keys(raw["input"], [f.name for f in fields(InputSpec)], f"{where} input")
         _keys(raw["head"], [f.name for f in fields(HeadConfig)], f"{where} head")
         spec, head = raw["input"], raw["head"]
@@ -49,6 +52,8 @@ class ModelRecipe:
             _check(where, f"input.{key}", values, isinstance(values, list) and len(values) == channels
                    and all(_finite(v) and (v > 0 or not positive) for v in values),
                    f"{channels} finite numbers{' > 0' if positive else ''} (one per input channel)")
+        _check(where, "input.interpolation", spec["interpolation"], spec["interpolation"] in INTERPOLATIONS,
+               f"one of {', '.join(INTERPOLATIONS)}")
         _check(where, "head.hidden", head["hidden"], isinstance(head["hidden"], list)
                and all(_positive_int(w) for w in head["hidden"]), "a list of widths >= 1")
         _check(where, "head.dropout", head["dropout"], _finite(head["dropout"]) and 0 <= head["dropout"] < 1,

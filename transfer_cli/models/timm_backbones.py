@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from transfer_cli.data.transforms import WeightsMeta
+from transfer_cli.data.transforms import INTERPOLATIONS, WeightsMeta
 from transfer_cli.errors import UserError
 from transfer_cli.models.backbone import BACKBONES, Backbone, complete_stages
 from transfer_cli.models.stages import Stage, generic_stages
@@ -53,7 +53,8 @@ def _meta(model: nn.Module) -> WeightsMeta:
     config = resolve_model_data_config(model)
     crop = int(config["input_size"][-1])
     return WeightsMeta(crop=crop, resize=int(math.floor(crop / config.get("crop_pct", 0.875))),
-                       mean=list(config["mean"]), std=list(config["std"]))
+                       mean=list(config["mean"]), std=list(config["std"]),
+                       interpolation=config.get("interpolation") if config.get("interpolation") in INTERPOLATIONS else None)
 
 
 def timm_stages(model: nn.Module) -> list[Stage]:

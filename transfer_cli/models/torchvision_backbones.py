@@ -40,6 +40,7 @@ def _meta(weights: Any) -> WeightsMeta:
         resize=int(preset.resize_size[0]),
         mean=list(preset.mean),
         std=list(preset.std),
+        interpolation=preset.interpolation.value,
     )
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from transfer_cli.data.transforms import INTERPOLATIONS
 from transfer_cli.errors import UserError
 
 
@@ -59,12 +60,12 @@ def load_weights_file(model: nn.Module, path: str, name: str) -> list[str]:
     return notes
 
 
-PREPROCESS_KEYS = ("resize", "crop", "mean", "std")
+PREPROCESS_KEYS = ("resize", "crop", "interpolation", "mean", "std")
 
 
 def weights_sidecar(weights: str) -> dict[str, Any] | None:
     """The preprocessing a JSON file next to a local weights file states (``<stem>.json`` with any of
-    resize, crop, mean, std at its top level); None when there is none."""
+    resize, crop, interpolation, mean, std at its top level); None when there is none."""
     if not looks_like_path(weights):
         return None
     path = Path(weights).expanduser().with_suffix(".json")
@@ -75,4 +76,7 @@ def weights_sidecar(weights: str) -> dict[str, Any] | None:
     except json.JSONDecodeError as err:
         raise UserError(f"{path} (the sidecar of backbone.weights={weights!r}) is not valid JSON: {err}.") from None
     found = {k: stated[k] for k in PREPROCESS_KEYS if isinstance(stated, dict) and stated.get(k) is not None}
+    if found.get("interpolation", "bilinear") not in INTERPOLATIONS:
+        raise UserError(f"{path} (the sidecar of backbone.weights={weights!r}) states interpolation="
+                        f"{found['interpolation']!r}. Allowed: {', '.join(INTERPOLATIONS)}.")
     return found or None
