@@ -184,6 +184,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         "backbone": cfg.backbone.name,
         "weights": str(source.path) if source else cfg.backbone.weights,
         "method": cfg.method.name,
+        "seed": cfg.seed,
         "classes": len(splits.classes),
         "input": model.spec.to_dict(),  # the preprocessing used: size, resize, mean, std
         "samples": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
