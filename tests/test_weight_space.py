@@ -1,12 +1,14 @@
 """Weights beyond plain SGD: LoRA (merged into checkpoints), EMA / SWA during training, and weight-space
 fusion in `transfer eval` (WiSE-FT, uniform and greedy soups)."""
 
+import io
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 
 from transfer_cli.config import DatasetConfig, HeadConfig
@@ -60,6 +62,16 @@ def test_lora_trains_only_adapters_and_head_and_its_merged_weights_compute_the_s
         method.load_plain_state(method.plain_state())  # bases take the merge, updates restart at zero
         assert torch.allclose(method.model(x), adapted, atol=1e-4)
         assert all(p.abs().sum() == 0 for n, p in method.model.named_parameters() if ".lora_B." in n)
+
+
+def test_lora_auto_targets_every_attention_and_mlp_projection_of_a_timm_vit():
+    cfg = DatasetConfig(name="digits", image_size=224)
+    model = build_model(cfg, build_data(cfg), "timm/vit_tiny_patch16_224", "none", HeadConfig())
+    method = lora(model, rank=4)
+    assert len(method.targets) == 12 * 4  # 12 blocks x (qkv, proj, fc1, fc2)
+    assert {t.split(".", 2)[2] for t in method.targets} == {"attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"}
+    about = method.describe()
+    assert about["params_trainable"] / about["params_total"] < 0.03
 
 
 def test_lora_target_modules_by_suffix_and_regex_and_a_clear_error_when_nothing_matches():
@@ -158,12 +170,21 @@ def test_averaging_settings_that_make_no_sense_are_refused(transfer, args, messa
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory):
     """Two fine-tuned seeds and a linear probe of small_cnn on digits (BatchNorm in the body)."""
-    from tests.conftest import run_cli
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from transfer_cli.cli import conf_dir
+    from transfer_cli.config import register_schemas
+    from transfer_cli.train import run_train
 
     root = tmp_path_factory.mktemp("fusion")
+    register_schemas()
     for name, extra in (("ft0", ["seed=0"]), ("ft1", ["seed=1"]), ("probe", ["method=linear_probe"])):
-        result = run_cli("train", *FAST, *extra, f"hydra.run.dir=runs/{name}", cwd=root)
-        assert result.returncode == 0, result.stderr
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=[*FAST, *extra, f"output_dir={root}"])
+        run_train(cfg, root / "runs" / name, Console(file=io.StringIO()))
+    GlobalHydra.instance().clear()
     return root
 
 
