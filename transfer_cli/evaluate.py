@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
@@ -22,18 +22,15 @@ from transfer_cli.engine.loop import infer
 from transfer_cli.engine.metrics import logit_metrics
 from transfer_cli.errors import UserError, bad_value
 from transfer_cli.models.backbone import Classifier
-from transfer_cli.models.checkpoint import load_model, save_model
+from transfer_cli.models.checkpoint import checkpoint_paths, load_model, save_model
+from transfer_cli.models.ensemble import ENSEMBLES
 from transfer_cli.models.fusion import WEIGHT_FUSIONS
 from transfer_cli.models.recipe import ModelRecipe
-from transfer_cli.pipeline import build_data, make_loader
-from transfer_cli.registry import Registry
+from transfer_cli.pipeline import build_data, make_loader, trained_dataset_config
 from transfer_cli.reporting.plots import plot_confusion, plot_wise
 from transfer_cli.reporting.tables import rich_table, write_table
 
 SPLITS = ("train", "val", "test")
-# name -> fuse(member log-probabilities [M, N, C], weights or None) -> ensemble log-probabilities [N, C].
-# Prediction ensembles; weight-space fusion (one model out) is models/fusion.py's WEIGHT_FUSIONS.
-ENSEMBLES = Registry("ensemble")
 
 
 @dataclass
@@ -50,38 +47,6 @@ class Member:
 def load_member(path: str) -> Member:
     model, meta = load_model(path)
     return Member(path, model, meta)
-
-
-def _dataset_config(cfg: DictConfig, meta: dict[str, Any], path: str) -> DatasetConfig:
-    if cfg.dataset is not None:
-        return OmegaConf.to_object(cfg.dataset)
-    stored = meta.get("config", {}).get("dataset") if isinstance(meta.get("config"), dict) else None
-    if not isinstance(stored, dict):
-        raise UserError(f"checkpoint={path!r}: its sidecar does not record the dataset it was trained on; "
-                        "pass dataset=NAME (and dataset.root=...) to say what to evaluate on.")
-    schema = OmegaConf.structured(DatasetConfig)
-    return OmegaConf.to_object(OmegaConf.merge(schema, stored))
-
-
-@ENSEMBLES.register("mean")
-def mean_probability(log_probs: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
-    """Average of the members' softmax probabilities."""
-    return log_probs.exp().mean(0).log()
-
-
-@ENSEMBLES.register("weighted")
-def weighted_probability(log_probs: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
-    """Weighted average of softmax probabilities; weights are non-negative and normalised to sum 1."""
-    w = torch.tensor(weights, dtype=torch.float)
-    return (log_probs.exp() * (w / w.sum()).view(-1, 1, 1)).sum(0).log()
-
-
-@ENSEMBLES.register("vote")
-def majority_vote(log_probs: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
-    """Majority of top-1 predictions; ties go to the higher mean probability."""
-    probs = log_probs.exp()
-    votes = torch.nn.functional.one_hot(probs.argmax(2), probs.shape[2]).float().mean(0)
-    return (votes + 1e-6 * probs.mean(0)).log()
 
 
 def _scores(log_probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, float]:
@@ -129,25 +94,6 @@ def class_order(model_classes: list[str], data_classes: list[str], dataset: str,
         "Evaluate on data with the same class names (e.g. the dataset.classes the model was trained with)."
     )
 
-
-def checkpoint_paths(value: Any) -> list[str]:
-    """``checkpoint=``: a file, a list, or a folder (a sweep's or a run's): every
-    ``checkpoints/best.safetensors`` under it, in path order."""
-    paths = [str(value)] if isinstance(value, str) else [str(p) for p in value]
-    found = []
-    for path in paths:
-        folder = Path(path).expanduser()
-        if not folder.is_dir():
-            found.append(path)
-            continue
-        best = sorted(str(p) for p in folder.rglob("checkpoints/best.safetensors"))
-        if not best:
-            raise UserError(f"checkpoint={path!r} is a folder without any checkpoints/best.safetensors below it. "
-                            "Pass a .safetensors file, a list of them, or a run or sweep folder.")
-        found += best
-    return found
-
-
 def member_labels(members: list[Member]) -> list[str]:
     """Short names for tables: method and seed from each sidecar's run config, else the run folder."""
     labels = []
@@ -173,7 +119,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
         weights = check_ensemble(cfg, len(paths))
     members = [load_member(p) for p in paths]
     _check_members(members)
-    data_cfg = _dataset_config(cfg, members[0].meta, paths[0])
+    data_cfg = trained_dataset_config(cfg.dataset, members[0].meta, paths[0])
     splits = build_data(data_cfg)
     order = class_order(members[0].recipe.classes, splits.classes, data_cfg.name, paths[0])
     if order is not None:

@@ -17,6 +17,7 @@ from transfer_cli.data.decoded import DecodedImages
 from transfer_cli.data.splits import DATASETS, DataSplits, Transformed, tensor_view
 from transfer_cli.data.tasks import make_task
 from transfer_cli.data.transforms import InputSpec, WeightsMeta, resolve_input, sample_transform
+from transfer_cli.errors import UserError
 from transfer_cli.methods.base import Method
 from transfer_cli.models.backbone import Classifier, PretrainedBody, build_backbone
 from transfer_cli.models.recipe import ModelRecipe
@@ -80,3 +81,16 @@ def build_optimization(method: Method, optimizer_cfg: Mapping[str, Any], schedul
     steps = math.ceil(batches_per_epoch / accumulate)
     scheduler = SCHEDULERS.build(scheduler_cfg, optimizer=optimizer, total_steps=steps * epochs, steps_per_epoch=steps)
     return optimizer, scheduler
+
+
+def trained_dataset_config(override: Any, meta: dict[str, Any], path: str) -> DatasetConfig:
+    """``override`` (a dataset= config) when given, else the dataset the checkpoint at ``path`` was trained
+    on, as its sidecar ``meta`` records it."""
+    if override is not None:
+        return OmegaConf.to_object(override)
+    stored = meta.get("config", {}).get("dataset") if isinstance(meta.get("config"), dict) else None
+    if not isinstance(stored, dict):
+        raise UserError(f"checkpoint={path!r}: its sidecar does not record the dataset it was trained on; "
+                        "pass dataset=NAME (and dataset.root=...) to say what to evaluate on.")
+    schema = OmegaConf.structured(DatasetConfig)
+    return OmegaConf.to_object(OmegaConf.merge(schema, stored))

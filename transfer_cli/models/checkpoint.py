@@ -110,3 +110,21 @@ def _first_difference(stored: dict[str, Any], sidecar: dict[str, Any], prefix: s
         elif a != b:
             return f"{prefix}{key} is {b!r} in the sidecar but {a!r} in the weights file"
     return None
+
+
+def checkpoint_paths(value: Any) -> list[str]:
+    """``checkpoint=``: a file, a list, or a folder (a sweep's or a run's): every
+    ``checkpoints/best.safetensors`` under it, in path order."""
+    paths = [str(value)] if isinstance(value, str) else [str(p) for p in value]
+    found = []
+    for path in paths:
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            found.append(path)
+            continue
+        best = sorted(str(p) for p in folder.rglob("checkpoints/best.safetensors"))
+        if not best:
+            raise UserError(f"checkpoint={path!r} is a folder without any checkpoints/best.safetensors below it. "
+                            "Pass a .safetensors file, a list of them, or a run or sweep folder.")
+        found += best
+    return found
