@@ -36,6 +36,8 @@ commands:
   train    train one run             transfer train dataset=digits backbone=resnet18 method.freeze=2
   eval     evaluate a checkpoint     transfer eval checkpoint=outputs/runs/.../checkpoints/best.safetensors
   sweep    one run per combination   transfer sweep backbone=small_cnn,resnet18 seed=0,1,2
+  predict  classify new images       transfer predict checkpoint=.../best.safetensors input=photos/
+  export   ONNX / TorchScript        transfer export checkpoint=.../best.safetensors format=onnx quantize=dynamic
   report   rebuild/compare tables    transfer report outputs/sweeps/<time> [outputs/sweeps/<other>]
 
 `transfer COMMAND --help` lists the config groups and every key."""
@@ -151,10 +153,26 @@ def _eval(cfg: DictConfig) -> None:
     run_eval(cfg, _run_dir())
 
 
+@_job
+def _predict(cfg: DictConfig) -> None:
+    from transfer_cli.predict import run_predict
+
+    run_predict(cfg, _run_dir())
+
+
+@_job
+def _export(cfg: DictConfig) -> None:
+    from transfer_cli.export import run_export
+
+    run_export(cfg, _run_dir())
+
+
 COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], bool]] = {
     "train": ("config", _train, False),
     "sweep": ("config", _train, True),
     "eval": ("eval", _eval, False),
+    "predict": ("predict", _predict, False),
+    "export": ("export", _export, False),
 }
 
 

@@ -153,6 +153,30 @@ class EvalConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
 
 
+@dataclass
+class PredictConfig:
+    checkpoint: Any = "???"  # a checkpoint, a list of them (an ensemble), a run/sweep folder, or an exported model
+    input: str = "???"  # an image, a folder (recursive), a glob, or a .txt/.csv list of paths
+    top_k: int = 3
+    batch_size: int = 64
+    output_dir: str = "outputs"
+    device: str = "auto"
+    precision: str = "32"
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = "???"
+    format: str = "onnx"  # onnx | torchscript
+    quantize: str = "none"  # none | dynamic (int8 weights, activations quantized on the fly)
+    opset: int = 18  # ONNX only
+    samples: int = 256  # real test images the export is verified on
+    repeats: int = 20  # timed calls per latency figure (batch 1; a quarter of them at batch 32)
+    output_dir: str = "outputs"
+    dataset: DatasetConfig | None = None  # None: the dataset the checkpoint was trained on
+
+
 def _unique_suffix() -> str:
     return secrets.token_hex(3)
 
@@ -163,6 +187,8 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="predict_schema", node=PredictConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     OmegaConf.register_new_resolver("uid", _unique_suffix, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("slug", _slug, replace=True)
 

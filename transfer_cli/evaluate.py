@@ -23,7 +23,7 @@ from transfer_cli.engine.metrics import logit_metrics
 from transfer_cli.errors import UserError, bad_value
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.models.checkpoint import checkpoint_paths, load_model, save_model
-from transfer_cli.models.ensemble import ENSEMBLES
+from transfer_cli.models.ensemble import ENSEMBLES, check_ensemble
 from transfer_cli.models.fusion import WEIGHT_FUSIONS
 from transfer_cli.models.recipe import ModelRecipe
 from transfer_cli.pipeline import build_data, make_loader, trained_dataset_config
@@ -53,22 +53,6 @@ def _scores(log_probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -
     truth, predicted = labels.numpy(), log_probs.argmax(1).numpy()
     macro = f1_score(truth, predicted, labels=np.arange(len(classes)), average="macro", zero_division=0)
     return {**logit_metrics(log_probs, labels), "macro_f1": 100.0 * macro, "n": len(truth)}
-
-
-def check_ensemble(cfg: DictConfig, count: int) -> list[float] | None:
-    """The member weights as floats, after checking that the fusion rule exists and, for ``weighted``, that
-    there is one non-negative weight per member with a positive sum."""
-    ENSEMBLES.get(cfg.ensemble.name)
-    weights = None if cfg.ensemble.weights is None else [float(w) for w in cfg.ensemble.weights]
-    if cfg.ensemble.name != "weighted" or count < 2:
-        return weights
-    if weights is None or len(weights) != count:
-        raise UserError(f"ensemble=weighted needs ensemble.weights with one weight per checkpoint "
-                        f"({count}), got {weights}.")
-    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise UserError(f"ensemble.weights={weights} is not allowed: weights must be finite and >= 0 with a "
-                        "positive sum (they are normalised to sum 1).")
-    return weights
 
 
 def _check_members(members: list[Member]) -> None:
@@ -116,7 +100,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
         WEIGHT_FUSIONS.get(fusion)
         alphas = check_fusion(cfg, len(paths))
     else:
-        weights = check_ensemble(cfg, len(paths))
+        weights = check_ensemble(cfg.ensemble, len(paths))
     members = [load_member(p) for p in paths]
     _check_members(members)
     data_cfg = trained_dataset_config(cfg.dataset, members[0].meta, paths[0])

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
+from transfer_cli.errors import UserError
 from transfer_cli.registry import Registry
 
 # name -> fuse(member log-probabilities [M, N, C], weights or None) -> ensemble log-probabilities [N, C]
@@ -30,3 +34,19 @@ def majority_vote(log_probs: torch.Tensor, weights: list[float] | None = None) -
     probs = log_probs.exp()
     votes = torch.nn.functional.one_hot(probs.argmax(2), probs.shape[2]).float().mean(0)
     return (votes + 1e-6 * probs.mean(0)).log()
+
+
+def check_ensemble(cfg: Any, count: int) -> list[float] | None:
+    """``cfg``: the ensemble config (name, weights). The member weights as floats, after checking that the fusion rule exists and, for ``weighted``, that
+    there is one non-negative weight per member with a positive sum."""
+    ENSEMBLES.get(cfg.name)
+    weights = None if cfg.weights is None else [float(w) for w in cfg.weights]
+    if cfg.name != "weighted" or count < 2:
+        return weights
+    if weights is None or len(weights) != count:
+        raise UserError(f"ensemble=weighted needs ensemble.weights with one weight per checkpoint "
+                        f"({count}), got {weights}.")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"ensemble.weights={weights} is not allowed: weights must be finite and >= 0 with a "
+                        "positive sum (they are normalised to sum 1).")
+    return weights

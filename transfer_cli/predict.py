@@ -1,0 +1,92 @@
+"""`transfer predict`: class predictions for unlabelled images, from a checkpoint, an ensemble of
+checkpoints, or a model written by `transfer export` (ONNX / TorchScript)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+
+from transfer_cli.data.inputs import decoded_chunks, find_inputs
+from transfer_cli.engine.device import Precision, resolve_device
+from transfer_cli.errors import UserError
+from transfer_cli.models.checkpoint import checkpoint_paths
+from transfer_cli.models.ensemble import ENSEMBLES, check_ensemble
+from transfer_cli.models.exported import Predictor, load_predictor
+from transfer_cli.reporting.tables import rich_table, write_table
+
+
+def _members(cfg: DictConfig) -> list[Predictor]:
+    device = resolve_device(cfg.device)
+    precision = Precision(str(cfg.precision), device)
+    members = [load_predictor(p, device, precision) for p in checkpoint_paths(cfg.checkpoint)]
+    classes = members[0].recipe.classes
+    for m in members[1:]:
+        if m.recipe.classes != classes:
+            raise UserError(f"checkpoint={m.path!r} predicts classes {m.recipe.classes[:10]}, but {members[0].path!r} "
+                            f"predicts {classes[:10]}: ensemble members must share classes (same names, same order).")
+    return members
+
+
+def predict_paths(members: list[Predictor], paths: list[Path], batch_size: int, ensemble: str,
+                  weights: list[float] | None) -> tuple[torch.Tensor, dict[int, str]]:
+    """Log-probabilities [len(paths), classes] (rows of files that failed stay NaN) and why each failed."""
+    out = torch.full((len(paths), len(members[0].recipe.classes)), float("nan"))
+    failed: dict[int, str] = {}
+    per_member = []
+    for member in members:  # each member sees the images through its own preprocessing
+        log_probs = out.clone()
+        for good, images, problems in decoded_chunks(paths, member.recipe.input):
+            failed.update(problems)
+            for start in range(0, len(good), batch_size):
+                rows = good[start:start + batch_size]
+                log_probs[rows] = member.run(images[start:start + batch_size]).log_softmax(1)
+        per_member.append(log_probs)
+    if len(members) == 1:
+        return per_member[0], failed
+    return ENSEMBLES.get(ensemble)(torch.stack(per_member), weights), failed
+
+
+def run_predict(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> pd.DataFrame:
+    console = console or Console()
+    if cfg.top_k < 1:
+        raise UserError(f"top_k={cfg.top_k} is not allowed: give an integer >= 1 (how many classes to list per image).")
+    if cfg.batch_size < 1:
+        raise UserError(f"batch_size={cfg.batch_size} is not allowed: give an integer >= 1.")
+    paths = find_inputs(str(cfg.input))
+    members = _members(cfg)
+    weights = check_ensemble(cfg.ensemble, len(members))
+    log_probs, failed = predict_paths(members, paths, cfg.batch_size, cfg.ensemble.name, weights)
+    classes = members[0].recipe.classes
+    k = min(cfg.top_k, len(classes))
+    probs = log_probs.exp()
+    top_p, top_i = probs.nan_to_num(-1.0).topk(k, dim=1)
+    rows = []
+    for i, path in enumerate(paths):
+        row: dict[str, Any] = {"path": str(path)}
+        if i in failed:
+            row.update({"predicted": None, "probability": None, "error": failed[i]})
+        else:
+            row.update({"predicted": classes[int(top_i[i, 0])], "probability": float(top_p[i, 0]), "error": None})
+            for j in range(k):
+                row[f"top{j + 1}"], row[f"top{j + 1}_prob"] = classes[int(top_i[i, j])], float(top_p[i, j])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    write_table(table, out_dir / "predictions.csv", markdown=False)
+    counts = (table["predicted"].value_counts().rename_axis("class").reset_index(name="images")
+              .assign(share=lambda t: (100 * t["images"] / len(paths)).round(1)))
+    if failed:
+        counts = pd.concat([counts, pd.DataFrame([{"class": "(not an image / unreadable)", "images": len(failed),
+                                                   "share": round(100 * len(failed) / len(paths), 1)}])])
+    source = members[0].kind if len(members) == 1 else f"ensemble of {len(members)} ({cfg.ensemble.name})"
+    console.print(rich_table(counts, title=f"{len(paths)} file(s) -> predicted class ({source})"))
+    if failed:
+        shown = "; ".join(f"{paths[i]} ({why})" for i, why in list(failed.items())[:3])
+        console.print(f"{len(failed)} file(s) could not be read as images, listed with an error in the CSV: {shown}",
+                      highlight=False, soft_wrap=True)
+    console.print(f"written to {out_dir / 'predictions.csv'}")
+    return table
