@@ -27,6 +27,20 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def train_in_process(run_dir: Path, *overrides: str) -> dict:
+    """`transfer train overrides` into ``run_dir`` without a subprocess (for module-scoped fixtures)."""
+    from transfer_cli.train import run_train
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides))
+        return run_train(cfg, run_dir, Console(file=io.StringIO()))
+    finally:
+        GlobalHydra.instance().clear()
+
+
 @pytest.fixture
 def compose_cfg():
     """Compose a config the way `transfer train` does, for in-process tests."""

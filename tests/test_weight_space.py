@@ -1,16 +1,15 @@
 """Weights beyond plain SGD: LoRA (merged into checkpoints), EMA / SWA during training, and weight-space
 fusion in `transfer eval` (WiSE-FT, uniform and greedy soups)."""
 
-import io
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from rich.console import Console
 from safetensors.torch import load_file
 
+from tests.conftest import train_in_process
 from transfer_cli.config import DatasetConfig, HeadConfig
 from transfer_cli.engine.averaging import WeightAverage
 from transfer_cli.engine.device import Precision
@@ -170,21 +169,9 @@ def test_averaging_settings_that_make_no_sense_are_refused(transfer, args, messa
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory):
     """Two fine-tuned seeds and a linear probe of small_cnn on digits (BatchNorm in the body)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from transfer_cli.cli import conf_dir
-    from transfer_cli.config import register_schemas
-    from transfer_cli.train import run_train
-
     root = tmp_path_factory.mktemp("fusion")
-    register_schemas()
     for name, extra in (("ft0", ["seed=0"]), ("ft1", ["seed=1"]), ("probe", ["method=linear_probe"])):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=[*FAST, *extra, f"output_dir={root}"])
-        run_train(cfg, root / "runs" / name, Console(file=io.StringIO()))
-    GlobalHydra.instance().clear()
+        train_in_process(root / "runs" / name, *FAST, *extra, f"output_dir={root}")
     return root
 
 

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,9 @@ def quantize_onnx(source: Path, target: Path) -> None:
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, recipe: ModelRecipe) -> None:
     """``model`` traced to TorchScript at ``path`` (the recipe in the archive's extra files)."""
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the input adapter's shape checks are meant to be fixed at the traced input form (3 x size x size)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(model.eval(), example, check_trace=False)
     torch.jit.save(traced, str(path), _extra_files={RECIPE_KEY: json.dumps(recipe.to_dict())})
 
