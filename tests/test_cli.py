@@ -46,7 +46,7 @@ def test_train_writes_every_output(trained):
     assert sidecar["format"] == 2
     recipe = sidecar["recipe"]
     assert recipe["backbone"] == "small_cnn" and recipe["classes"] == [str(i) for i in range(10)]
-    assert set(recipe["input"]) == {"channels", "size", "mean", "std", "resize"}
+    assert set(recipe["input"]) == {"channels", "size", "mean", "std", "resize", "interpolation"}
     assert sidecar["config"]["dataset"]["name"] == "digits"
 
 
