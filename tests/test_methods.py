@@ -22,6 +22,7 @@ METHOD_SETTINGS = {
     "finetune": {"freeze": 1},
     "lp_ft": {"freeze": 1, "cache": False, "probe_iters": 30},
     "bitfit": {},
+    "lora": {"rank": 2},
     "scratch": {},
     "linear_probe": {"solver": "sgd", "cache": False},
     "gradual_unfreeze": {"every_epochs": 1},
