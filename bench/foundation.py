@@ -63,22 +63,24 @@ def method_rows(runs: list[dict], label: str) -> dict:
 
 
 def transfer_table(out: Path, name: str, common: list[str], sweeps: dict[str, list[str]],
-                   wise_ends: tuple[str, str]) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
+                   wise_pairs: list[tuple[str, str]]) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
     """Each sweep over seeds (and methods), one row per (sweep, method) labelled by the method (and the
-    sweep's tag when it is not "default"), then WiSE-FT between the ``wise_ends`` rows, seed by seed."""
+    sweep's tag when it is not "default"), then WiSE-FT between each pair of rows, seed by seed."""
     runs: dict[str, list[dict]] = {}
     for tag, extra in sweeps.items():
         for r in sweep(out, f"{name}_{tag}", [*common, *extra, f"seed={','.join(map(str, SEEDS))}"]):
             runs.setdefault(r["method"] if tag == "default" else f"{r['method']} ({tag})", []).append(r)
     rows = [method_rows(r, label) for label, r in runs.items()]
-    wise = []
-    for probe, tuned in zip(runs[wise_ends[0]], runs[wise_ends[1]], strict=True):
-        table = fuse(out, f"{name}_wise_seed{probe['seed']}", [best_of(probe), best_of(tuned)], "wise")
-        wise.append(table[table["chosen"]].iloc[0])
-    acc = np.array([w["acc1"] for w in wise])
-    rows.append({"method": f"WiSE-FT({wise_ends[0]}, {wise_ends[1]}), alpha on val",
-                 "test_acc1": f"{acc.mean():.1f} ± {acc.std(ddof=1):.1f}", "seeds": len(acc), "trainable": "-",
-                 "s_per_run": "-", "note": "alphas chosen: " + ", ".join(f"{w['alpha']:g}" for w in wise)})
+    for ends in wise_pairs:
+        wise = []
+        for probe, tuned in zip(runs[ends[0]], runs[ends[1]], strict=True):
+            tag = "" if ends[1] == "finetune" or "finetune (" in ends[1] else f"_{ends[1].split()[0]}"
+            table = fuse(out, f"{name}_wise{tag}_seed{probe['seed']}", [best_of(probe), best_of(tuned)], "wise")
+            wise.append(table[table["chosen"]].iloc[0])
+        acc = np.array([w["acc1"] for w in wise])
+        rows.append({"method": f"WiSE-FT({ends[0]}, {ends[1]}), alpha on val",
+                     "test_acc1": f"{acc.mean():.1f} ± {acc.std(ddof=1):.1f}", "seeds": len(acc), "trainable": "-",
+                     "s_per_run": "-", "note": "alphas chosen: " + ", ".join(f"{w['alpha']:g}" for w in wise)})
     return pd.DataFrame(rows), runs
 
 
@@ -88,7 +90,8 @@ def usps_mobilenet(shared: Path, out: Path) -> pd.DataFrame:
               "backbone=mobilenet_v2", f"backbone.weights={weights}", "dataset.image_size=96", "trainer.epochs=15"]
     sweeps = {"default": ["method=linear_probe,finetune,lp_ft,bitfit,lora"],  # adamw lr 2e-3
               "lr2e-4": ["method=finetune,lp_ft", "optimizer.lr=2e-4"]}  # 2e-3 wrecks the pretrained features
-    table, _ = transfer_table(out, "usps_mobilenet", common, sweeps, ("linear_probe", "finetune (lr2e-4)"))
+    pairs = [("linear_probe", "finetune (lr2e-4)"), ("linear_probe", "lp_ft (lr2e-4)")]  # lp_ft starts from the probe
+    table, _ = transfer_table(out, "usps_mobilenet", common, sweeps, pairs)
     return table
 
 
@@ -98,7 +101,7 @@ def lenet_usps(shared: Path, out: Path) -> pd.DataFrame:
               f"backbone.weights={weights}", "dataset.mean=[0]", "dataset.std=[1]", "trainer.epochs=15"]
     sweeps = {"default": ["method=linear_probe,finetune,lp_ft,bitfit"],
               "c3c5f6_rank8": ["method=lora", "method.target_modules=[c3,c5,f6]", "method.rank=8"]}
-    table, runs = transfer_table(out, "lenet_usps", common, sweeps, ("linear_probe", "finetune"))
+    table, runs = transfer_table(out, "lenet_usps", common, sweeps, [("linear_probe", "finetune"), ("linear_probe", "lp_ft")])
     soup = fuse(out, "lenet_usps_greedy_soup", [best_of(r) for r in runs["finetune"]], "greedy_soup")
     members = soup[soup["members"] == 1]
     final = soup[soup["chosen"]].iloc[0]
