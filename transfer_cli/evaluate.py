@@ -214,7 +214,7 @@ def _fuse(cfg: DictConfig, members: list[Member], splits: Any, data_cfg: Dataset
         val = _scores(*predict(fused, loader["val"]), splits.classes)
         return {"val_acc1": val["acc1"], **_scores(*predict(fused, loader[cfg.split]), splits.classes)}
 
-    result = WEIGHT_FUSIONS.get(cfg.fusion.name)([s for s in states], member_labels(members), score, alphas)
+    result = WEIGHT_FUSIONS.get(cfg.fusion.name)(states, member_labels(members), score, alphas)
     table = pd.DataFrame([{"model": c.label, **c.facts, **c.metrics, "chosen": i == result.chosen}
                           for i, c in enumerate(result.candidates)])
     chosen = result.candidates[result.chosen]
