@@ -14,7 +14,7 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,11 +110,22 @@ def load_predictor(path: str, device: torch.device, precision: Precision) -> Pre
     return torch_predictor(path, model, model.recipe, device, precision)
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The ONNX exporter and quantizer narrate every pass on stdout and the log; the user gets our table."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, recipe: ModelRecipe) -> None:
     """``model`` as ONNX at ``path`` with a dynamic batch axis and the recipe in the model's metadata."""
     onnx, _ = _onnx()
     batch = torch.export.Dim("batch", min=1)
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates its passes on stdout
+    with _quiet():
         program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=opset, verbose=False,
                                     input_names=["images"], output_names=["logits"], dynamic_shapes=({0: batch},))
     proto = program.model_proto
@@ -128,11 +139,8 @@ def quantize_onnx(source: Path, target: Path) -> None:
     _onnx()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.disable(logging.WARNING)  # it logs every tensor it leaves in float
-    try:
+    with _quiet():  # it logs every tensor it leaves in float
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
-    finally:
-        logging.disable(logging.NOTSET)
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, recipe: ModelRecipe) -> None:
