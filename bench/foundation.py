@@ -89,7 +89,8 @@ def usps_mobilenet(shared: Path, out: Path) -> pd.DataFrame:
     common = ["dataset=usps", f"dataset.root={shared / 'datasets' / 'usps'}", "dataset.shots=20",
               "backbone=mobilenet_v2", f"backbone.weights={weights}", "dataset.image_size=96", "trainer.epochs=15"]
     sweeps = {"default": ["method=linear_probe,finetune,lp_ft,bitfit,lora"],  # adamw lr 2e-3
-              "lr2e-4": ["method=finetune,lp_ft", "optimizer.lr=2e-4"]}  # 2e-3 wrecks the pretrained features
+              "lr2e-4": ["method=finetune,lp_ft", "optimizer.lr=2e-4"],  # 2e-3 wrecks the pretrained features
+              "lpft_mult1": ["method=lp_ft", "method.backbone_lr_mult=1", "optimizer.lr=2e-4"]}
     pairs = [("linear_probe", "finetune (lr2e-4)"), ("linear_probe", "lp_ft (lr2e-4)")]  # lp_ft starts from the probe
     table, _ = transfer_table(out, "usps_mobilenet", common, sweeps, pairs)
     return table
