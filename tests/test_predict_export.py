@@ -78,6 +78,11 @@ def test_predict_takes_globs_and_path_lists_and_refuses_an_input_that_matches_no
     assert len(listed) == len(pngs) and "top3" not in listed and listed["error"].isna().all()
     code, _, err = transfer("predict", checkpoint, f"input={tmp_path}/nothing/*.jpg")
     assert code == 2 and "matches no file" in err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("not an image")
+    code, _, err = transfer("predict", checkpoint, f"input={tmp_path / 'junk'}", "hydra.run.dir=j")
+    assert code == 2 and "none of its 1 file(s) is a readable image" in err
+    assert read(tmp_path, "j")["error"].notna().all()  # the reasons are still written
     code, _, err = transfer("predict", checkpoint, f"input={photos}", "top_k=0")
     assert code == 2 and "top_k=0" in err
 

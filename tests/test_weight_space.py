@@ -159,6 +159,7 @@ def test_averaging_leaves_training_untouched_and_checkpoints_the_average(transfe
     (["trainer.swa_start=9"], "trainer.swa_start=9"),
     (["trainer.swa_start=0"], "trainer.swa_start=0"),
     (["method=linear_probe", "trainer.ema_decay=0.9"], "fits its weights in one solve"),
+    (["trainer.steps=3", "trainer.swa_start=2"], "past the run's last epoch"),
 ])
 def test_averaging_settings_that_make_no_sense_are_refused(transfer, args, message):
     code, _, err = transfer("train", *FAST, *args)

@@ -23,7 +23,7 @@ from transfer_cli.engine.metrics import logit_metrics
 from transfer_cli.errors import UserError, bad_value
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.models.checkpoint import checkpoint_paths, load_model, save_model
-from transfer_cli.models.ensemble import ENSEMBLES, check_ensemble
+from transfer_cli.models.ensemble import ENSEMBLES, check_ensemble, check_same_classes
 from transfer_cli.models.fusion import WEIGHT_FUSIONS
 from transfer_cli.models.recipe import ModelRecipe
 from transfer_cli.pipeline import build_data, make_loader, trained_dataset_config
@@ -53,15 +53,6 @@ def _scores(log_probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -
     truth, predicted = labels.numpy(), log_probs.argmax(1).numpy()
     macro = f1_score(truth, predicted, labels=np.arange(len(classes)), average="macro", zero_division=0)
     return {**logit_metrics(log_probs, labels), "macro_f1": 100.0 * macro, "n": len(truth)}
-
-
-def _check_members(members: list[Member]) -> None:
-    classes = members[0].recipe.classes
-    for m in members[1:]:
-        if m.recipe.classes != classes:
-            raise UserError(f"checkpoint={m.path!r} predicts classes {m.recipe.classes[:10]}, but "
-                            f"{members[0].path!r} predicts {classes[:10]}: ensemble members must share classes "
-                            "(same names, same order).")
 
 
 def class_order(model_classes: list[str], data_classes: list[str], dataset: str, path: str) -> list[int] | None:
@@ -102,7 +93,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     else:
         weights = check_ensemble(cfg.ensemble, len(paths))
     members = [load_member(p) for p in paths]
-    _check_members(members)
+    check_same_classes(members)
     data_cfg = trained_dataset_config(cfg.dataset, members[0].meta, paths[0])
     splits = build_data(data_cfg)
     order = class_order(members[0].recipe.classes, splits.classes, data_cfg.name, paths[0])

@@ -15,7 +15,7 @@ from transfer_cli.data.inputs import decoded_chunks, find_inputs
 from transfer_cli.engine.device import Precision, resolve_device
 from transfer_cli.errors import UserError
 from transfer_cli.models.checkpoint import checkpoint_paths
-from transfer_cli.models.ensemble import ENSEMBLES, check_ensemble
+from transfer_cli.models.ensemble import ENSEMBLES, check_ensemble, check_same_classes
 from transfer_cli.models.exported import Predictor, load_predictor
 from transfer_cli.reporting.tables import rich_table, write_table
 
@@ -24,11 +24,7 @@ def _members(cfg: DictConfig) -> list[Predictor]:
     device = resolve_device(cfg.device)
     precision = Precision(str(cfg.precision), device)
     members = [load_predictor(p, device, precision) for p in checkpoint_paths(cfg.checkpoint)]
-    classes = members[0].recipe.classes
-    for m in members[1:]:
-        if m.recipe.classes != classes:
-            raise UserError(f"checkpoint={m.path!r} predicts classes {m.recipe.classes[:10]}, but {members[0].path!r} "
-                            f"predicts {classes[:10]}: ensemble members must share classes (same names, same order).")
+    check_same_classes(members)
     return members
 
 
@@ -89,4 +85,7 @@ def run_predict(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
         console.print(f"{len(failed)} file(s) could not be read as images, listed with an error in the CSV: {shown}",
                       highlight=False, soft_wrap=True)
     console.print(f"written to {out_dir / 'predictions.csv'}")
+    if len(failed) == len(paths):
+        raise UserError(f"input={cfg.input!r}: none of its {len(paths)} file(s) is a readable image (each one's "
+                        f"reason is in {out_dir / 'predictions.csv'}).")
     return table

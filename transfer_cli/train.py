@@ -129,7 +129,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     def save(path: Path, weights: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:
         save_model(path, weights, model.recipe, **facts)
 
-    averaging = _weight_average(cfg, method, make, device, precision)
+    averaging = _weight_average(cfg, method, make, device, precision, epochs)
     weights = averaging.applied if averaging else training_weights
 
     has_val = len(splits.val) > 0
@@ -211,11 +211,14 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
 
 
 def _weight_average(cfg: DictConfig, method: Method, make: Callable[[str, bool], DataLoader], device: torch.device,
-                    precision: Precision) -> WeightAverage | None:
+                    precision: Precision, epochs: int) -> WeightAverage | None:
     """The EMA / SWA hook the trainer settings ask for, or None."""
     ema, swa = cfg.trainer.ema_decay, cfg.trainer.swa_start
     if ema is None and swa is None:
         return None
+    if swa is not None and swa > epochs:  # trainer.steps decides the epochs only once the data is known
+        raise UserError(f"trainer.swa_start={swa} is past the run's last epoch ({epochs}, from trainer.steps="
+                        f"{cfg.trainer.steps}): nothing would be averaged. Start SWA at an epoch in 1..{epochs}.")
     if method.manual_optimization:
         raise UserError(f"trainer.ema_decay={ema} / trainer.swa_start={swa} average the weights along a "
                         f"gradient-descent path, but method={cfg.method.name} fits its weights in one solve "

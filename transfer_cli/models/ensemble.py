@@ -50,3 +50,13 @@ def check_ensemble(cfg: Any, count: int) -> list[float] | None:
         raise UserError(f"ensemble.weights={weights} is not allowed: weights must be finite and >= 0 with a "
                         "positive sum (they are normalised to sum 1).")
     return weights
+
+
+def check_same_classes(members: list[Any]) -> None:
+    """Members (anything with ``path`` and ``recipe``) must predict the same classes in the same order."""
+    classes = members[0].recipe.classes
+    for m in members[1:]:
+        if m.recipe.classes != classes:
+            raise UserError(f"checkpoint={m.path!r} predicts classes {m.recipe.classes[:10]}, but "
+                            f"{members[0].path!r} predicts {classes[:10]}: ensemble members must share classes "
+                            "(same names, same order).")
