@@ -167,12 +167,20 @@ def _export(cfg: DictConfig) -> None:
     run_export(cfg, _run_dir())
 
 
+@_job
+def _analyze(cfg: DictConfig) -> None:
+    from transfer_cli.analyze import run_analyze
+
+    run_analyze(cfg, _run_dir())
+
+
 COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], bool]] = {
     "train": ("config", _train, False),
     "sweep": ("config", _train, True),
     "eval": ("eval", _eval, False),
     "predict": ("predict", _predict, False),
     "export": ("export", _export, False),
+    "analyze": ("analyze", _analyze, False),
 }
 
 

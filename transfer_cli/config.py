@@ -19,8 +19,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-AUGMENTS = ("none", "flip_crop", "randaugment", "trivialaugment")
+AUGMENTS = ("none", "flip_crop", "randaugment", "trivialaugment", "affine")
 PROGRESS = ("auto", "rich", "plain", "none")
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -61,6 +62,9 @@ class PreprocessConfig:
 class BackboneConfig:
     name: str = "small_cnn"  # a registered backbone, any torchvision classifier, or timm/<model>[.<tag>]
     weights: str = "none"  # none | DEFAULT | a torchvision weights enum name | pretrained (timm) | a local file
+    # Channels the model takes: null = the data's; 3 builds an RGB model for grayscale data (its images are
+    # repeated to 3 channels), e.g. MNIST -> an RGB target. Architectures with a fixed stem refuse a change.
+    in_channels: int | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
@@ -89,6 +93,10 @@ class TrainerConfig:
     resume: str = "none"  # none | auto (the newest unfinished run with this config) | PATH of a run folder
     ema_decay: float | None = None  # evaluate and checkpoint an EMA of the weights (e.g. 0.999); null: off
     swa_start: int | None = None  # SWA: average the weights of every epoch from this one (1-based); null: off
+    # Which epoch's weights are best.safetensors (and tested): val_acc1 (source validation accuracy) |
+    # target_entropy | target_im | target_snd (label-free scores of the unlabelled target) | last
+    select: str = "val_acc1"
+    analyze: bool = False  # domain adaptation: features.png (t-SNE) + alignment.csv of the kept weights at the end
 
 
 @dataclass
@@ -177,6 +185,19 @@ class ExportConfig:
     dataset: DatasetConfig | None = None  # None: the dataset the checkpoint was trained on
 
 
+@dataclass
+class AnalyzeConfig:
+    checkpoint: str = "???"
+    dataset: DatasetConfig | None = None  # the source domain; None: the dataset the checkpoint was trained on
+    target: TargetConfig | None = None  # the other domain; None: the target of the checkpoint's training run
+    split: str = "test"  # the labelled split of both domains whose features are compared
+    samples: int = 1000  # per domain, drawn with ``seed``
+    seed: int = 0
+    output_dir: str = "outputs"
+    device: str = "auto"
+    precision: str = "32"
+
+
 def _unique_suffix() -> str:
     return secrets.token_hex(3)
 
@@ -189,6 +210,7 @@ def register_schemas() -> None:
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="analyze_schema", node=AnalyzeConfig)
     OmegaConf.register_new_resolver("uid", _unique_suffix, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("slug", _slug, replace=True)
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from transfer_cli.config import DatasetConfig
+from transfer_cli.config import SPLITS, DatasetConfig
 from transfer_cli.data.decoded import hold_in_memory
 from transfer_cli.engine.averaging import recompute_norm_statistics
 from transfer_cli.engine.device import Precision, resolve_device
@@ -29,8 +29,6 @@ from transfer_cli.models.recipe import ModelRecipe
 from transfer_cli.pipeline import build_data, make_loader, trained_dataset_config
 from transfer_cli.reporting.plots import plot_confusion, plot_wise
 from transfer_cli.reporting.tables import rich_table, write_table
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass

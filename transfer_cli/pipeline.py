@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from transfer_cli.config import DatasetConfig, HeadConfig
 from transfer_cli.data.augment import BatchAugment
@@ -31,12 +31,18 @@ def build_data(cfg: DatasetConfig) -> DataSplits:
 
 def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weights: str,
                 head: HeadConfig, pretrained: PretrainedBody | None = None,
-                preprocess: Mapping[str, Any] | None = None) -> Classifier:
+                preprocess: Mapping[str, Any] | None = None, in_channels: int | None = None) -> Classifier:
     """The classifier for ``splits``; with ``pretrained``, its body starts from those weights.
-    ``preprocess`` (backbone.preprocess) overrides the preprocessing the weights bring."""
+    ``preprocess`` (backbone.preprocess) overrides the preprocessing the weights bring; ``in_channels``
+    (backbone.in_channels) the number of channels the model takes, else the data's."""
     if pretrained is None:
-        bb = build_backbone(backbone, weights, splits.channels)
-        data_channels = splits.channels
+        data_channels = in_channels or splits.channels
+        bb = build_backbone(backbone, weights, data_channels)
+        if in_channels and bb.channels != in_channels:
+            raise UserError(f"backbone.in_channels={in_channels}: backbone={backbone} has a fixed first layer that "
+                            f"takes {bb.channels} channels. Leave backbone.in_channels=null (the model's input "
+                            "adapter converts the images), or use a backbone with a free first layer (small_cnn, "
+                            "lenet_adda).")
     else:
         bb = build_backbone(backbone, "none", pretrained.channels)
         bb.body.load_state_dict(pretrained.state)
@@ -67,6 +73,15 @@ def make_loader(dataset: Dataset, spec: InputSpec, cfg: DatasetConfig, train: bo
                        BatchAugment(augment, spec.size, decoded=isinstance(base, DecodedImages)))
     return Batches(Transformed(dataset, sample_transform(spec, augment)), size, train, drop_last, seed, device,
                    workers=resolve_workers(cfg.num_workers))
+
+
+def sample_loader(dataset: Dataset, spec: InputSpec, cfg: DatasetConfig, device: torch.device, samples: int,
+                  seed: int = 0) -> Batches:
+    """Unaugmented batches of at most ``samples`` items of ``dataset``, drawn without replacement with ``seed``."""
+    if len(dataset) > samples:
+        picked = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:samples]
+        dataset = Subset(dataset, picked.sort().values.tolist())
+    return make_loader(dataset, spec, cfg, False, device, seed)
 
 
 def build_optimization(method: Method, optimizer_cfg: Mapping[str, Any], scheduler_cfg: Mapping[str, Any],

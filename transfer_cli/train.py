@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -23,11 +24,13 @@ from transfer_cli.engine.averaging import WeightAverage
 from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
 from transfer_cli.engine.hooks import Checkpointer, EvalHook, training_weights
 from transfer_cli.engine.loop import Diverged, State, evaluate, fit
+from transfer_cli.engine.validators import VALIDATORS, TargetValidators, validator_picks
 from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write_text, remove_orphan_tmp
 from transfer_cli.methods.base import METHODS, DataContext, Method
 from transfer_cli.models.checkpoint import save_model
-from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader
+from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader, sample_loader
+from transfer_cli.reporting.alignment import analyze_alignment
 from transfer_cli.reporting.plots import plot_curves
 from transfer_cli.reporting.progress import ProgressHook
 from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary
@@ -76,7 +79,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         raise UserError(f"target.dataset={cfg.target.dataset.name} has {len(target.classes)} classes but "
                         f"dataset={cfg.dataset.name} has {len(splits.classes)}: domains must share their classes.")
     model = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head,
-                        source.body if source else None, preprocess=cfg.backbone.preprocess)
+                        source.body if source else None, preprocess=cfg.backbone.preprocess,
+                        in_channels=cfg.backbone.in_channels)
     for note in [*splits.notes, *model.notes]:
         console.print(note, highlight=False, soft_wrap=True)
 
@@ -140,8 +144,9 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     def save_train_state(state: State) -> None:
         train_state.save(checkpoints, train_state.capture(state, loaders["train"], precision.scaler, data, averaging))
 
-    checkpointer = Checkpointer(checkpoints, save, describe_epoch, save_every_s=cfg.trainer.save_every_s,
-                                after_write=save_train_state, weights=weights)
+    split, metric, higher = VALIDATORS.get(cfg.trainer.select, ("last", "epoch", True))
+    checkpointer = Checkpointer(checkpoints, save, describe_epoch, split, metric, cfg.trainer.save_every_s,
+                                save_train_state, weights, higher, method.selectable_from)
     state = State(method, optimizer, scheduler, epochs, steps_per_epoch)
     if payload is not None:
         train_state.restore(state, payload, loaders["train"], precision.scaler, averaging)
@@ -153,8 +158,10 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     hooks = [
         *([averaging] if averaging else []),  # first: the average includes this epoch before it is evaluated
         *([EvalHook(loaders["val"], device, precision, "val", weights)] if has_val else []),
-        # Target labels are only ever used here, to measure; the best checkpoint is chosen on source val.
-        *([EvalHook(make_target("test", False), device, precision, "target_test", weights)] if target else []),
+        # Target labels are only ever used here, to measure; checkpoints are chosen on source val or on the
+        # label-free validators (trainer.select).
+        *([EvalHook(make_target("test", False), device, precision, "target_test", weights),
+           TargetValidators(make_target("train", False), device, precision, weights)] if target else []),
         MetricsWriter(run_dir / "metrics.csv"),
         *method.hooks(),  # before the checkpointer: the saved state includes what they change (unfrozen stages)
         checkpointer,
@@ -172,8 +179,17 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     state.history.append({"epoch": state.best["epoch"], "split": "test", **test})
     metrics = metrics_frame(state.history)
     write_table(metrics, run_dir / "metrics.csv", markdown=True)
+    picks = validator_picks(state.history, method.selectable_from + 1) if target else []
+    if picks:  # what each label-free validator would have kept, next to the oracle
+        write_table(pd.DataFrame(picks), run_dir / "validators.csv", markdown=True)
     if cfg.trainer.plots:
         plot_curves(metrics, run_dir / "curves.png")
+    if cfg.trainer.analyze:  # the kept weights' features on 1,000 test images of each domain
+        analyze_alignment(
+            method.model,
+            (cfg.dataset.name, sample_loader(splits.test, model.spec, cfg.dataset, device, 1000, cfg.seed)),
+            (cfg.target.dataset.name, sample_loader(target.test, model.spec, cfg.target.dataset, device, 1000, cfg.seed)),
+            list(splits.classes), device, precision, run_dir, cfg.seed)
 
     summary = {
         "name": cfg.name,
@@ -192,7 +208,12 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         "data_identity": data,
         "data_notes": splits.notes,
         "target": cfg.target.dataset.name if target else None,
+        "select": cfg.trainer.select,
+        # Every split's metrics at the epoch whose weights were kept (the target test of the checkpoint).
+        "at_best": {r["split"]: _metrics(r) for r in state.history if r["epoch"] == state.best["epoch"]
+                    and r["split"] != "test"},
         "target_test": state.epoch_metrics.get("target_test"),
+        "selection": picks,
         "epochs": state.epoch + 1,
         "best": state.best,
         "test": test,
@@ -225,6 +246,10 @@ def _weight_average(cfg: DictConfig, method: Method, make: Callable[[str, bool],
                         "(solver=lbfgs): there is nothing to average. Set them to null, or use solver=sgd.")
     bn_loader = make("train", False) if swa is not None else None  # plain train images, as test time sees them
     return WeightAverage(method.model, ema, swa, bn_loader, device, precision, method.frozen_norms)
+
+
+def _metrics(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("epoch", "split")}
 
 
 def _same_data(run_dir: Path, cfg: DictConfig) -> bool:

@@ -13,6 +13,7 @@ from transfer_cli.config import AUGMENTS, PROGRESS
 from transfer_cli.data.splits import DATASETS
 from transfer_cli.data.transforms import INTERPOLATIONS
 from transfer_cli.engine.device import AMP_DTYPES, DEVICES
+from transfer_cli.engine.validators import SELECTIONS
 from transfer_cli.errors import UserError, bad_value, choices
 from transfer_cli.methods.base import METHODS
 from transfer_cli.models.backbone import BACKBONES
@@ -47,6 +48,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
                                          f"null or one of {', '.join(INTERPOLATIONS)}"),
     "backbone.preprocess.std": (lambda v: v is None or all(math.isfinite(s) and s > 0 for s in v), "null or numbers > 0"),
     "backbone.preprocess.mean": (lambda v: v is None or all(math.isfinite(m) for m in v), "null or finite numbers"),
+    "backbone.in_channels": (lambda v: v is None or v in (1, 3), "null (the data's channels), 1 or 3"),
     "head.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "head.hidden": (lambda v: all(w >= 1 for w in v), "a list of layer widths >= 1"),
 }
@@ -99,6 +101,13 @@ def validate(cfg: DictConfig) -> None:
     check_choice("trainer.device", cfg.trainer.device, DEVICES)
     check_choice("trainer.progress", cfg.trainer.progress, PROGRESS)
     check_choice("dataset.augment", cfg.dataset.augment, AUGMENTS)
+    check_choice("trainer.select", cfg.trainer.select, SELECTIONS)
+    if cfg.trainer.select.startswith("target_") and cfg.target is None:
+        raise UserError(f"trainer.select={cfg.trainer.select} scores checkpoints on an unlabelled target domain, "
+                        "but this run has none: add target=NAME, or select by val_acc1 or last.")
+    if cfg.trainer.analyze and cfg.target is None:
+        raise UserError("trainer.analyze=true compares the source and target domains' features, but this run has "
+                        "no target domain: add target=NAME, or set trainer.analyze=false.")
     _check_ranges(cfg)
     if cfg.dataset.val_fraction + cfg.dataset.test_fraction >= 1:
         raise UserError(f"dataset.val_fraction={cfg.dataset.val_fraction} and dataset.test_fraction="

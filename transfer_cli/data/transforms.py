@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from torchvision.transforms import InterpolationMode, v2
 
 from transfer_cli.config import DatasetConfig
+from transfer_cli.data.augment import POLICIES
 from transfer_cli.data.splits import DataSplits, tensor_view
 from transfer_cli.errors import UserError
 
@@ -115,8 +116,6 @@ def sample_transform(spec: InputSpec, augment: str) -> Callable:
         steps += [v2.RandomResizedCrop(spec.size, interpolation=spec.filter(), antialias=True), v2.RandomHorizontalFlip()]
     else:
         steps += [v2.Resize(spec.resize or spec.size, interpolation=spec.filter(), antialias=True), v2.CenterCrop(spec.size)]
-    if augment == "randaugment":
-        steps.append(v2.RandAugment())
-    elif augment == "trivialaugment":
-        steps.append(v2.TrivialAugmentWide())
+    if augment in POLICIES:
+        steps.append(POLICIES[augment]())
     return v2.Compose(steps)

@@ -41,7 +41,8 @@ class EvalHook(Hook):
 
 
 class Checkpointer(Hook):
-    """Keeps the best weights (by ``metric`` on ``split``; without that split, the latest epoch) in memory
+    """Keeps the best weights (by ``metric`` on ``split``, higher or lower being better as ``higher`` says;
+    without that split, the latest epoch) among the epochs from ``first_epoch`` (0-based) on, in memory
     and writes last.safetensors and best.safetensors after the first epoch, then whenever ``save_every_s``
     seconds have passed since the previous write, and at the end. Short epochs thus do not pay for a disk
     write each, and a killed run loses at most ``save_every_s`` seconds of training. ``after_write`` runs
@@ -49,9 +50,11 @@ class Checkpointer(Hook):
 
     def __init__(self, folder: Path, save: SaveWeights, describe: Callable[[State], dict[str, Any]],
                  split: str = "val", metric: str = "acc1", save_every_s: float = 60.0,
-                 after_write: Callable[[State], None] | None = None, weights: Weights = training_weights) -> None:
+                 after_write: Callable[[State], None] | None = None, weights: Weights = training_weights,
+                 higher: bool = True, first_epoch: int = 0) -> None:
         self.folder, self.save, self.describe, self.weights = folder, save, describe, weights
         self.split, self.metric, self.save_every_s = split, metric, save_every_s
+        self.higher, self.first_epoch = higher, first_epoch
         self.after_write = after_write
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_facts: dict[str, Any] = {}
@@ -61,7 +64,9 @@ class Checkpointer(Hook):
     def after_epoch(self, state: State) -> None:
         monitored = self.split in state.epoch_metrics
         value = state.epoch_metrics[self.split][self.metric] if monitored else float(state.epoch + 1)
-        if not state.best or value > state.best["value"] or not monitored:
+        better = not state.best or not monitored or (
+            value > state.best["value"] if self.higher else value < state.best["value"])
+        if state.epoch >= self.first_epoch and better:
             state.best = {"epoch": state.epoch + 1, "split": self.split if monitored else "last",
                           "metric": self.metric if monitored else "epoch", "value": value}
             self.best_state = self.checkpoint_weights(state)

@@ -16,20 +16,25 @@ def accuracy_columns(num_classes: int) -> tuple[int, ...]:
 
 
 class Meter:
-    """Running sums kept on the device, so training never waits for the GPU until someone reads them."""
+    """Running sums kept on the device, so training never waits for the GPU until someone reads them.
+    A step may come without labels (``labels`` None: e.g. source-free adaptation on target batches); the
+    accuracies average over the labelled samples only."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.labelled = 0
 
     def update(self, out: dict[str, torch.Tensor]) -> None:
         labels, logits = out["labels"], out["logits"]
-        n = labels.shape[0]
+        n = logits.shape[0]
         for key, value in out.items():  # every scalar a method reports: loss terms, domain accuracy ...
             if key not in ("logits", "labels") and value.ndim == 0:
                 self._add(key, value.detach().float() * n)
-        for k in accuracy_columns(logits.shape[1]):
-            self._add(f"acc{k}", topk_correct(logits, labels, k))
+        if labels is not None:
+            for k in accuracy_columns(logits.shape[1]):
+                self._add(f"acc{k}", topk_correct(logits, labels, k))
+            self.labelled += n
         self.count += n
 
     def _add(self, key: str, value: torch.Tensor) -> None:
@@ -40,8 +45,8 @@ class Meter:
             return {}
         out = {}
         for key, total in self.sums.items():
-            scale = 100.0 if key.startswith("acc") else 1.0
-            out[key] = scale * total.item() / self.count
+            accuracy = key.startswith("acc")
+            out[key] = (100.0 / self.labelled if accuracy else 1.0 / self.count) * total.item()
         return out
 
 

@@ -45,6 +45,8 @@ class Method(nn.Module):
     manual_optimization = False
     # True: the method trains on (source batch, unlabelled target batch) pairs and needs a target= domain.
     needs_target_data = False
+    # Epochs (0-based) before this one are never kept as the best checkpoint (SHOT's source-only phase).
+    selectable_from = 0
 
     def __init__(self, model: Classifier, label_smoothing: float = 0.0, layer_decay: float = 1.0,
                  backbone_lr_mult: float = 1.0) -> None:

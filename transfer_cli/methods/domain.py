@@ -1,14 +1,15 @@
 """Unsupervised domain adaptation: a labelled source and an unlabelled target trained together.
 
-Reusable pieces (gradient reversal, the DANN schedule, a domain discriminator, CORAL and multi-kernel
-MMD losses, the paired source/target loader) and the methods built from them: source_only, dann,
-coral, dan. Target labels never reach a loss: the paired loader drops them before a batch exists.
+The paired source/target loader, the base method (source cross-entropy + weighted adaptation losses on
+source and target features and logits, + optional MCC) and the methods built on it: source_only, dann,
+cdan, cdan_e, coral, dan, mcc. Their losses are in da_losses.py; SHOT in shot.py. Target labels never
+reach a loss: the paired loader drops them before a batch exists.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,58 +17,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transfer_cli.engine.loop import Hook, State
+from transfer_cli.engine.validators import entropy
 from transfer_cli.methods.base import METHODS, DataContext, LoaderFactory, Method
+from transfer_cli.methods.da_losses import (
+    ConditionalMap,
+    DomainDiscriminator,
+    coral_loss,
+    dann_lambda,
+    grad_reverse,
+    mcc_loss,
+    mmd_loss,
+)
 from transfer_cli.models.backbone import Classifier
-from transfer_cli.registry import Count, Fraction, NonNegative
-
-
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return -ctx.scale * grad, None
-
-
-def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Identity forward; multiplies the gradient by -scale backward (Ganin & Lempitsky 2015)."""
-    return _GradReverse.apply(x, scale)
-
-
-def dann_lambda(progress: float, gamma: float = 10.0) -> float:
-    """lambda_p = 2 / (1 + exp(-gamma p)) - 1: 0 at the start, approaching 1 as training ends."""
-    return 2.0 / (1.0 + math.exp(-gamma * progress)) - 1.0
-
-
-class DomainDiscriminator(nn.Sequential):
-    """MLP from features to one logit: source (1) or target (0)."""
-
-    def __init__(self, in_features: int, hidden: int = 500) -> None:
-        super().__init__(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
-                         nn.ReLU(inplace=True), nn.Linear(hidden, 1))
-
-
-def coral_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Deep CORAL (Sun & Saenko 2016): squared Frobenius distance of feature covariances / (4 d^2)."""
-    d = source.shape[1]
-    cs, ct = torch.cov(source.T.float()), torch.cov(target.T.float())
-    return ((cs - ct) ** 2).sum() / (4 * d * d)
-
-
-def mmd_loss(source: torch.Tensor, target: torch.Tensor, multipliers=(0.25, 0.5, 1.0, 2.0, 4.0)) -> torch.Tensor:
-    """Multi-kernel MMD^2 (Long et al. 2015, DAN): Gaussian kernels whose bandwidths are multiples of
-    the mean pairwise squared distance, biased estimate over the batch."""
-    x = torch.cat([source, target]).float()
-    norms = (x * x).sum(1)
-    distances = (norms[:, None] + norms[None, :] - 2 * x @ x.T).clamp_min(0)  # squared, smooth at 0
-    # Collapsed features (all equal) would give a zero bandwidth and NaN kernels.
-    bandwidth = (distances.detach().sum() / (len(x) ** 2 - len(x))).clamp_min(1e-6)
-    kernels = sum(torch.exp(-distances / (bandwidth * m)) for m in multipliers)
-    n = len(source)
-    return kernels[:n, :n].mean() + kernels[n:, n:].mean() - 2 * kernels[:n, n:].mean()
+from transfer_cli.registry import Count, Fraction, NonNegative, Positive
 
 
 class PairedLoader:
@@ -137,20 +99,29 @@ class _Progress(Hook):
         self.method.progress = (state.epoch * state.steps_per_epoch + state.batch + 1) / self.total
 
 
+class Domain(NamedTuple):
+    """One domain's half of a paired batch, as the adaptation losses see it."""
+
+    features: torch.Tensor  # penultimate features, [N, d]
+    logits: torch.Tensor  # the head's outputs, [N, classes]
+
+
 class DomainAdaptation(Method):
-    """Cross-entropy on labelled source batches plus ``weight`` x an adaptation loss between source and
-    target features. Subclasses define ``adaptation``; source_only has none.
+    """Cross-entropy on labelled source batches plus ``weight`` x the method's adaptation losses, which see
+    both domains' features and logits, plus ``mcc_weight`` x minimum class confusion on the target logits
+    (MCC composes with every method; ``method=mcc`` is it alone). Subclasses define ``adaptation``.
 
     The adaptation loss is warmed in with DANN's lambda_p: before the classifier has learned anything,
     a full-strength alignment loss can make every feature equal (zero MMD/CORAL), and dead ReLUs never
-    recover. DANN itself gets lambda_p through its gradient reversal instead (``ramp = False``)."""
+    recover. The adversarial methods get lambda_p through gradient reversal instead (``ramp = False``)."""
 
     needs_target_data = True
     ramp = True
 
-    def __init__(self, model: Classifier, *, weight: NonNegative, label_smoothing: Fraction) -> None:
+    def __init__(self, model: Classifier, *, weight: NonNegative, mcc_weight: NonNegative,
+                 label_smoothing: Fraction) -> None:
         super().__init__(model, label_smoothing=label_smoothing)
-        self.weight = weight
+        self.weight, self.mcc_weight = weight, mcc_weight
         self.progress = 0.0
 
     def loaders(self, make: LoaderFactory, context: DataContext) -> dict[str, DataLoader]:
@@ -159,20 +130,28 @@ class DomainAdaptation(Method):
         loaders["train"] = PairedLoader(loaders["train"], context.target("train", True))
         return loaders
 
-    def adaptation(self, source: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def adaptation(self, source: Domain, target: Domain) -> dict[str, torch.Tensor]:
+        """Loss terms (keys ``loss_*``, weighted by ``weight``) and scalars to log (any other key)."""
         return {}
+
+    def forward_pair(self, x_source: torch.Tensor, x_target: torch.Tensor) -> tuple[Domain, Domain]:
+        # Each domain is brought to the model's input size first; one body pass sees both (shared BN batch).
+        features = self.model.body(torch.cat([self.model.input(x_source), self.model.input(x_target)]))
+        logits = self.model.head(features)
+        n = len(x_source)
+        return Domain(features[:n], logits[:n]), Domain(features[n:], logits[n:])
 
     def training_step(self, batch):
         x_source, y_source, x_target = batch
-        # Each domain is brought to the model's input size first; one body pass sees both (shared BN batch).
-        features = self.model.body(torch.cat([self.model.input(x_source), self.model.input(x_target)]))
-        source, target = features[: len(x_source)], features[len(x_source):]
-        logits = self.model.head(source)
-        loss_cls = F.cross_entropy(logits, y_source, label_smoothing=self.label_smoothing)
+        source, target = self.forward_pair(x_source, x_target)
+        loss_cls = F.cross_entropy(source.logits, y_source, label_smoothing=self.label_smoothing)
         extra = self.adaptation(source, target)
         weight = self.weight * (dann_lambda(self.progress) if self.ramp else 1.0)
         loss = loss_cls + sum((weight * v for k, v in extra.items() if k.startswith("loss_")), torch.zeros(()))
-        out = {"loss": loss, "loss_cls": loss_cls.detach(), "logits": logits.detach(), "labels": y_source}
+        if self.mcc_weight:
+            extra["loss_mcc"] = mcc_loss(target.logits)
+            loss = loss + self.mcc_weight * extra["loss_mcc"]
+        out = {"loss": loss, "loss_cls": loss_cls.detach(), "logits": source.logits.detach(), "labels": y_source}
         return out | {k: v.detach() for k, v in extra.items()}
 
     def hooks(self) -> list[Hook]:
@@ -184,6 +163,13 @@ class SourceOnly(DomainAdaptation):
     """The baseline: the same paired batches and schedule, no adaptation loss."""
 
 
+@METHODS.register("mcc")
+class MCC(DomainAdaptation):
+    """Minimum Class Confusion alone (Jin et al. 2020): source cross-entropy + mcc_weight x MCC on the target."""
+
+    def __init__(self, model: Classifier, *, mcc_weight: Positive, label_smoothing: Fraction) -> None:
+        super().__init__(model, weight=0.0, mcc_weight=mcc_weight, label_smoothing=label_smoothing)
+
 
 @METHODS.register("dann")
 class DANN(DomainAdaptation):
@@ -193,10 +179,13 @@ class DANN(DomainAdaptation):
     ramp = False
 
     def __init__(self, model: Classifier, *, weight: NonNegative, gamma: NonNegative, hidden: Count,
-                 label_smoothing: Fraction) -> None:
-        super().__init__(model, weight=weight, label_smoothing=label_smoothing)
+                 mcc_weight: NonNegative, label_smoothing: Fraction) -> None:
+        super().__init__(model, weight=weight, mcc_weight=mcc_weight, label_smoothing=label_smoothing)
         self.gamma = gamma
-        self.discriminator = DomainDiscriminator(_feature_dim(model), hidden)
+        self.discriminator = DomainDiscriminator(self.discriminator_input(), hidden)
+
+    def discriminator_input(self) -> int:
+        return _feature_dim(self.model)
 
     def param_groups(self, lr, weight_decay, params=None):
         groups = super().param_groups(lr, weight_decay, params)
@@ -205,33 +194,76 @@ class DANN(DomainAdaptation):
                            "weight_decay": weight_decay})
         return groups
 
+    def domain_inputs(self, source: Domain, target: Domain) -> torch.Tensor:
+        return torch.cat([source.features, target.features])
+
+    def sample_weights(self, source: Domain, target: Domain) -> torch.Tensor | None:
+        return None
+
     def adaptation(self, source, target):
         scale = dann_lambda(self.progress, self.gamma)
-        features = grad_reverse(torch.cat([source, target]), scale)
-        logits = self.discriminator(features).squeeze(1)
-        domain = torch.cat([torch.ones(len(source)), torch.zeros(len(target))]).to(logits.device)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), domain)
+        logits = self.discriminator(grad_reverse(self.domain_inputs(source, target), scale)).squeeze(1)
+        domain = torch.cat([torch.ones(len(source.features)), torch.zeros(len(target.features))]).to(logits.device)
+        weights = self.sample_weights(source, target)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), domain, weight=weights, reduction="sum")
+        loss = loss / (weights.sum() if weights is not None else len(domain))
         accuracy = 100.0 * ((logits > 0).float() == domain).float().mean()
         return {"loss_domain": loss, "domain_acc": accuracy, "lambda": torch.tensor(scale)}
+
+
+@METHODS.register("cdan")
+class CDAN(DANN):
+    """Conditional adversarial adaptation (Long et al. 2018): the discriminator sees features ⊗ class
+    probabilities (randomized above 4096 dims), so it aligns the joint of features and predictions."""
+
+    def __init__(self, model: Classifier, *, weight: NonNegative, gamma: NonNegative, hidden: Count,
+                 random_dim: Count, mcc_weight: NonNegative, label_smoothing: Fraction) -> None:
+        self.random_dim = random_dim
+        super().__init__(model, weight=weight, gamma=gamma, hidden=hidden, mcc_weight=mcc_weight,
+                         label_smoothing=label_smoothing)
+
+    def discriminator_input(self) -> int:
+        self.conditional = ConditionalMap(_feature_dim(self.model), _classes(self.model), self.random_dim)
+        return self.conditional.out_features
+
+    def domain_inputs(self, source, target):
+        # The probabilities condition the discriminator; the reversed gradient reaches the features only.
+        probs = torch.cat([source.logits, target.logits]).float().softmax(1).detach()
+        return self.conditional(torch.cat([source.features, target.features]).float(), probs)
+
+
+@METHODS.register("cdan_e")
+class CDANE(CDAN):
+    """CDAN+E: each sample's domain loss weighted by 1 + exp(-entropy) of its prediction, normalised within
+    each domain, so confident (transferable) samples count more."""
+
+    def sample_weights(self, source, target):
+        weights = []
+        for domain in (source, target):
+            w = 1 + torch.exp(-entropy(domain.logits.detach().float().softmax(1)))
+            weights.append(w / w.sum())
+        return torch.cat(weights)
 
 
 def _feature_dim(model: Classifier) -> int:
     return next(m for m in model.head if isinstance(m, nn.Linear)).in_features
 
 
+def _classes(model: Classifier) -> int:
+    return [m for m in model.head if isinstance(m, nn.Linear)][-1].out_features
+
+
 @METHODS.register("coral")
 class CORAL(DomainAdaptation):
     """Deep CORAL: align second-order statistics of source and target features."""
 
-
     def adaptation(self, source, target):
-        return {"loss_coral": coral_loss(source, target)}
+        return {"loss_coral": coral_loss(source.features, target.features)}
 
 
 @METHODS.register("dan")
 class DAN(DomainAdaptation):
     """Deep Adaptation Network: multi-kernel MMD between source and target features."""
 
-
     def adaptation(self, source, target):
-        return {"loss_mmd": mmd_loss(source, target)}
+        return {"loss_mmd": mmd_loss(source.features, target.features)}

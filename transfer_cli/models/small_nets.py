@@ -52,9 +52,9 @@ class LeNetADDA(nn.Module):
     """The Caffe "LeNet" that ADDA (Tzeng et al. 2017) and most digit-adaptation papers use on 28x28
     input: conv 20 - pool - conv 50 - pool - fc 500 - classifier."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv2d(1, 20, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True))
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, 20, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True))
         self.conv2 = nn.Sequential(nn.Conv2d(20, 50, 5), nn.Dropout2d(0.5), nn.MaxPool2d(2), nn.ReLU(inplace=True))
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(800, 500), nn.ReLU(inplace=True), nn.Dropout(0.5))
         self.classifier = nn.Linear(500, num_classes)
@@ -76,6 +76,7 @@ def lenet(weights: str = "none") -> Backbone:
 
 
 @BACKBONES.register("lenet_adda")
-def lenet_adda(weights: str = "none") -> Backbone:
+def lenet_adda(weights: str = "none", in_channels: int = 1) -> Backbone:
     stages = [["conv1"], ["conv2"], ["fc"]]
-    return backbone_from_classifier("lenet_adda", LeNetADDA(), weights, stages, channels=1, min_size=28, fixed_size=28)
+    return backbone_from_classifier("lenet_adda", LeNetADDA(in_channels=in_channels), weights, stages,
+                                    channels=in_channels, min_size=28, fixed_size=28)

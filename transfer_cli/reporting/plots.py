@@ -24,6 +24,8 @@ def plot_curves(metrics: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, column, label in ((axes[0], "loss", "loss"), (axes[1], "acc1", "top-1 accuracy (%)")):
         for split, rows in metrics.groupby("split", sort=False):
+            if rows[column].isna().all():  # e.g. the label-free target_train rows
+                continue
             if len(rows) > 1:
                 ax.plot(rows["epoch"], rows[column], marker="o", ms=3, label=split)
             else:
@@ -85,4 +87,22 @@ def plot_wise(table: pd.DataFrame, split: str, path: Path) -> None:
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(fig, path)
+
+
+def plot_features(embedding: np.ndarray, classes: np.ndarray, domains: np.ndarray, class_names: list[str],
+                  domain_names: list[str], title: str, path: Path) -> None:
+    """A 2-D embedding of features: colour = class, marker = domain (o: the first, x: the second)."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for d, (name, marker) in enumerate(zip(domain_names, ("o", "x"), strict=False)):
+        mine = domains == d
+        ax.scatter(embedding[mine, 0], embedding[mine, 1], c=[colours(c % colours.N) for c in classes[mine]],
+                   marker=marker, s=10 if marker == "o" else 14, linewidths=0.8, alpha=0.7, label=name)
+    legend = ax.legend(title="domain", loc="upper right")
+    for handle in legend.legend_handles:
+        handle.set_color("black")
+    ax.set_title(f"t-SNE of penultimate features, coloured by class ({title})")
+    ax.set_xticks([])
+    ax.set_yticks([])
     _save(fig, path)

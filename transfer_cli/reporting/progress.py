@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transfer_cli.engine.loop import Hook, State
 
 
-def _fmt(metrics: dict[str, float], keys=("loss", "acc1")) -> str:
+def _fmt(metrics: dict[str, float], keys=("loss", "acc1", "entropy", "im", "snd")) -> str:
     return " ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics)
 
 

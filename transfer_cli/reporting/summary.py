@@ -38,8 +38,9 @@ def write_summary(folder: Path, summary: dict[str, Any], tables: dict[str, pd.Da
 def summary_row(summary: dict[str, Any]) -> dict[str, Any]:
     """The one mapping from a run's summary.json to a table row (run tables, sweep tables, reports)."""
     best = summary.get("best") or {}
+    at_best = summary.get("at_best") or {}
     on_val = best.get("split") == "val"
-    target = summary.get("target_test")
+    target = at_best.get("target_test") or summary.get("target_test")  # older summaries: the last epoch
     row = {
         "dataset": summary.get("dataset"),
         "backbone": summary.get("backbone"),
@@ -47,11 +48,15 @@ def summary_row(summary: dict[str, Any]) -> dict[str, Any]:
         "status": summary.get("status", "ok"),
         "epochs": summary.get("epochs"),
         "best_epoch": best.get("epoch"),
-        "val_acc1": best.get("value") if on_val else None,
+        "val_acc1": (at_best.get("val") or {}).get("acc1", best.get("value") if on_val else None),
         "final_val_acc1": (summary.get("final") or {}).get("val", {}).get("acc1"),
         "test_acc1": (summary.get("test") or {}).get("acc1"),
         "test_loss": (summary.get("test") or {}).get("loss"),
-        **({"target": f"{summary['dataset']}->{summary['target']}", "target_test_acc1": target["acc1"]} if target else {}),
+        **({"target": f"{summary['dataset']}->{summary['target']}", "select": summary.get("select", "val_acc1"),
+            "target_test_acc1": target["acc1"],
+            "final_target_test_acc1": (summary.get("final") or {}).get("target_test", {}).get("acc1"),
+            **{f"pick_{p['validator'].split()[0]}": p["target_test_acc1"] for p in summary.get("selection") or []}}
+           if target else {}),
         "trainable": summary.get("params_trainable"),
         "params": summary.get("params_total"),
         "seconds": round(summary["wall_time_s"], 2) if "wall_time_s" in summary else None,

@@ -110,7 +110,8 @@ def sweep_frame(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     metrics = [c for c in ("val_acc1", "best_epoch", "final_val_acc1", "test_acc1", "test_loss", "target",
                            "target_test_acc1", "epochs",
                            "trainable", "params", "seconds", "error") if c in df.columns]
-    return df[fixed + metrics], keys
+    picks = [c for c in df.columns if c.startswith("pick_")]
+    return df[fixed + metrics + picks], keys
 
 
 def group_over_seed(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -160,7 +161,31 @@ def write_sweep_report(sweep_dir: Path, console: Console | None = None) -> pd.Da
         x_keys = [k for k in keys if k != "seed"]
         if x_keys:
             plot_sweep(grouped, x_keys, sweep_dir / "sweep.png")
+    validators = validator_table(df, keys)
+    if not validators.empty:
+        write_table(validators, sweep_dir / "validators.csv", markdown=True)
+        console.print(rich_table(validators, title="target test top-1 of the checkpoint each validator picks "
+                                                   "(oracle: picked with target labels, for reference only)"))
     return df
+
+
+def validator_table(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per combination of the swept keys (seeds pooled): mean ± std target test accuracy of the epoch each
+    label-free validator picks, the last epoch's, and the oracle's (best target test: uses target labels)."""
+    ok = df[df["status"] == "ok"]
+    picks = [c for c in ok.columns if c.startswith("pick_") and ok[c].notna().any()]
+    if ok.empty or not picks:
+        return pd.DataFrame()
+    by = [k for k in keys if k != "seed"]
+    grouped = ok.groupby(by, sort=False, dropna=False) if by else ok.assign(_all="all").groupby("_all")
+    mean, std = grouped[picks].mean(), grouped[picks].std().fillna(0.0)
+    table = pd.DataFrame(index=mean.index)
+    for column in picks:
+        name = column.removeprefix("pick_")
+        table[name if name != "oracle" else "oracle (target labels)"] = [
+            f"{m:.2f} ± {s:.2f}" for m, s in zip(mean[column], std[column], strict=True)]
+    table["n"] = grouped.size()
+    return table.reset_index().drop(columns=["_all"], errors="ignore")
 
 
 class SweepReport(Callback):

@@ -1,0 +1,83 @@
+"""Domain adaptation on digits (needs ../shared/datasets/mnist and usps), 3 seeds per method, written to
+bench/results/da_<part>.md/.csv:
+
+  mnist_usps    MNIST -> USPS, the ADDA protocol (experiment=mnist_usps): every DA method.
+  usps_mnist    USPS -> MNIST, the same.
+  color_digits  MNIST -> colour-texture digits (MNIST-M-style, made by transfer_cli.data.color_digits) with an
+                RGB LeNet (backbone.in_channels=3): source_only, dann and the best method.
+
+Each part also writes da_<part>_validators.md: the target test accuracy of the checkpoint each label-free
+validator picks, next to the oracle (the best target test epoch: uses target labels, for reference only).
+
+    python bench/domain_adaptation.py [--only PART] [--jobs 2]   # about 90 minutes on 2 CPU cores
+
+Sweeps already finished in --out are reused (delete the folder to measure again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from results_table import record
+
+SEEDS = "0,1,2"
+METHODS = "source_only,dann,cdan,cdan_e,coral,dan,mcc,shot,cdan_e_mcc"
+COLOR_METHODS = "source_only,dann,cdan_e_mcc"
+
+
+def sweep(out: Path, name: str, overrides: list[str], jobs: int) -> Path:
+    """``transfer sweep`` into out/name (kept as it is when it finished before); the sweep folder."""
+    folder = out / name
+    if not (folder / "summary.csv").is_file():
+        subprocess.run([sys.executable, "-m", "transfer_cli", "sweep", *overrides, f"seed={SEEDS}",
+                        "trainer.progress=none", "trainer.plots=false", f"hydra.sweep.dir={folder}",
+                        f"output_dir={out}", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"], check=True)
+    return folder
+
+
+def tables(folder: Path, part: str) -> None:
+    summary = pd.read_csv(folder / "summary.csv")
+    columns = [c for c in ("method", "target_test_acc1_mean", "target_test_acc1_std", "published_target_acc1",
+                           "val_acc1_mean", "seconds_mean", "n") if c in summary.columns]
+    record(f"da_{part}", summary[columns].round(2))
+    record(f"da_{part}_validators", pd.read_csv(folder / "validators.csv"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["mnist_usps", "usps_mnist", "color_digits"])
+    parser.add_argument("--shared", default="../shared")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench/domain_adaptation"))
+    args = parser.parse_args()
+    datasets = Path(args.shared) / "datasets"
+    roots = [f"dataset.root={datasets / 'mnist'}", f"target.dataset.root={datasets / 'usps'}"]
+    for part in ("mnist_usps", "usps_mnist"):
+        if args.only in (None, part):
+            started = time.perf_counter()
+            swapped = roots if part == "mnist_usps" else [f"dataset.root={datasets / 'usps'}",
+                                                          f"target.dataset.root={datasets / 'mnist'}"]
+            folder = sweep(args.out, part, [f"experiment={part}", f"method={METHODS}", *swapped], args.jobs)
+            tables(folder, part)
+            print(f"{part}: {time.perf_counter() - started:.0f} s")
+    if args.only in (None, "color_digits"):
+        from transfer_cli.data.color_digits import make_color_digits
+
+        images = args.out / "color_digits_images"
+        if not (images / "test").is_dir():
+            shutil.rmtree(images, ignore_errors=True)
+            make_color_digits(images, str(datasets / "mnist"))
+        folder = sweep(args.out, "color_digits", ["experiment=mnist_color_digits", f"method={COLOR_METHODS}",
+                                                  f"dataset.root={datasets / 'mnist'}",
+                                                  f"target.dataset.root={images.resolve()}"], args.jobs)
+        tables(folder, "color_digits")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""`transfer analyze`: how a checkpoint's features align its source and target domains (see
+reporting/alignment.py): features.png and alignment.csv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from transfer_cli.config import SPLITS, DatasetConfig
+from transfer_cli.data.decoded import hold_in_memory
+from transfer_cli.engine.device import Precision, resolve_device
+from transfer_cli.errors import UserError, bad_value
+from transfer_cli.models.checkpoint import load_model
+from transfer_cli.pipeline import build_data, sample_loader, trained_dataset_config
+from transfer_cli.reporting.alignment import analyze_alignment
+from transfer_cli.reporting.tables import rich_table
+
+
+def run_analyze(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> pd.DataFrame:
+    console = console or Console()
+    if cfg.split not in SPLITS:
+        raise bad_value("split", cfg.split, SPLITS)
+    if cfg.samples < 10:
+        raise bad_value("samples", cfg.samples, "an integer >= 10 (images per domain)")
+    model, meta = load_model(cfg.checkpoint)
+    domains = {"source": trained_dataset_config(cfg.dataset, meta, cfg.checkpoint),
+               "target": _target_config(cfg, meta)}
+    device = resolve_device(cfg.device)
+    precision = Precision(str(cfg.precision), device)
+    loaders = []
+    for role, data_cfg in domains.items():
+        splits = hold_in_memory(build_data(data_cfg), model.spec, data_cfg, lambda m: console.print(m, highlight=False))
+        if len(splits.classes) != len(model.recipe.classes):
+            raise UserError(f"{role} dataset={data_cfg.name} has {len(splits.classes)} classes but checkpoint="
+                            f"{cfg.checkpoint!r} predicts {len(model.recipe.classes)}: both domains must share "
+                            "the model's classes.")
+        split = splits.split(cfg.split)
+        if len(split) == 0:
+            raise UserError(f"{role} dataset={data_cfg.name} has no {cfg.split} samples: choose split=train|val|test.")
+        loaders.append((data_cfg.name, sample_loader(split, model.spec, data_cfg, device, cfg.samples, cfg.seed)))
+    table = analyze_alignment(model, *loaders, list(model.recipe.classes), device, precision, out_dir, cfg.seed)
+    console.print(rich_table(table, title=f"alignment of {cfg.checkpoint} -> {out_dir}/features.png"))
+    return table
+
+
+def _target_config(cfg: DictConfig, meta: dict) -> DatasetConfig:
+    if cfg.target is not None:
+        return OmegaConf.to_object(cfg.target.dataset)
+    stored = (meta.get("config") or {}).get("target") if isinstance(meta.get("config"), dict) else None
+    if not isinstance(stored, dict) or not isinstance(stored.get("dataset"), dict):
+        raise UserError(f"checkpoint={cfg.checkpoint!r} was not trained with a target domain: name the domain to "
+                        "compare with, e.g. target=usps target.dataset.root=DIR.")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DatasetConfig), stored["dataset"]))
