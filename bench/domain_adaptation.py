@@ -5,6 +5,8 @@ bench/results/da_<part>.md/.csv:
   usps_mnist    USPS -> MNIST, the same.
   color_digits  MNIST -> colour-texture digits (MNIST-M-style, made by transfer_cli.data.color_digits) with an
                 RGB LeNet (backbone.in_channels=3): source_only, dann and the best method.
+  alignment     `transfer analyze` of the seed-0 MNIST -> USPS checkpoints of source_only, dann and cdan_e_mcc:
+                proxy A-distance table, and features.png per method under --out/alignment/<method>/.
 
 Each part also writes da_<part>_validators.md: the target test accuracy of the checkpoint each label-free
 validator picks, next to the oracle (the best target test epoch: uses target labels, for reference only).
@@ -45,13 +47,15 @@ def tables(folder: Path, part: str) -> None:
     summary = pd.read_csv(folder / "summary.csv")
     columns = [c for c in ("method", "target_test_acc1_mean", "target_test_acc1_std", "published_target_acc1",
                            "val_acc1_mean", "seconds_mean", "n") if c in summary.columns]
-    record(f"da_{part}", summary[columns].round(2))
-    record(f"da_{part}_validators", pd.read_csv(folder / "validators.csv"))
+    record(f"da_{part}", summary[columns].round(2).to_dict("records"), f"{part}: target test top-1, 3 seeds")
+    validators = pd.read_csv(folder / "validators.csv")
+    record(f"da_{part}_validators", validators.to_dict("records"),
+           f"{part}: target top-1 of the checkpoint each validator picks")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["mnist_usps", "usps_mnist", "color_digits"])
+    parser.add_argument("--only", choices=["mnist_usps", "usps_mnist", "color_digits", "alignment"])
     parser.add_argument("--shared", default="../shared")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/domain_adaptation"))
@@ -77,6 +81,22 @@ def main() -> None:
                                                   f"dataset.root={datasets / 'mnist'}",
                                                   f"target.dataset.root={images.resolve()}"], args.jobs)
         tables(folder, "color_digits")
+    if args.only in (None, "alignment"):
+        alignment(args.out)
+
+
+def alignment(out: Path) -> None:
+    rows = []
+    for method in ("source_only", "dann", "cdan_e_mcc"):
+        job = next(j for j in sorted((out / "mnist_usps").glob("*/.hydra/overrides.yaml"))
+                   if {f"method={method}", "seed=0"} <= set(j.read_text().replace("- ", "").split()))
+        folder = out / "alignment" / method
+        if not (folder / "alignment.csv").is_file():
+            subprocess.run([sys.executable, "-m", "transfer_cli", "analyze",
+                            f"checkpoint={job.parent.parent / 'checkpoints' / 'best.safetensors'}",
+                            f"hydra.run.dir={folder}"], check=True)
+        rows.append({"method": method, **pd.read_csv(folder / "alignment.csv").iloc[0].to_dict()})
+    record("da_alignment", rows, "MNIST -> USPS, seed 0: proxy A-distance of the penultimate features")
 
 
 if __name__ == "__main__":

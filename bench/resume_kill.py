@@ -33,6 +33,11 @@ METHODS = {
     "finetune_swa": ["method=finetune", "trainer.swa_start=2"],
     "dann": ["method=dann", "target=usps", "target.dataset.name=digits", "target.dataset.root=null",
              "target.dataset.batch_size=16"],
+    # the source-free phase switch and the centroids of SHOT; CDAN's conditioning with MCC
+    "shot": ["method=shot", "method.source_epochs=2", "target=usps", "target.dataset.name=digits",
+             "target.dataset.root=null", "target.dataset.batch_size=16"],
+    "cdan_e_mcc": ["method=cdan_e_mcc", "target=usps", "target.dataset.name=digits", "target.dataset.root=null",
+                   "target.dataset.batch_size=16"],
 }
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import shared_path
 
-from transfer_cli.methods.domain import PairedLoader, coral_loss, dann_lambda, grad_reverse, mmd_loss
+from transfer_cli.methods.da_losses import coral_loss, dann_lambda, grad_reverse, mmd_loss
+from transfer_cli.methods.domain import PairedLoader
 from transfer_cli.train import run_train
 
 
@@ -66,34 +67,6 @@ def test_short_dann_run_on_real_digits_writes_target_metrics(compose_cfg, tmp_pa
     assert {"loss_cls", "loss_domain", "domain_acc", "lambda"} <= set(metrics.columns)
     assert metrics["split"].tolist().count("target_test") == 2
     assert 0 <= summary["target_test"]["acc1"] <= 100 and summary["target"] == "usps"
-
-
-def test_target_labels_never_reach_training(compose_cfg, tmp_path, quiet_console, da_overrides, monkeypatch):
-    """Training with the target labels replaced by garbage gives exactly the same model."""
-    import transfer_cli.data.tasks as tasks
-
-    first = run_train(compose_cfg(*da_overrides, "method=dann", "trainer.deterministic=true"), tmp_path / "a",
-                      quiet_console)
-    original = tasks.few_shot
-    scrambled = []
-
-    def garbage_target_labels(dataset, shots, seed):
-        subset = original(dataset, shots, seed)  # pick the same images first
-        base = subset
-        while not hasattr(base, "images"):
-            base = base.dataset
-        if base.images.shape[-1] == 16:  # USPS (16x16), the target domain: scramble its train labels
-            base.targets = torch.randint(0, 10, base.targets.shape, generator=torch.Generator().manual_seed(9))
-            scrambled.append(len(base))
-        return subset
-
-    monkeypatch.setattr(tasks, "few_shot", garbage_target_labels)
-    second = run_train(compose_cfg(*da_overrides, "method=dann", "trainer.deterministic=true"), tmp_path / "b",
-                       quiet_console)
-    assert scrambled, "the target's train labels were never replaced: the test proved nothing"
-    assert second["target_test"]["acc1"] == first["target_test"]["acc1"]
-    assert second["target_test"]["loss"] == first["target_test"]["loss"]
-    assert second["test"]["loss"] == first["test"]["loss"]
 
 
 def test_mmd_stays_finite_when_features_collapse():

@@ -29,8 +29,12 @@ METHOD_SETTINGS = {
     "l2sp": {"alpha": 0.1, "beta": 0.01, "freeze": 1},
     "source_only": {},
     "dann": {"hidden": 32},
+    "cdan": {"hidden": 32},
+    "cdan_e": {"hidden": 32, "mcc_weight": 1.0},
     "coral": {},
     "dan": {},
+    "mcc": {},
+    "shot": {"source_epochs": 1},  # its source phase; the adaptation step is tested below
 }
 
 
@@ -111,6 +115,25 @@ def test_gradual_unfreeze_adds_one_stage_per_epoch_to_the_optimizer_on_schedule(
     # stage i of 3 trains at lr * 0.5 ** (3 - i); the head at lr
     assert lrs == pytest.approx([1.25e-3, 2.5e-3, 5e-3, 1e-2])
     assert not method.frozen_norms  # every BatchNorm trains again once its stage is unfrozen
+
+
+def test_shot_adaptation_step_trains_the_body_on_target_batches_with_the_head_frozen():
+    method, loaders = setup("shot", source_epochs=1)
+    optimizer, scheduler = optimizer_for(method)
+    state = State(method, optimizer, scheduler, max_epochs=2, steps_per_epoch=1, epoch=1)
+    for hook in method.hooks():
+        hook.before_epoch(state)
+    assert method.adapting and method.centroids.shape[0] == 10
+    head = [p.detach().clone() for p in method.model.head.parameters()]
+    body = [p.detach().clone() for p in method.model.body.parameters()]
+    method.train()
+    x_source, y_source, x_target = next(iter(loaders["train"]))
+    out = method.training_step((x_source * 0 + 255, y_source, x_target))  # the source batch is never used
+    assert out["labels"] is None and {"loss_im", "loss_pseudo"} <= set(out)
+    out["loss"].backward()
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(head, method.model.head.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(body, method.model.body.parameters(), strict=True))
 
 
 def test_layer_decay_and_backbone_lr_mult_scale_each_stage():

@@ -38,6 +38,7 @@ commands:
   sweep    one run per combination   transfer sweep backbone=small_cnn,resnet18 seed=0,1,2
   predict  classify new images       transfer predict checkpoint=.../best.safetensors input=photos/
   export   ONNX / TorchScript        transfer export checkpoint=.../best.safetensors format=onnx quantize=dynamic
+  analyze  domain alignment          transfer analyze checkpoint=.../best.safetensors [target=usps]
   report   rebuild/compare tables    transfer report outputs/sweeps/<time> [outputs/sweeps/<other>]
 
 `transfer COMMAND --help` lists the config groups and every key."""
