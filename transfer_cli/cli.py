@@ -133,6 +133,7 @@ def _job_threads(cfg: DictConfig) -> int | None:
 
 @_job
 def _train(cfg: DictConfig) -> float:
+    from transfer_cli.engine.validators import VALIDATORS
     from transfer_cli.train import run_train
     from transfer_cli.validation import validate
 
@@ -144,7 +145,10 @@ def _train(cfg: DictConfig) -> float:
     cfg.trainer.threads = _job_threads(cfg)
     summary = run_train(cfg, _run_dir(), sweep_job=_in_multirun())
     best = summary["best"]
-    return float(best["value"]) if best["split"] == "val" else float("nan")  # what Optuna maximises
+    if best["split"] == "last":
+        return float("nan")
+    # What Optuna maximises: the selection score of the kept epoch, negated where lower is better (entropy).
+    return float(best["value"]) * (1 if VALIDATORS.get(cfg.trainer.select, ("", "", True))[2] else -1)
 
 
 @_job
