@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from transfer_cli.engine.device import Precision, to_device
+from transfer_cli.engine.device import Precision
 from transfer_cli.engine.hooks import Weights, training_weights
-from transfer_cli.engine.loop import Hook, State
+from transfer_cli.engine.loop import Hook, State, infer
 
 SND_SAMPLES = 4096  # SND compares every pair: a fixed (first-N, unshuffled) subset keeps it O(N^2) small
 SND_TEMPERATURE = 0.05
@@ -68,14 +68,10 @@ class TargetValidators(Hook):
         self.loader, self.device, self.precision, self.weights = loader, device, precision, weights
 
     def after_epoch(self, state: State) -> None:
-        method = state.method
-        method.eval()
-        outputs = []
-        with self.weights(state), torch.inference_mode():
-            for x, _labels in self.loader:
-                with self.precision.autocast():
-                    outputs.append(method.predict(to_device(x, self.device)).float().cpu())
-        state.epoch_metrics["target_train"] = validator_scores(torch.cat(outputs))
+        state.method.eval()
+        with self.weights(state):
+            logits, _labels = infer(state.method.predict, self.loader, self.device, self.precision)  # labels unread
+        state.epoch_metrics["target_train"] = validator_scores(logits)
 
 
 def validator_picks(history: list[dict[str, Any]], first_epoch: int = 1) -> list[dict[str, Any]]:

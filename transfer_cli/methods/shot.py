@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from transfer_cli.engine.device import to_device
-from transfer_cli.engine.loop import Hook, State
+from transfer_cli.engine.loop import Hook, State, infer
 from transfer_cli.errors import UserError
 from transfer_cli.methods.base import METHODS, DataContext, LoaderFactory
 from transfer_cli.methods.da_losses import im_loss, mcc_loss
@@ -60,6 +59,7 @@ class SHOT(DomainAdaptation):
     def loaders(self, make: LoaderFactory, context: DataContext) -> dict[str, DataLoader]:
         loaders = super().loaders(make, context)
         self.target_pass = context.target("train", False)  # unaugmented, for the centroids
+        self.device, self.precision = context.device, context.precision
         return loaders
 
     def training_step(self, batch):
@@ -88,16 +88,13 @@ class SHOT(DomainAdaptation):
         return labels
 
     def refresh_centroids(self) -> None:
-        device = next(self.parameters()).device
-        features, logits = [], []
         self.eval()
-        with torch.inference_mode():
-            for x, _labels in self.target_pass:  # the labels are never read
-                f = self.model.features(to_device(x, device)).float()
-                features.append(f)
-                logits.append(self.model.head(f))
+        features, _labels = infer(self.model.features, self.target_pass, self.device, self.precision)  # unread
+        features = features.to(self.device)
+        with torch.no_grad():
+            probs = self.model.head(features).float().softmax(1)
         self.train()
-        self.centroids = class_centroids(torch.cat(features), torch.cat(logits).softmax(1)).clone()
+        self.centroids = class_centroids(features, probs)
 
     def hooks(self) -> list[Hook]:
         return [*super().hooks(), _Phases(self)]
