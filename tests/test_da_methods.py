@@ -232,3 +232,14 @@ def test_bad_da_settings_exit_2_naming_the_key(overrides, message, tmp_path):
     result = run_cli("train", *overrides, f"output_dir={tmp_path}", "trainer.progress=none", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in " ".join(result.stderr.split())
+
+
+def test_sweep_summary_flags_negative_transfer_against_source_only():
+    from transfer_cli.reporting.sweep import add_gain_over_source_only
+
+    grouped = pd.DataFrame({"backbone": ["a", "a", "b", "b"], "method": ["dann", "source_only", "source_only", "dann"],
+                            "target_test_acc1_mean": [80.0, 70.0, 60.0, 55.0]})
+    gains = add_gain_over_source_only(grouped, ["backbone", "method", "seed"])["target_gain_vs_source_only"]
+    assert gains.tolist() == [10.0, 0.0, 0.0, -5.0]  # compared within the same backbone
+    no_baseline = grouped[grouped["method"] == "dann"]
+    assert "target_gain_vs_source_only" not in add_gain_over_source_only(no_baseline, ["backbone", "method"])

@@ -130,6 +130,21 @@ def group_over_seed(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return table.reset_index().drop(columns=["_all"], errors="ignore")
 
 
+def add_gain_over_source_only(grouped: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """A ``target_gain_vs_source_only`` column (mean target top-1 minus source_only's, with the other swept
+    keys equal) when the sweep ran source_only next to adaptation methods: a negative value is negative
+    transfer, which no single run can see."""
+    if "method" not in grouped.columns or "target_test_acc1_mean" not in grouped.columns:
+        return grouped
+    others = [k for k in keys if k not in ("seed", "method") and k in grouped.columns]
+    base = grouped.loc[grouped["method"] == "source_only", [*others, "target_test_acc1_mean"]]
+    if base.empty:
+        return grouped
+    base = base.rename(columns={"target_test_acc1_mean": "_base"})
+    merged = grouped.merge(base, on=others, how="left") if others else grouped.assign(_base=base["_base"].iloc[0])
+    return grouped.assign(target_gain_vs_source_only=(merged["target_test_acc1_mean"] - merged["_base"]).to_numpy())
+
+
 def pretty_grouped(grouped: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """`mean ± std` text cells: the table a paper prints."""
     out = grouped[[k for k in keys if k in grouped.columns]].copy()
@@ -138,6 +153,8 @@ def pretty_grouped(grouped: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
             mean, std = grouped[f"{metric}_mean"], grouped[f"{metric}_std"].fillna(0.0)
             digits = 1 if metric == "best_epoch" else 2
             out[metric] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(mean, std, strict=True)]
+    if "target_gain_vs_source_only" in grouped.columns:
+        out["target_gain_vs_source_only"] = [f"{v:+.2f}" if pd.notna(v) else "" for v in grouped["target_gain_vs_source_only"]]
     if "published_target_acc1" in grouped.columns:  # blank where the paper has no such method
         out["published_target_acc1"] = [f"{v:.1f}" if pd.notna(v) else "" for v in grouped["published_target_acc1"]]
     out["n"] = grouped["n"]
@@ -150,11 +167,14 @@ def write_sweep_report(sweep_dir: Path, console: Console | None = None) -> pd.Da
     console = console or Console()
     df, keys = sweep_frame(sweep_dir)
     write_table(df, sweep_dir / "sweep.csv")
-    grouped = add_published(group_over_seed(df, keys), df)
+    grouped = add_gain_over_source_only(add_published(group_over_seed(df, keys), df), keys)
     if not grouped.empty:
         write_table(grouped, sweep_dir / "summary.csv", markdown=False)
         pretty = pretty_grouped(grouped, keys)
         atomic_write_text(sweep_dir / "summary.md", pretty.to_markdown(index=False) + "\n")
+        for row in grouped[grouped.get("target_gain_vs_source_only", pd.Series(dtype=float)) < 0].itertuples():
+            console.print(f"[red]negative transfer:[/] method={row.method} reaches {row.target_test_acc1_mean:.2f} on "
+                          f"the target, {-row.target_gain_vs_source_only:.2f} points below source_only.")
         best = int(grouped["val_acc1_mean"].idxmax())
         shown = pretty.drop(columns=["test_loss"], errors="ignore")  # the files keep every column
         console.print(rich_table(shown, title=f"sweep {sweep_dir} (best on validation in green)", highlight=[best]))
