@@ -172,9 +172,10 @@ def write_sweep_report(sweep_dir: Path, console: Console | None = None) -> pd.Da
         write_table(grouped, sweep_dir / "summary.csv", markdown=False)
         pretty = pretty_grouped(grouped, keys)
         atomic_write_text(sweep_dir / "summary.md", pretty.to_markdown(index=False) + "\n")
-        for row in grouped[grouped.get("target_gain_vs_source_only", pd.Series(dtype=float)) < 0].itertuples():
-            console.print(f"[red]negative transfer:[/] method={row.method} reaches {row.target_test_acc1_mean:.2f} on "
-                          f"the target, {-row.target_gain_vs_source_only:.2f} points below source_only.")
+        if "target_gain_vs_source_only" in grouped:
+            for row in grouped[grouped["target_gain_vs_source_only"] < 0].itertuples():
+                console.print(f"[red]negative transfer:[/] method={row.method} reaches {row.target_test_acc1_mean:.2f} "
+                              f"on the target, {-row.target_gain_vs_source_only:.2f} points below source_only.")
         best = int(grouped["val_acc1_mean"].idxmax())
         shown = pretty.drop(columns=["test_loss"], errors="ignore")  # the files keep every column
         console.print(rich_table(shown, title=f"sweep {sweep_dir} (best on validation in green)", highlight=[best]))
