@@ -150,7 +150,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     state = State(method, optimizer, scheduler, epochs, steps_per_epoch)
     if payload is not None:
         train_state.restore(state, payload, loaders["train"], precision.scaler, averaging)
-        checkpointer.best_state = load_file(str(checkpoints / "best.safetensors"))
+        if state.best:  # none yet when the run was killed before its first selectable epoch (SHOT's source phase)
+            checkpointer.best_state = load_file(str(checkpoints / "best.safetensors"))
         console.print(f"resuming {run_dir} at epoch {state.epoch + 1}/{epochs} (optimizer step {state.step})",
                       highlight=False)
     elif source:  # the source model's own learning curve opens the run's table
