@@ -44,6 +44,9 @@ def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weig
                             "adapter converts the images), or use a backbone with a free first layer (small_cnn, "
                             "lenet_adda).")
     else:
+        if in_channels and in_channels != pretrained.channels:  # the body's first layer is already trained
+            raise UserError(f"backbone.in_channels={in_channels}: the source-pretrained body takes "
+                            f"{pretrained.channels} channels. Leave backbone.in_channels=null with backbone.weights=source.")
         bb = build_backbone(backbone, "none", pretrained.channels)
         bb.body.load_state_dict(pretrained.state)
         bb.weights_meta = pretrained.meta
