@@ -10,11 +10,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from transfer_cli.config import SPLITS, DatasetConfig
-from transfer_cli.data.decoded import hold_in_memory
 from transfer_cli.engine.device import Precision, resolve_device
 from transfer_cli.errors import UserError, bad_value
 from transfer_cli.models.checkpoint import load_model
-from transfer_cli.pipeline import build_data, sample_loader, trained_dataset_config
+from transfer_cli.pipeline import build_data, prepare_splits, sample_loader, trained_dataset_config
 from transfer_cli.reporting.alignment import analyze_alignment
 from transfer_cli.reporting.tables import rich_table
 
@@ -32,7 +31,7 @@ def run_analyze(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
     precision = Precision(str(cfg.precision), device)
     loaders = []
     for role, data_cfg in domains.items():
-        splits = hold_in_memory(build_data(data_cfg), model.spec, data_cfg, lambda m: console.print(m, highlight=False))
+        splits = prepare_splits(build_data(data_cfg), model.spec, data_cfg, lambda m: console.print(m, highlight=False))
         if len(splits.classes) != len(model.recipe.classes):
             raise UserError(f"{role} dataset={data_cfg.name} has {len(splits.classes)} classes but checkpoint="
                             f"{cfg.checkpoint!r} predicts {len(model.recipe.classes)}: both domains must share "

@@ -35,6 +35,9 @@ class DatasetConfig:
     classes: list[int] | None = None  # keep these class indices (every split), relabelled 0..k-1 in this order
     shots: int | None = None  # keep this many labelled train examples per class (val/test untouched)
     fraction: float | None = None  # keep this stratified fraction of the train split
+    # Which draw of shots / fraction: null = split_seed. The run's dataset defaults to ${seed} (conf/config.yaml),
+    # so `seed=0,1,2 dataset.shots=16` trains on three different draws, as few-shot results are reported.
+    shots_seed: int | None = None
     image_size: int | None = None  # None: the weights' crop size, else the data's own size
     augment: str = "none"
     mean: list[float] | None = None  # None: the weights' statistics, else computed on the train split
@@ -43,7 +46,10 @@ class DatasetConfig:
     eval_batch_size: int | None = None
     num_workers: str = "auto"  # per-sample loading only: auto (cores - 1) | an integer >= 0
     in_memory: str = "auto"  # photos decoded once and held as uint8: auto (when under 4 GiB) | true | false
-    cache_dir: str | None = "${output_dir}/cache/decoded"  # decoded copies and checked files; null: none kept
+    cache_dir: str | None = "${output_dir}/cache/decoded"  # decoded copies, token ids and checked files; null: none kept
+    # Text tables (dataset=csv_text): the columns (JSONL: keys) holding each row's text and label.
+    text_column: str = "text"
+    label_column: str = "label"
 
 
 @dataclass
@@ -59,6 +65,17 @@ class PreprocessConfig:
 
 
 @dataclass
+class TfidfConfig:
+    """backbone=tfidf: scikit-learn's TfidfVectorizer settings, fitted on the train split only."""
+
+    ngram_max: int = 2  # word n-grams from 1 to this
+    min_df: int = 1  # keep n-grams found in at least this many train texts
+    max_features: int | None = 20000  # the most frequent n-grams kept (features); null: all
+    sublinear_tf: bool = False  # 1 + log(tf) instead of raw counts
+    lowercase: bool = True
+
+
+@dataclass
 class BackboneConfig:
     name: str = "small_cnn"  # a registered backbone, any torchvision classifier, or timm/<model>[.<tag>]
     weights: str = "none"  # none | DEFAULT | a torchvision weights enum name | pretrained (timm) | a local file
@@ -66,6 +83,10 @@ class BackboneConfig:
     # repeated to 3 channels), e.g. MNIST -> an RGB target. Architectures with a fixed stem refuse a change.
     in_channels: int | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # Text backbones (minilm, hf, tfidf):
+    path: str | None = None  # backbone=hf: a local model folder, or a Hugging Face hub name (needs a network)
+    max_length: int = 128  # tokens kept per text; longer texts are truncated (batches pad to their longest)
+    tfidf: TfidfConfig = field(default_factory=TfidfConfig)
 
 
 @dataclass

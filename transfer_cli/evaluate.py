@@ -15,7 +15,6 @@ from rich.console import Console
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 from transfer_cli.config import SPLITS, DatasetConfig
-from transfer_cli.data.decoded import hold_in_memory
 from transfer_cli.engine.averaging import recompute_norm_statistics
 from transfer_cli.engine.device import Precision, resolve_device
 from transfer_cli.engine.loop import infer
@@ -26,7 +25,7 @@ from transfer_cli.models.checkpoint import checkpoint_paths, load_model, save_mo
 from transfer_cli.models.ensemble import ENSEMBLES, check_ensemble, check_same_classes
 from transfer_cli.models.fusion import WEIGHT_FUSIONS
 from transfer_cli.models.recipe import ModelRecipe
-from transfer_cli.pipeline import build_data, make_loader, trained_dataset_config
+from transfer_cli.pipeline import build_data, make_loader, prepare_splits, trained_dataset_config
 from transfer_cli.reporting.plots import plot_confusion, plot_wise
 from transfer_cli.reporting.tables import rich_table, write_table
 
@@ -113,7 +112,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     else:
         log_probs, rows = [], []
         for member in members:  # each member sees the data through its own preprocessing
-            held = hold_in_memory(splits, member.model.spec, data_cfg, log)
+            held = prepare_splits(splits, member.model.spec, data_cfg, log)
             member_log_probs, labels = predict(member.model, make_loader(held.split(cfg.split), member.model.spec,
                                                                          data_cfg, False, device, batch_size=cfg.batch_size))
             log_probs.append(member_log_probs)
@@ -182,7 +181,7 @@ def _fuse(cfg: DictConfig, members: list[Member], splits: Any, data_cfg: Dataset
         raise UserError(f"fusion={cfg.fusion.name} chooses on the validation split, but dataset={data_cfg.name} has "
                         "none here: set dataset.val_fraction > 0 (e.g. 0.1, the training default).")
     spec = members[0].model.spec
-    held = hold_in_memory(splits, spec, data_cfg, log)
+    held = prepare_splits(splits, spec, data_cfg, log)
     loader = {split: make_loader(held.split(split), spec, data_cfg, False, device, batch_size=cfg.batch_size)
               for split in {"train", "val", cfg.split}}
     states = [m.model.state_dict() for m in members]

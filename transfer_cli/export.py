@@ -15,7 +15,6 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from transfer_cli.data.decoded import hold_in_memory
 from transfer_cli.data.inputs import model_input
 from transfer_cli.engine.device import Precision
 from transfer_cli.errors import UserError, bad_value
@@ -32,7 +31,7 @@ from transfer_cli.models.exported import (
     torch_predictor,
     torchscript_predictor,
 )
-from transfer_cli.pipeline import build_data, make_loader, trained_dataset_config
+from transfer_cli.pipeline import build_data, make_loader, prepare_splits, trained_dataset_config
 from transfer_cli.reporting.tables import rich_table, write_table
 
 QUANTIZE = ("none", "dynamic")
@@ -57,7 +56,7 @@ def _real_images(cfg: DictConfig, model: Any, meta: dict[str, Any]) -> tuple[tor
     """Up to ``cfg.samples`` test images of the checkpoint's dataset as exported models take them, their labels."""
     data_cfg = trained_dataset_config(cfg.dataset, meta, str(cfg.checkpoint))
     splits = build_data(data_cfg)
-    held = hold_in_memory(splits, model.spec, data_cfg, lambda _: None)
+    held = prepare_splits(splits, model.spec, data_cfg, lambda _: None)
     images, labels = [], []
     for x, y in make_loader(held.split("test"), model.spec, data_cfg, False, CPU, batch_size=64):
         images.append(model_input(x, model.spec))

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset, Subset
 
-from transfer_cli.config import DatasetConfig, HeadConfig
+from transfer_cli.config import BackboneConfig, DatasetConfig, HeadConfig
 from transfer_cli.data.augment import BatchAugment
 from transfer_cli.data.batches import Batches, Rows, resolve_workers
-from transfer_cli.data.decoded import DecodedImages
+from transfer_cli.data.decoded import DecodedImages, hold_in_memory
 from transfer_cli.data.splits import DATASETS, DataSplits, Transformed, tensor_view
 from transfer_cli.data.tasks import make_task
+from transfer_cli.data.tokens import TextSpec, tokenize_splits, train_texts
 from transfer_cli.data.transforms import InputSpec, WeightsMeta, resolve_input, sample_transform
 from transfer_cli.errors import UserError
 from transfer_cli.methods.base import Method
-from transfer_cli.models.backbone import Classifier, PretrainedBody, build_backbone
+from transfer_cli.models.backbone import BACKBONES, Classifier, PretrainedBody, build_backbone, takes_text
 from transfer_cli.models.recipe import ModelRecipe
+from transfer_cli.models.text_backbones import TextRequest
 from transfer_cli.models.weights import weights_sidecar
 from transfer_cli.optim import OPTIMIZERS, SCHEDULERS
 
@@ -29,12 +31,38 @@ def build_data(cfg: DatasetConfig) -> DataSplits:
     return make_task(DATASETS.get(cfg.name)(cfg), cfg)
 
 
+def _check_kind(splits: DataSplits, data_cfg: DatasetConfig, backbone: str) -> None:
+    text = takes_text(backbone)
+    if text != splits.text:
+        kind = "text" if text else "images"
+        fitting = [n for n in BACKBONES.names() if takes_text(n) == splits.text]
+        raise UserError(f"backbone={backbone} takes {kind} but dataset={data_cfg.name} holds {splits.kind}. "
+                        f"Backbones for {splits.kind}: {', '.join(fitting[:12])}{', ...' if len(fitting) > 12 else ''}.")
+
+
+def build_text_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: BackboneConfig,
+                     head: HeadConfig) -> Classifier:
+    """The classifier of a text backbone: its tokenizer settings (a fitted vocabulary, for tfidf) go into
+    the recipe, so every checkpoint tokenizes new text exactly as its training data was."""
+    if data_cfg.augment != "none":
+        raise UserError(f"dataset.augment={data_cfg.augment}: dataset={data_cfg.name} is text, which has no "
+                        "augmentation here. Allowed: none.")
+    request = TextRequest(path=backbone.path, max_length=backbone.max_length, tfidf=backbone.tfidf,
+                          texts=train_texts(splits))
+    bb = BACKBONES.get(backbone.name)(weights=backbone.weights, text=request)
+    recipe = ModelRecipe(backbone=backbone.name, weights=backbone.weights, data_channels=0,
+                         classes=list(splits.classes), input=None, text=bb.text,
+                         head=HeadConfig(hidden=list(head.hidden), dropout=float(head.dropout)))
+    return Classifier(bb, recipe)
+
+
 def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weights: str,
                 head: HeadConfig, pretrained: PretrainedBody | None = None,
                 preprocess: Mapping[str, Any] | None = None, in_channels: int | None = None) -> Classifier:
-    """The classifier for ``splits``; with ``pretrained``, its body starts from those weights.
-    ``preprocess`` (backbone.preprocess) overrides the preprocessing the weights bring; ``in_channels``
-    (backbone.in_channels) the number of channels the model takes, else the data's."""
+    """The classifier of an image backbone for ``splits``; with ``pretrained``, its body starts from those
+    weights. ``preprocess`` (backbone.preprocess) overrides the preprocessing the weights bring;
+    ``in_channels`` (backbone.in_channels) the number of channels the model takes, else the data's."""
+    _check_kind(splits, data_cfg, backbone)
     if pretrained is None:
         data_channels = in_channels or splits.channels
         bb = build_backbone(backbone, weights, data_channels)
@@ -62,18 +90,39 @@ def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weig
     return Classifier(bb, recipe)
 
 
-def make_loader(dataset: Dataset, spec: InputSpec, cfg: DatasetConfig, train: bool,
+def build_any_model(cfg: Any, splits: DataSplits, pretrained: PretrainedBody | None = None) -> Classifier:
+    """The classifier a run config (``cfg.backbone``, ``cfg.head``) describes for ``splits``, text or images."""
+    if splits.text or takes_text(cfg.backbone.name):
+        _check_kind(splits, cfg.dataset, cfg.backbone.name)
+        return build_text_model(cfg.dataset, splits, cfg.backbone, cfg.head)
+    return build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head, pretrained,
+                       preprocess=cfg.backbone.preprocess, in_channels=cfg.backbone.in_channels)
+
+
+def prepare_splits(splits: DataSplits, spec: InputSpec | TextSpec, cfg: DatasetConfig,
+                   log: Callable[[str], None]) -> DataSplits:
+    """``splits`` as the model with ``spec`` reads them: texts as token ids, image files decoded in memory
+    (when ``dataset.in_memory`` says so)."""
+    if isinstance(spec, TextSpec):
+        return tokenize_splits(splits, spec, cfg, log)
+    return hold_in_memory(splits, spec, cfg, log)
+
+
+def make_loader(dataset: Dataset, spec: InputSpec | TextSpec, cfg: DatasetConfig, train: bool,
                 device: torch.device, seed: int = 0, batch_size: int | None = None) -> Batches:
-    """Batches of ``dataset`` as the model takes them: cut from memory and augmented on ``device`` when the
-    data is an in-memory tensor (see ``hold_in_memory``), else decoded and transformed per sample."""
+    """Batches of ``dataset`` as the model takes them: cut from memory (and images augmented on ``device``)
+    when the data is an in-memory tensor (see ``prepare_splits``), else decoded and transformed per sample."""
     size = batch_size or (cfg.batch_size if train else cfg.eval_batch_size or 2 * cfg.batch_size)
     drop_last = train and len(dataset) > size  # a last batch of one breaks BatchNorm statistics
     augment = cfg.augment if train else "none"
     view = tensor_view(dataset)
+    if isinstance(spec, TextSpec) and view is None:
+        raise ValueError("text batches need token ids: call prepare_splits first")
     if view is not None:
         base, rows, labels = view
-        return Batches(Rows(base.images, rows, labels), size, train, drop_last, seed, device,
-                       BatchAugment(augment, spec.size, decoded=isinstance(base, DecodedImages)))
+        batch_augment = None if isinstance(spec, TextSpec) else BatchAugment(
+            augment, spec.size, decoded=isinstance(base, DecodedImages))
+        return Batches(Rows(base.images, rows, labels), size, train, drop_last, seed, device, batch_augment)
     return Batches(Transformed(dataset, sample_transform(spec, augment)), size, train, drop_last, seed, device,
                    workers=resolve_workers(cfg.num_workers))
 

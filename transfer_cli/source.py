@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from transfer_cli.config import HeadConfig
-from transfer_cli.data.decoded import hold_in_memory
 from transfer_cli.data.identity import data_identity
 from transfer_cli.data.splits import DataSplits
 from transfer_cli.data.transforms import WeightsMeta
@@ -29,7 +28,7 @@ from transfer_cli.files import atomic_write_text
 from transfer_cli.methods.base import Method
 from transfer_cli.models.backbone import PretrainedBody
 from transfer_cli.models.checkpoint import load_model, save_model
-from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader
+from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader, prepare_splits
 from transfer_cli.reporting.progress import ProgressHook
 
 
@@ -53,7 +52,7 @@ def _pretrain(source: DictConfig, splits: DataSplits, backbone: str, folder: Pat
     torch.manual_seed(source.seed)
     model = build_model(source.dataset, splits, backbone, "none", HeadConfig())
     method = Method(model).to(device)  # plain cross-entropy, every layer trains
-    splits = hold_in_memory(splits, model.spec, source.dataset, lambda message: console.print(message, highlight=False, soft_wrap=True))
+    splits = prepare_splits(splits, model.spec, source.dataset, lambda message: console.print(message, highlight=False, soft_wrap=True))
     train = make_loader(splits.train, model.spec, source.dataset, True, device, source.seed)
     val = make_loader(splits.val, model.spec, source.dataset, False, device)
     optimizer, scheduler = build_optimization(method, source.optimizer, source.scheduler, len(train), source.epochs)

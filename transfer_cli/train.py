@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from transfer_cli import resume
-from transfer_cli.data.decoded import hold_in_memory
 from transfer_cli.data.identity import data_identity
 from transfer_cli.engine import train_state
 from transfer_cli.engine.averaging import WeightAverage
@@ -29,7 +28,14 @@ from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write_text, remove_orphan_tmp
 from transfer_cli.methods.base import METHODS, DataContext, Method
 from transfer_cli.models.checkpoint import save_model
-from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader, sample_loader
+from transfer_cli.pipeline import (
+    build_any_model,
+    build_data,
+    build_optimization,
+    make_loader,
+    prepare_splits,
+    sample_loader,
+)
 from transfer_cli.reporting.alignment import analyze_alignment
 from transfer_cli.reporting.plots import plot_curves
 from transfer_cli.reporting.progress import ProgressHook
@@ -78,18 +84,20 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     if target and len(target.classes) != len(splits.classes):  # names may differ ("0 - zero" vs "0")
         raise UserError(f"target.dataset={cfg.target.dataset.name} has {len(target.classes)} classes but "
                         f"dataset={cfg.dataset.name} has {len(splits.classes)}: domains must share their classes.")
-    model = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head,
-                        source.body if source else None, preprocess=cfg.backbone.preprocess,
-                        in_channels=cfg.backbone.in_channels)
+    model = build_any_model(cfg, splits, source.body if source else None)
     for note in [*splits.notes, *model.notes]:
         console.print(note, highlight=False, soft_wrap=True)
 
     def log(message: str) -> None:
         console.print(message, highlight=False, soft_wrap=True)
 
-    splits = hold_in_memory(splits, model.spec, cfg.dataset, log)
-    target = hold_in_memory(target, model.spec, cfg.target.dataset, log) if target else None
+    splits = prepare_splits(splits, model.spec, cfg.dataset, log)
+    target = prepare_splits(target, model.spec, cfg.target.dataset, log) if target else None
     method = METHODS.build(cfg.method, model=model).to(device)
+    if method.trains_body and not any(True for _ in model.body.parameters()):
+        raise UserError(f"method={cfg.method.name} trains the backbone, but backbone={cfg.backbone.name} has no "
+                        "trainable weights (a fitted TF-IDF vectoriser). Use method=linear_probe: a logistic "
+                        "regression on its features.")
     if cfg.trainer.channels_last:
         method.to(memory_format=torch.channels_last)
 
@@ -117,11 +125,12 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         method.model.compile()
 
     about = method.describe()
+    unit = "rows" if splits.text else "files"
     console.print(
         f"[bold]{cfg.dataset.name}[/] ({len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
-        f"{len(splits.classes)} classes{f', {splits.skipped} non-image files skipped' if splits.skipped else ''}) "
-        f"-> [bold]{cfg.backbone.name}[/] weights={cfg.backbone.weights} input {model.spec.channels}x{model.spec.size}"
-        f"x{model.spec.size} -> [bold]{cfg.method.name}[/]: {about['params_trainable']:,}/{about['params_total']:,} "
+        f"{len(splits.classes)} classes{f', {splits.skipped} unusable {unit} skipped' if splits.skipped else ''}) "
+        f"-> [bold]{cfg.backbone.name}[/] weights={cfg.backbone.weights} {model.spec.describe()} "
+        f"-> [bold]{cfg.method.name}[/]: {about['params_trainable']:,}/{about['params_total']:,} "
         f"parameters trainable, on {device} ({precision.name})",
         highlight=False,
         soft_wrap=True,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -33,7 +33,7 @@ from transfer_cli.config import DatasetConfig
 from transfer_cli.data.augment import centre_anchor
 from transfer_cli.data.batches import usable_cores
 from transfer_cli.data.identity import base_digest
-from transfer_cli.data.splits import DataSplits, TensorImages, base_of, targets_of
+from transfer_cli.data.splits import DataSplits, TensorImages, base_of, targets_of, with_base
 from transfer_cli.data.transforms import InputSpec
 from transfer_cli.files import atomic_write
 
@@ -47,15 +47,6 @@ class DecodedImages(TensorImages):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, source: Dataset) -> None:
         super().__init__(images, labels)
         self.source = source
-
-
-def _with_base(dataset: Dataset, replace: Callable[[Dataset], Dataset]) -> Dataset:
-    """``dataset`` with the dataset at the bottom of its subset chain replaced by ``replace(base)``."""
-    if not isinstance(dataset, Subset):
-        return replace(dataset)
-    outer = copy.copy(dataset)
-    outer.dataset = _with_base(dataset.dataset, replace)
-    return outer
 
 
 def decode(dataset: Dataset, resize: int, size: int, interpolation: str = "bilinear") -> torch.Tensor:
@@ -129,5 +120,5 @@ def hold_in_memory(splits: DataSplits, spec: InputSpec, cfg: DatasetConfig, log:
         f"{time.perf_counter() - start:.1f} s; cache: {cfg.cache_dir})")
     swapped = copy.copy(splits)
     for name in ("train", "val", "test"):
-        setattr(swapped, name, _with_base(splits.split(name), lambda base: copies.get(id(base), base)))
+        setattr(swapped, name, with_base(splits.split(name), lambda base: copies.get(id(base), base)))
     return swapped

@@ -35,6 +35,10 @@ def base_digest(dataset: Dataset, memo: dict[int, str] | None = None) -> str:
     if isinstance(dataset, TensorImages):
         digest.update(dataset.images.contiguous().numpy().tobytes())
         digest.update(dataset.targets.numpy().tobytes())
+    elif hasattr(dataset, "texts"):  # TextSamples
+        for text in dataset.texts:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+        digest.update(np.asarray(dataset.targets, dtype=np.int64).tobytes())
     elif hasattr(dataset, "samples"):  # (path, label) pairs: our ImageFiles and torchvision's ImageFolder
         for path, label in dataset.samples:
             digest.update(f"{_file_fact(Path(path))}:{label}\n".encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,10 +38,15 @@ class DataSplits:
     val: Dataset
     test: Dataset
     classes: list[str]
-    channels: int
-    size: tuple[int, int] | None  # every sample's (H, W) when fixed; None when images vary in size
-    skipped: int = 0  # files found but not readable as images
+    channels: int  # 0 for text
+    size: tuple[int, int] | None  # every sample's (H, W) when fixed; None when images vary in size (and for text)
+    skipped: int = 0  # files found but not readable as images; rows of a text table that cannot be used
     notes: list[str] = field(default_factory=list)  # what the builder dropped or changed, for the run log
+    text: bool = False  # samples are strings, which a text backbone tokenizes
+
+    @property
+    def kind(self) -> str:
+        return "text" if self.text else "images"
 
     def split(self, name: str) -> Dataset:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -65,6 +71,16 @@ def base_of(dataset: Dataset) -> Dataset:
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     return dataset
+
+
+def with_base(dataset: Dataset, replace: Callable[[Dataset], Dataset]) -> Dataset:
+    """``dataset`` with the dataset at the bottom of its subset chain replaced by ``replace(base)``
+    (decoded images or token ids in place of the files or texts they came from)."""
+    if not isinstance(dataset, Subset):
+        return replace(dataset)
+    outer = copy.copy(dataset)
+    outer.dataset = with_base(dataset.dataset, replace)
+    return outer
 
 
 def tensor_view(dataset: Dataset) -> tuple[TensorImages, torch.Tensor, torch.Tensor] | None:

@@ -41,7 +41,7 @@ def select_classes(splits: DataSplits, classes: Sequence[int], name: str) -> Dat
     return DataSplits(
         train=Relabeled(splits.train, classes), val=Relabeled(splits.val, classes),
         test=Relabeled(splits.test, classes), classes=[splits.classes[c] for c in classes],
-        channels=splits.channels, size=splits.size, skipped=splits.skipped, notes=splits.notes,
+        channels=splits.channels, size=splits.size, skipped=splits.skipped, notes=splits.notes, text=splits.text,
     )
 
 
@@ -59,16 +59,18 @@ def few_shot(dataset: Dataset, shots: int, seed: int) -> Subset:
 
 
 def make_task(splits: DataSplits, cfg: DatasetConfig) -> DataSplits:
-    """Apply ``dataset.classes``, then ``dataset.fraction`` / ``dataset.shots`` to the train split."""
+    """Apply ``dataset.classes``, then ``dataset.fraction`` / ``dataset.shots`` to the train split (drawn with
+    ``dataset.shots_seed``, else ``dataset.split_seed``)."""
+    draw = cfg.split_seed if cfg.shots_seed is None else cfg.shots_seed
     if cfg.classes is not None:
         splits = select_classes(splits, list(cfg.classes), cfg.name)
     if cfg.fraction is not None:
         if not 0 < cfg.fraction <= 1:
             raise UserError(f"dataset.fraction={cfg.fraction} is not allowed. Allowed: a fraction in (0, 1].")
         if cfg.fraction < 1:
-            _, splits.train = stratified_split(splits.train, cfg.fraction, cfg.split_seed)
+            _, splits.train = stratified_split(splits.train, cfg.fraction, draw)
     if cfg.shots is not None:
         if cfg.shots < 1:
             raise UserError(f"dataset.shots={cfg.shots} is not allowed. Allowed: an integer >= 1.")
-        splits.train = few_shot(splits.train, cfg.shots, cfg.split_seed)
+        splits.train = few_shot(splits.train, cfg.shots, draw)
     return splits

@@ -45,6 +45,8 @@ class Method(nn.Module):
     manual_optimization = False
     # True: the method trains on (source batch, unlabelled target batch) pairs and needs a target= domain.
     needs_target_data = False
+    # False: only the head trains, on features of a fixed body (which may then have no trainable weights).
+    trains_body = True
     # Epochs (0-based) before this one are never kept as the best checkpoint (SHOT's source-only phase).
     selectable_from = 0
 

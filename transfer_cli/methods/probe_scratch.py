@@ -55,6 +55,8 @@ class LinearProbe(Method):
     protocol does, from a log grid.
     """
 
+    trains_body = False
+
     def __init__(self, model: Classifier, *, solver: Literal["sgd", "lbfgs"], l2: NonNegative | Literal["auto"],
                  max_iter: Count, cache: bool, cache_dir: str, label_smoothing: Fraction) -> None:
         super().__init__(model, label_smoothing=label_smoothing)

@@ -3,6 +3,7 @@
 from transfer_cli.models import (  # noqa: F401  (registers backbones)
     cifar_resnet,
     small_nets,
+    text_backbones,
     timm_backbones,
     torchvision_backbones,
 )

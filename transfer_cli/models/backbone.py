@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from transfer_cli.data.tokens import TextSpec
 from transfer_cli.data.transforms import WeightsMeta
 from transfer_cli.errors import UserError
 from transfer_cli.models.input import InputAdapter
@@ -25,21 +26,27 @@ class Backbone:
     body: nn.Module  # images -> features [N, feature_dim]
     feature_dim: int
     stages: list[Stage]  # stem first, head excluded
-    channels: int  # input channels the first layer takes
+    channels: int  # input channels the first layer takes (0: a text backbone)
     min_size: int = 8
     fixed_size: int | None = None  # some architectures take exactly one input size (ViT: 224)
     weights_meta: WeightsMeta | None = None
     notes: list[str] = field(default_factory=list)  # what loading the weights reported, for the run log
+    text: TextSpec | None = None  # text backbones: how texts become the token ids the body takes
 
 
 # name -> builder(weights: str[, in_channels: int]) -> Backbone. Builders of architectures whose first
 # layer can take any number of channels accept ``in_channels`` (the data's channels); the others have
-# a fixed stem and the model's InputAdapter converts the data to it.
+# a fixed stem and the model's InputAdapter converts the data to it. Text backbones take ``text``
+# (models/text_backbones.py) instead.
 BACKBONES = Registry("backbone")
 
 
+def takes_text(name: str) -> bool:
+    return "text" in inspect.signature(BACKBONES.get(name)).parameters
+
+
 def build_backbone(name: str, weights: str, data_channels: int) -> Backbone:
-    """The registered backbone ``name``; builders with a free first layer get the data's channels."""
+    """The registered image backbone ``name``; builders with a free first layer get the data's channels."""
     builder = BACKBONES.get(name)
     if "in_channels" in inspect.signature(builder).parameters:
         return builder(weights=weights, in_channels=data_channels)
@@ -121,14 +128,16 @@ class Classifier(nn.Module):
         self.backbone_name = backbone.name
         self.notes = backbone.notes  # what loading the weights reported
         self.stages = backbone.stages
-        self.spec = recipe.input
-        self.input = InputAdapter(recipe.input)
+        self.spec = recipe.text or recipe.input  # how raw samples become what ``input`` takes
+        self.input = InputAdapter(recipe.input) if recipe.input else nn.Identity()
         self.body = backbone.body
         self.head = make_head(backbone.feature_dim, len(recipe.classes), list(recipe.head.hidden), recipe.head.dropout)
 
     @classmethod
     def from_recipe(cls, recipe: ModelRecipe) -> Classifier:
         """The architecture ``recipe`` describes, randomly initialised; the caller loads its weights."""
+        if recipe.text is not None:
+            return cls(BACKBONES.get(recipe.backbone)(weights="none", text=recipe.text), recipe)
         return cls(build_backbone(recipe.backbone, "none", recipe.data_channels), recipe)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from transfer_cli.config import HeadConfig
+from transfer_cli.data.tokens import TOKENIZERS, TextSpec
 from transfer_cli.data.transforms import INTERPOLATIONS, InputSpec
 from transfer_cli.errors import UserError
 
@@ -19,8 +20,9 @@ class ModelRecipe:
     weights: str  # what the body started from (for the record; a rebuild starts from "none")
     data_channels: int  # channels of the data the backbone builder was given
     classes: list[str]  # class names, in the order of the head's outputs
-    input: InputSpec  # what the model's InputAdapter does
+    input: InputSpec | None  # what the model's InputAdapter does to images (None: a text model)
     head: HeadConfig
+    text: TextSpec | None = None  # how a text model tokenizes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -28,38 +30,66 @@ class ModelRecipe:
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> ModelRecipe:
         """The recipe in ``raw``, or a UserError naming the first key that does not fit the schema."""
+        if isinstance(raw, dict) and "text" not in raw:  # written before text models existed
+            raw = {**raw, "text": None}
         _keys(raw, [f.name for f in fields(cls)], where)
-        # checkpoints written before the interpolation key existed were resized bilinearly
-        if isinstance(raw.get("input"), dict) and "interpolation" not in raw["input"]:
-            raw = {**raw, "input": {**raw["input"], "interpolation": "bilinear"}}
-        _keys(raw["input"], [f.name for f in fields(InputSpec)], f"{where} input")
         _keys(raw["head"], [f.name for f in fields(HeadConfig)], f"{where} head")
-        spec, head = raw["input"], raw["head"]
+        head = raw["head"]
         _check(where, "backbone", raw["backbone"], isinstance(raw["backbone"], str) and raw["backbone"], "a backbone name")
         _check(where, "weights", raw["weights"], isinstance(raw["weights"], str), "a string")
-        _check(where, "data_channels", raw["data_channels"], _positive_int(raw["data_channels"]), "an integer >= 1")
+        _check(where, "data_channels", raw["data_channels"], _positive_int(raw["data_channels"])
+               or (raw["text"] is not None and raw["data_channels"] == 0), "an integer >= 1 (0 for text models)")
         classes = raw["classes"]
         _check(where, "classes", classes, isinstance(classes, list) and len(classes) >= 2
                and all(isinstance(c, str) for c in classes) and len(set(classes)) == len(classes),
                "a list of at least two distinct class names")
-        channels = spec["channels"]
-        _check(where, "input.channels", channels, _positive_int(channels), "an integer >= 1")
-        _check(where, "input.size", spec["size"], _positive_int(spec["size"]), "an integer >= 1")
-        _check(where, "input.resize", spec["resize"], spec["resize"] is None or _positive_int(spec["resize"]),
-               "null or an integer >= 1")
-        for key, positive in (("mean", False), ("std", True)):
-            values = spec[key]
-            _check(where, f"input.{key}", values, isinstance(values, list) and len(values) == channels
-                   and all(_finite(v) and (v > 0 or not positive) for v in values),
-                   f"{channels} finite numbers{' > 0' if positive else ''} (one per input channel)")
-        _check(where, "input.interpolation", spec["interpolation"], spec["interpolation"] in INTERPOLATIONS,
-               f"one of {', '.join(INTERPOLATIONS)}")
         _check(where, "head.hidden", head["hidden"], isinstance(head["hidden"], list)
                and all(_positive_int(w) for w in head["hidden"]), "a list of widths >= 1")
         _check(where, "head.dropout", head["dropout"], _finite(head["dropout"]) and 0 <= head["dropout"] < 1,
                "a number in [0, 1)")
+        _check(where, "input", raw["input"], (raw["input"] is None) == (raw["text"] is not None),
+               "a mapping for image models, null for text models (which have a text mapping)")
+        text = _text_spec(raw["text"], where) if raw["text"] is not None else None
         return cls(backbone=raw["backbone"], weights=raw["weights"], data_channels=raw["data_channels"],
-                   classes=list(classes), input=InputSpec(**spec), head=HeadConfig(**head))
+                   classes=list(classes), input=_input_spec(raw["input"], where) if text is None else None,
+                   head=HeadConfig(**head), text=text)
+
+
+def _input_spec(spec: Any, where: str) -> InputSpec:
+    # checkpoints written before the interpolation key existed were resized bilinearly
+    if isinstance(spec, dict) and "interpolation" not in spec:
+        spec = {**spec, "interpolation": "bilinear"}
+    _keys(spec, [f.name for f in fields(InputSpec)], f"{where} input")
+    channels = spec["channels"]
+    _check(where, "input.channels", channels, _positive_int(channels), "an integer >= 1")
+    _check(where, "input.size", spec["size"], _positive_int(spec["size"]), "an integer >= 1")
+    _check(where, "input.resize", spec["resize"], spec["resize"] is None or _positive_int(spec["resize"]),
+           "null or an integer >= 1")
+    for key, positive in (("mean", False), ("std", True)):
+        values = spec[key]
+        _check(where, f"input.{key}", values, isinstance(values, list) and len(values) == channels
+               and all(_finite(v) and (v > 0 or not positive) for v in values),
+               f"{channels} finite numbers{' > 0' if positive else ''} (one per input channel)")
+    _check(where, "input.interpolation", spec["interpolation"], spec["interpolation"] in INTERPOLATIONS,
+           f"one of {', '.join(INTERPOLATIONS)}")
+    return InputSpec(**spec)
+
+
+def _text_spec(spec: Any, where: str) -> TextSpec:
+    _keys(spec, [f.name for f in fields(TextSpec)], f"{where} text")
+    _check(where, "text.tokenizer", spec["tokenizer"], spec["tokenizer"] in TOKENIZERS, f"one of {', '.join(TOKENIZERS)}")
+    _check(where, "text.source", spec["source"], isinstance(spec["source"], str), "a string")
+    _check(where, "text.max_length", spec["max_length"], _positive_int(spec["max_length"]), "an integer >= 1")
+    _check(where, "text.ngram_max", spec["ngram_max"], _positive_int(spec["ngram_max"]), "an integer >= 1")
+    for key in ("lowercase", "sublinear_tf"):
+        _check(where, f"text.{key}", spec[key], isinstance(spec[key], bool), "true or false")
+    vocabulary, idf = spec["vocabulary"], spec["idf"]
+    _check(where, "text.vocabulary", f"<{type(vocabulary).__name__}>", isinstance(vocabulary, list)
+           and all(isinstance(t, str) for t in vocabulary), "a list of strings")
+    _check(where, "text.idf", f"<{len(idf) if isinstance(idf, list) else idf}>", isinstance(idf, list)
+           and len(idf) == len(vocabulary) and all(_finite(v) and v > 0 for v in idf),
+           "one positive number per vocabulary entry")
+    return TextSpec(**spec)
 
 
 def _positive_int(value: Any) -> bool:

@@ -20,7 +20,7 @@ def epoch_line(state: State) -> str:
         parts.append(f"{split} {_fmt(metrics)}")
     train = state.epoch_metrics.get("train", {})
     if "samples_per_s" in train:
-        parts.append(f"{train['samples_per_s']:.0f} img/s")
+        parts.append(f"{train['samples_per_s']:.0f} samples/s")
     return " | ".join(parts)
 
 
@@ -52,7 +52,7 @@ class ProgressHook(Hook):
         if not self.progress or (done % self.log_every and done != state.steps_per_epoch):
             return
         rate = state.meter.count / max(time.perf_counter() - self.start, 1e-9)
-        stats = f"{_fmt(state.meter.compute())} {rate:.0f} img/s"
+        stats = f"{_fmt(state.meter.compute())} {rate:.0f} samples/s"
         self.progress.update(self.batches, completed=done, stats=stats)
 
     def after_epoch(self, state: State) -> None:
