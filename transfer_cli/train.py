@@ -212,7 +212,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         "method": cfg.method.name,
         "seed": cfg.seed,
         "classes": len(splits.classes),
-        "input": model.spec.to_dict(),  # the preprocessing used: size, resize, mean, std
+        "input": model.spec.brief(),  # the preprocessing used: size, resize, mean, std / the tokenizer
         "samples": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "skipped_files": splits.skipped,
         "data_identity": data,

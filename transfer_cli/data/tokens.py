@@ -53,6 +53,11 @@ class TextSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def brief(self) -> dict:
+        """The settings without the fitted vocabulary and weights (their size instead), for summaries."""
+        out = {k: v for k, v in self.to_dict().items() if k not in ("vocabulary", "idf")}
+        return {**out, "features": len(self.vocabulary)} if self.tokenizer == "tfidf" else out
+
     def describe(self) -> str:
         if self.tokenizer == "tfidf":
             return f"TF-IDF of {len(self.vocabulary):,} word 1-{self.ngram_max}-grams"

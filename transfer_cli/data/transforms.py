@@ -36,6 +36,9 @@ class InputSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def brief(self) -> dict:
+        return self.to_dict()
+
     def describe(self) -> str:
         return f"input {self.channels}x{self.size}x{self.size}"
 

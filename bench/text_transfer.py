@@ -1,0 +1,85 @@
+"""Text transfer on real data (needs ../shared/datasets/rt_polarity and sms_spam), written to
+bench/results/text_<dataset>.md: MiniLM (frozen, L-BFGS logistic regression with l2 chosen on val) and
+TF-IDF 1-2-grams (the same probe) at 16 / 64 / 256 labelled texts per class and on the full train split,
+seeds 0, 1, 2 (each seed draws its own few-shot set; the test split is the same stratified 20 % for all),
+then MiniLM fine-tuned end to end for 2 epochs (AdamW, lr 2e-5, batch 32, max length 64) on the full split.
+
+    python bench/text_transfer.py [--only rt_polarity|sms_spam] [--shared ../shared] [--skip-finetune]
+
+About 50 minutes on 2 CPU cores (the two fine-tunes are most of it). Sweeps already finished in --out are
+reused (delete the folder to measure again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from results_table import record
+
+FAST = ["trainer.progress=none", "trainer.plots=false"]
+SEEDS = "0,1,2"
+SHOTS = ["16", "64", "256", "null"]
+PROBE = ["method=linear_probe", "method.l2=auto", "trainer.epochs=5"]
+FINETUNE = ["backbone=minilm", "method=finetune", "optimizer=adamw", "optimizer.lr=2e-5", "dataset.batch_size=32",
+            "backbone.max_length=64", "trainer.epochs=2"]
+
+
+def sweep(out: Path, name: str, overrides: list[str]) -> list[dict]:
+    """Job summaries of ``transfer sweep overrides`` in out/name (reused when it finished before)."""
+    folder = out / name
+    if not (folder / "sweep.csv").is_file():
+        subprocess.run([sys.executable, "-m", "transfer_cli", "sweep", *overrides, *FAST,
+                        f"hydra.sweep.dir={folder}", f"output_dir={out}"], check=True)
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*/summary.json"))]
+
+
+def cell(runs: list[dict]) -> str:
+    acc = np.array([r["test"]["acc1"] for r in runs]) / 100
+    return f"{acc.mean():.3f} ± {acc.std(ddof=1):.3f}" if len(acc) > 1 else f"{acc[0]:.3f}"
+
+
+def seconds(runs: list[dict]) -> float:
+    return round(float(np.mean([r["wall_time_s"] for r in runs])), 1)
+
+
+def bench(dataset: str, root: Path, out: Path, finetune: bool) -> None:
+    common = [f"dataset={dataset}", f"dataset.root={root}"]
+    probes = sweep(out, f"{dataset}_probe", [*common, *PROBE, "backbone=minilm,tfidf",
+                                             f"dataset.shots={','.join(SHOTS)}", f"seed={SEEDS}"])
+    rows = []
+    for backbone, label in (("minilm", "MiniLM frozen + logistic regression (l2=auto)"),
+                            ("tfidf", "TF-IDF 1-2g + logistic regression (l2=auto)")):
+        row = {"method": label}
+        for shots in SHOTS:
+            drawn = {int(s) * 2 for s in SHOTS if s != "null"}  # train texts of a few-shot run (2 classes)
+            runs = [r for r in probes if r["backbone"] == backbone
+                    and (r["samples"]["train"] == 2 * int(shots) if shots != "null" else r["samples"]["train"] not in drawn)]
+            row["full 80/20" if shots == "null" else f"{shots}/class"] = cell(runs)
+            row[f"s/run ({'full' if shots == 'null' else shots})"] = seconds(runs)
+        rows.append(row)
+    if finetune:
+        tuned = sweep(out, f"{dataset}_finetune", [*common, *FINETUNE, "seed=0"])
+        rows.append({"method": "MiniLM fine-tuned 2 epochs (lr 2e-5, batch 32, max length 64)",
+                     "full 80/20": cell(tuned), "s/run (full)": seconds(tuned)})
+    record(f"text_{dataset}", rows, f"{dataset}: test top-1 (mean ± std over seeds 0-2)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["rt_polarity", "sms_spam"])
+    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench/text"))
+    parser.add_argument("--skip-finetune", action="store_true")
+    args = parser.parse_args()
+    for dataset in ("rt_polarity", "sms_spam"):
+        if args.only in (None, dataset):
+            bench(dataset, (args.shared / "datasets" / dataset).resolve(), args.out.resolve(), not args.skip_finetune)
+
+
+if __name__ == "__main__":
+    main()
