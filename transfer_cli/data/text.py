@@ -85,8 +85,15 @@ def text_splits(name: str, texts: list[str], labels: list[int], classes: list[st
         raise UserError(f"dataset={name}: label(s) {rare} occur fewer than 3 times, too few for a stratified "
                         "train/val/test split. Remove those rows or merge the labels.")
     full = TextSamples(texts, labels)
-    rest, test = stratified_split(full, cfg.test_fraction, cfg.split_seed)
-    train, val = stratified_split(rest, cfg.val_fraction, cfg.split_seed)
+    rest = full
+    try:
+        rest, test = stratified_split(full, cfg.test_fraction, cfg.split_seed)
+        train, val = stratified_split(rest, cfg.val_fraction, cfg.split_seed)
+    except ValueError as err:  # a split too small to hold every class
+        key, value = ("test_fraction", cfg.test_fraction) if rest is full else ("val_fraction", cfg.val_fraction)
+        raise UserError(f"dataset.{key}={value} of dataset={name}'s {len(rest)} rows cannot hold every one of its "
+                        f"{len(classes)} classes ({err}). Give more rows, or a larger dataset.{key} "
+                        "(dataset.val_fraction=0 keeps no validation split).") from None
     return DataSplits(train, val, test, classes, channels=0, size=None, skipped=len(bad),
                       notes=bad.note(name, total), text=True)
 
