@@ -5,6 +5,7 @@ import json
 import socket
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import run_folders, shared_path
@@ -164,6 +165,17 @@ def test_text_train_eval_and_ensemble_through_the_cli(transfer, tmp_path):
     code, out, err = transfer("eval", f"checkpoint=[{best[0]},{best[1]}]", "output_dir=ens")
     assert code == 0, err
     assert "ensemble (mean)" in (next((tmp_path / "ens" / "evals").iterdir()) / "eval.csv").read_text()
+
+    (tmp_path / "reviews.txt").write_text("an utterly wonderful , moving and beautifully acted film .\n\n"
+                                          "a dull , boring and lifeless mess .\n")
+    for i, checkpoint in enumerate((best[0], f"[{best[0]},{best[1]}]")):
+        code, out, err = transfer("predict", f"checkpoint={checkpoint}", "input=reviews.txt", f"output_dir=pred{i}")
+        assert code == 0, err
+        (csv,) = (tmp_path / f"pred{i}").rglob("predictions.csv")
+        table = pd.read_csv(csv)
+        assert table["predicted"].tolist()[::2] == ["positive", "negative"] and table["error"][1] == "empty text"
+    code, _, err = transfer("export", f"checkpoint={best[1]}")
+    assert code == 2 and "is a text model" in err
 
 
 def test_text_refusals_name_the_key(transfer, tmp_path):

@@ -87,6 +87,9 @@ def run_export(cfg: DictConfig, out_dir: Path, console: Console | None = None) -
     _check(cfg)
     model, meta = load_model(str(cfg.checkpoint))
     recipe = model.recipe
+    if recipe.text is not None:
+        raise UserError(f"checkpoint={cfg.checkpoint!r} is a text model (backbone={recipe.backbone}): export covers "
+                        "image models. Use the checkpoint itself with `transfer predict` and `transfer eval`.")
     images, labels, dataset = _real_images(cfg, model, meta)
     precision = Precision("32", CPU)
     eager = torch_predictor(str(cfg.checkpoint), model, recipe, CPU, precision)

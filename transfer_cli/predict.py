@@ -12,6 +12,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from transfer_cli.data.inputs import decoded_chunks, find_inputs
+from transfer_cli.data.text import read_texts
+from transfer_cli.data.tokens import encode
 from transfer_cli.engine.device import Precision, resolve_device
 from transfer_cli.errors import UserError
 from transfer_cli.models.checkpoint import checkpoint_paths
@@ -47,23 +49,48 @@ def predict_paths(members: list[Predictor], paths: list[Path], batch_size: int, 
     return ENSEMBLES.get(ensemble)(torch.stack(per_member), weights), failed
 
 
+def predict_texts(members: list[Predictor], texts: list[str], batch_size: int, ensemble: str,
+                  weights: list[float] | None) -> tuple[torch.Tensor, dict[int, str]]:
+    """Log-probabilities [len(texts), classes] of text models (empty texts stay NaN, with the reason)."""
+    failed = {i: "empty text" for i, text in enumerate(texts) if not text}
+    good = [i for i in range(len(texts)) if i not in failed]
+    per_member = []
+    for member in members:  # each member tokenizes the texts its own way
+        log_probs = torch.full((len(texts), len(members[0].recipe.classes)), float("nan"))
+        ids = encode(member.recipe.text, [texts[i] for i in good])
+        for start in range(0, len(good), batch_size):
+            log_probs[good[start:start + batch_size]] = member.run(ids[start:start + batch_size]).log_softmax(1)
+        per_member.append(log_probs)
+    if len(members) == 1:
+        return per_member[0], failed
+    return ENSEMBLES.get(ensemble)(torch.stack(per_member), weights), failed
+
+
 def run_predict(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> pd.DataFrame:
     console = console or Console()
     if cfg.top_k < 1:
         raise UserError(f"top_k={cfg.top_k} is not allowed: give an integer >= 1 (how many classes to list per image).")
     if cfg.batch_size < 1:
         raise UserError(f"batch_size={cfg.batch_size} is not allowed: give an integer >= 1.")
-    paths = find_inputs(str(cfg.input))
     members = _members(cfg)
     weights = check_ensemble(cfg.ensemble, len(members))
-    log_probs, failed = predict_paths(members, paths, cfg.batch_size, cfg.ensemble.name, weights)
+    text = [m.recipe.text is not None for m in members]
+    if any(text) and not all(text):
+        raise UserError("checkpoint= mixes text and image models: an ensemble predicts one kind of input.")
+    if all(text):
+        paths = read_texts(str(cfg.input))
+        log_probs, failed = predict_texts(members, paths, cfg.batch_size, cfg.ensemble.name, weights)
+    else:
+        paths = find_inputs(str(cfg.input))
+        log_probs, failed = predict_paths(members, paths, cfg.batch_size, cfg.ensemble.name, weights)
+    what, unit = ("text", "texts") if all(text) else ("path", "images")
     classes = members[0].recipe.classes
     k = min(cfg.top_k, len(classes))
     probs = log_probs.exp()
     top_p, top_i = probs.nan_to_num(-1.0).topk(k, dim=1)
     rows = []
     for i, path in enumerate(paths):
-        row: dict[str, Any] = {"path": str(path)}
+        row: dict[str, Any] = {what: str(path)}
         if i in failed:
             row.update({"predicted": None, "probability": None, "error": failed[i]})
         else:
@@ -73,19 +100,20 @@ def run_predict(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
         rows.append(row)
     table = pd.DataFrame(rows)
     write_table(table, out_dir / "predictions.csv", markdown=False)
-    counts = (table["predicted"].value_counts().rename_axis("class").reset_index(name="images")
-              .assign(share=lambda t: (100 * t["images"] / len(paths)).round(1)))
+    counts = (table["predicted"].value_counts().rename_axis("class").reset_index(name=unit)
+              .assign(share=lambda t: (100 * t[unit] / len(paths)).round(1)))
     if failed:
-        counts = pd.concat([counts, pd.DataFrame([{"class": "(not an image / unreadable)", "images": len(failed),
+        unusable = "(empty text)" if all(text) else "(not an image / unreadable)"
+        counts = pd.concat([counts, pd.DataFrame([{"class": unusable, unit: len(failed),
                                                    "share": round(100 * len(failed) / len(paths), 1)}])])
     source = members[0].kind if len(members) == 1 else f"ensemble of {len(members)} ({cfg.ensemble.name})"
-    console.print(rich_table(counts, title=f"{len(paths)} file(s) -> predicted class ({source})"))
-    if failed:
+    console.print(rich_table(counts, title=f"{len(paths)} {unit} -> predicted class ({source})"))
+    if failed and not all(text):
         shown = "; ".join(f"{paths[i]} ({why})" for i, why in list(failed.items())[:3])
         console.print(f"{len(failed)} file(s) could not be read as images, listed with an error in the CSV: {shown}",
                       highlight=False, soft_wrap=True)
     console.print(f"written to {out_dir / 'predictions.csv'}")
     if len(failed) == len(paths):
-        raise UserError(f"input={cfg.input!r}: none of its {len(paths)} file(s) is a readable image (each one's "
+        raise UserError(f"input={cfg.input!r}: none of its {len(paths)} {unit} could be predicted (each one's "
                         f"reason is in {out_dir / 'predictions.csv'}).")
     return table

@@ -226,3 +226,23 @@ def csv_text(cfg: DatasetConfig) -> DataSplits:
     index = {c: i for i, c in enumerate(classes)}
     return text_splits("csv_text", [t for t, _ in usable], [index[label] for _, label in usable], classes, cfg,
                        bad, total)
+
+
+def read_texts(value: str, column: str = "text") -> list[str]:
+    """The texts ``input=`` names for prediction: a .txt file (one text per line) or a .csv / .tsv / .jsonl
+    table (its ``column``, else its only column). Empty lines and rows are kept (and predicted) so the
+    output has one row per input row."""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(f"input={value!r} is not a file. A text model predicts the lines of a .txt file or the "
+                        f"'{column}' column of a {', '.join(TABLES)} table.")
+    if path.suffix.lower() in TABLES:
+        rows, columns, _ = _read_rows(path, BadRows())
+        if column not in columns and len(columns) != 1:
+            raise UserError(f"input={value!r} has no '{column}' column (its columns: {', '.join(columns[:20])}).")
+        key = column if column in columns else columns[0]
+        return [(row.get(key) or "").strip() for row in rows]
+    try:
+        return [line.decode("utf-8").strip() for line in _byte_lines(path)]
+    except UnicodeDecodeError as err:
+        raise UserError(f"input={value!r} is not UTF-8 text ({err}).") from None

@@ -161,6 +161,11 @@ def _tfidf_ids(spec: TextSpec, texts: list[str]) -> torch.Tensor:
 TOKENIZERS: dict[str, Callable[[TextSpec, list[str]], torch.Tensor]] = {"hf": _hf_ids, "tfidf": _tfidf_ids}
 
 
+def encode(spec: TextSpec, texts: list[str]) -> torch.Tensor:
+    """Token ids [len(texts), L] of ``texts`` as ``spec`` tokenizes them (PAD on the right)."""
+    return TOKENIZERS[spec.tokenizer](spec, texts)
+
+
 def fit_tfidf(cfg: TfidfConfig, texts: list[str]) -> TextSpec:
     """The vocabulary and idf weights of scikit-learn's TfidfVectorizer fitted on ``texts`` (the train split)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -192,7 +197,7 @@ def token_ids(dataset: TextSamples, spec: TextSpec, cache_dir: Path | None) -> t
             ids = load_file(str(path))["ids"]
             if ids.ndim == 2 and len(ids) == len(dataset):
                 return ids, True
-    ids = TOKENIZERS[spec.tokenizer](spec, dataset.texts)
+    ids = encode(spec, dataset.texts)
     if path is not None:
         atomic_write(path, lambda tmp: save_file({"ids": ids}, str(tmp)))
     return ids, False
