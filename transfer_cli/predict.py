@@ -114,6 +114,7 @@ def run_predict(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
                       highlight=False, soft_wrap=True)
     console.print(f"written to {out_dir / 'predictions.csv'}")
     if len(failed) == len(paths):
-        raise UserError(f"input={cfg.input!r}: none of its {len(paths)} {unit} could be predicted (each one's "
-                        f"reason is in {out_dir / 'predictions.csv'}).")
+        what_failed = "text is empty" if all(text) else "file(s) is a readable image"
+        raise UserError(f"input={cfg.input!r}: none of its {len(paths)} {what_failed} (each one's reason is in "
+                        f"{out_dir / 'predictions.csv'}).")
     return table
