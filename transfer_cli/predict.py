@@ -114,7 +114,7 @@ def run_predict(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
                       highlight=False, soft_wrap=True)
     console.print(f"written to {out_dir / 'predictions.csv'}")
     if len(failed) == len(paths):
-        what_failed = "text is empty" if all(text) else "file(s) is a readable image"
-        raise UserError(f"input={cfg.input!r}: none of its {len(paths)} {what_failed} (each one's reason is in "
-                        f"{out_dir / 'predictions.csv'}).")
+        what_failed = f"all {len(paths)} texts are empty" if all(text) else \
+            f"none of its {len(paths)} file(s) is a readable image"
+        raise UserError(f"input={cfg.input!r}: {what_failed} (each one's reason is in {out_dir / 'predictions.csv'}).")
     return table
