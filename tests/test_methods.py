@@ -8,6 +8,7 @@ from conftest import build_method, entry
 from torch import nn
 
 from transfer_cli.config import DatasetConfig, HeadConfig
+from transfer_cli.data.identity import split_identities
 from transfer_cli.engine.device import Precision
 from transfer_cli.engine.loop import State
 from transfer_cli.errors import UserError
@@ -180,7 +181,8 @@ def probe_with_counter(cache_dir, image_size=None, seed=0):
     def make(split, train):
         return make_loader(splits.split(split), model.spec, data_cfg, train, CPU)
 
-    identity = {"dataset": "digits", "input": model.spec.to_dict()}
+    identity = {split: {"input": model.spec.to_dict(), "samples": digest}
+                for split, digest in split_identities(splits).items()}
     loaders = method.loaders(make, DataContext(CPU, Precision("32", CPU), identity))
     torch.manual_seed(1)
     method.model.head.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from transfer_cli import resume
-from transfer_cli.data.identity import data_identity
+from transfer_cli.data.identity import data_identity, split_identities
 from transfer_cli.engine import train_state
 from transfer_cli.engine.averaging import WeightAverage
 from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
@@ -111,8 +111,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     if payload is not None and payload["data"] != data:
         raise UserError(f"cannot resume {run_dir}: the data of dataset={cfg.dataset.name} changed since the run "
                         "started (files added, removed or modified). Start a new run.")
-    identity = {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "input": model.spec.to_dict(),
-                "data": data}
+    identity = {split: {"input": model.spec.to_dict(), "samples": digest}
+                for split, digest in split_identities(splits).items()}
     context = DataContext(device, precision, identity, make_target if target else None)
     loaders = method.loaders(make, context)
     steps_per_epoch = len(loaders["train"])

@@ -71,3 +71,10 @@ def data_identity(splits: DataSplits) -> str:
     for name in ("train", "val", "test"):
         digest.update(f"{name}:{_dataset_digest(splits.split(name), memo)}".encode())
     return digest.hexdigest()[:32]
+
+
+def split_identities(splits: DataSplits) -> dict[str, str]:
+    """A digest per split of exactly its samples: what a split's cached features depend on (besides the
+    weights and the preprocessing), unchanged when another split's draw changes."""
+    memo: dict[int, str] = {}
+    return {name: _dataset_digest(splits.split(name), memo)[:32] for name in ("train", "val", "test")}

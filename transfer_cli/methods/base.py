@@ -29,7 +29,8 @@ class DataContext:
 
     device: torch.device
     precision: Any
-    identity: dict[str, Any] = field(default_factory=dict)  # dataset config + input spec, for cache keys
+    # per split: what identifies its model input (its samples' digest and the preprocessing), for cache keys
+    identity: dict[str, dict[str, Any]] = field(default_factory=dict)
     target: LoaderFactory | None = None  # the unlabelled target domain, when the run has one
 
 

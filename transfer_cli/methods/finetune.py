@@ -53,7 +53,7 @@ class LinearProbeThenFinetune(Finetune):
         self.probe: dict[str, float] = {}
 
     def loaders(self, make: LoaderFactory, context: DataContext) -> dict[str, DataLoader]:
-        features, labels = cached_features(self.model, make("train", False), "train", context.identity, self.cache_dir,
+        features, labels = cached_features(self.model, make("train", False), "train", context.identity["train"], self.cache_dir,
                                            context.device, context.precision, weights_digest(self.model))
         features, labels = features.to(context.device), labels.to(context.device)
         logits, loss = lbfgs_head_step(head_lbfgs(self.model, self.probe_iters), self.model, features, labels,

@@ -76,7 +76,7 @@ class LinearProbe(Method):
         out, cached = {}, {}
         for split in ("train", "val", "test"):
             plain = make(split, False)  # the linear-evaluation protocol uses no augmentation
-            cached[split] = cached_features(self.model, plain, split, context.identity, self.cache_dir,
+            cached[split] = cached_features(self.model, plain, split, context.identity[split], self.cache_dir,
                                             context.device, context.precision, digest)
             train = split == "train"
             batch = len(cached[split][1]) if train and self.solver == "lbfgs" else plain.batch_size
