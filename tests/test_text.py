@@ -245,3 +245,21 @@ def test_transfer_methods_train_what_they_should_on_a_text_encoder(name, overrid
         assert body and all(n.endswith("bias") for n in body)
     else:  # gradual unfreezing starts with the head alone
         assert not body
+
+
+def test_length_grouped_batches_cover_every_text_once_with_less_padding():
+    from transfer_cli.data.batches import EpochShuffle, LengthGrouped
+
+    lengths = torch.from_numpy(np.random.default_rng(0).integers(3, 80, size=1000))
+    grouped = list(LengthGrouped(lengths, 32, torch.Generator().manual_seed(0)))
+    assert sorted(grouped) == list(range(1000))
+    assert grouped == list(LengthGrouped(lengths, 32, torch.Generator().manual_seed(0)))  # seeded: resumable
+    assert grouped != list(LengthGrouped(lengths, 32, torch.Generator().manual_seed(1)))
+
+    def padded(order):
+        batches = torch.tensor(order[:992]).split(32)  # drop_last keeps the full batches only
+        return sum(len(b) * int(lengths[b].max()) for b in batches)
+
+    random = list(EpochShuffle(1000, torch.Generator().manual_seed(0)))
+    assert padded(grouped) < 0.7 * padded(random)
+    assert all(len(set(torch.tensor(grouped[:992]).split(32)[i].tolist())) == 32 for i in range(31))

@@ -50,6 +50,7 @@ class DatasetConfig:
     # Text tables (dataset=csv_text): the columns (JSONL: keys) holding each row's text and label.
     text_column: str = "text"
     label_column: str = "label"
+    group_by_length: bool = True  # text: training batches of similar lengths (less padding; order still random)
 
 
 @dataclass

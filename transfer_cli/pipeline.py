@@ -16,7 +16,7 @@ from transfer_cli.data.batches import Batches, Rows, resolve_workers
 from transfer_cli.data.decoded import DecodedImages, hold_in_memory
 from transfer_cli.data.splits import DATASETS, DataSplits, Transformed, tensor_view
 from transfer_cli.data.tasks import make_task
-from transfer_cli.data.tokens import TextSpec, tokenize_splits, train_texts
+from transfer_cli.data.tokens import PAD, TextSpec, tokenize_splits, train_texts
 from transfer_cli.data.transforms import InputSpec, WeightsMeta, resolve_input, sample_transform
 from transfer_cli.errors import UserError
 from transfer_cli.methods.base import Method
@@ -120,9 +120,11 @@ def make_loader(dataset: Dataset, spec: InputSpec | TextSpec, cfg: DatasetConfig
         raise ValueError("text batches need token ids: call prepare_splits first")
     if view is not None:
         base, rows, labels = view
-        batch_augment = None if isinstance(spec, TextSpec) else BatchAugment(
-            augment, spec.size, decoded=isinstance(base, DecodedImages))
-        return Batches(Rows(base.images, rows, labels), size, train, drop_last, seed, device, batch_augment)
+        if isinstance(spec, TextSpec):
+            lengths = (base.images[rows] != PAD).sum(1) if train and cfg.group_by_length else None
+            return Batches(Rows(base.images, rows, labels), size, train, drop_last, seed, device, lengths=lengths)
+        return Batches(Rows(base.images, rows, labels), size, train, drop_last, seed, device,
+                       BatchAugment(augment, spec.size, decoded=isinstance(base, DecodedImages)))
     return Batches(Transformed(dataset, sample_transform(spec, augment)), size, train, drop_last, seed, device,
                    workers=resolve_workers(cfg.num_workers))
 

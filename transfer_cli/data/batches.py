@@ -51,20 +51,50 @@ class EpochShuffle(Sampler[int]):
         yield from torch.randperm(self.count, generator=self.generator).tolist()
 
 
+class LengthGrouped(EpochShuffle):
+    """A fresh permutation each epoch, regrouped so that each batch holds texts of similar length: the
+    permutation is cut into pools of ``pool`` batches, each pool sorted by length and cut into batches, and
+    the batches are shuffled. Padding to a batch's longest text then costs little (about half the compute
+    of random batches on short sentences), while which texts meet in a batch stays random."""
+
+    def __init__(self, lengths: torch.Tensor, batch_size: int, generator: torch.Generator, pool: int = 50) -> None:
+        super().__init__(len(lengths), generator)
+        self.lengths, self.batch_size, self.pool = lengths, batch_size, pool
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.count, generator=self.generator)
+        span = self.batch_size * self.pool
+        batches = []
+        for start in range(0, self.count, span):
+            chunk = order[start:start + span]
+            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches += list(chunk.split(self.batch_size))
+        full = [b for b in batches if len(b) == self.batch_size]
+        ragged = [b for b in batches if len(b) != self.batch_size]  # kept last: drop_last drops only them
+        for i in torch.randperm(len(full), generator=self.generator).tolist():
+            yield from full[i].tolist()
+        for batch in ragged:
+            yield from batch.tolist()
+
+
 class Batches:
     """(images, labels) batches on ``device``: what the training code asks of a loader (``len``,
     ``batch_size``, ``dataset`` and the shuffling ``generator``, which a resumed run restores).
 
     In memory (``rows``/``labels`` given): the DataLoader gets a batch sampler and a dataset that returns a
     whole batch per list of positions, and each batch is augmented on the device by ``augment``.
-    Otherwise every sample is decoded and transformed by ``dataset`` itself, in ``workers`` processes."""
+    Otherwise every sample is decoded and transformed by ``dataset`` itself, in ``workers`` processes.
+    ``lengths`` (texts' token counts): shuffled batches group texts of similar length (``LengthGrouped``)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
                  device: torch.device, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 workers: int = 0) -> None:
+                 workers: int = 0, lengths: torch.Tensor | None = None) -> None:
         self.generator = torch.Generator().manual_seed(seed)
         count = len(dataset)
-        order = EpochShuffle(count, self.generator) if shuffle else SequentialSampler(range(count))
+        order = SequentialSampler(range(count))
+        if shuffle:
+            order = EpochShuffle(count, self.generator) if lengths is None else \
+                LengthGrouped(lengths, batch_size, self.generator)
         pin = device.type == "cuda"
         if isinstance(dataset, Rows):
             if pin and dataset.images.nbytes < _DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]:
