@@ -103,7 +103,9 @@ def test_tfidf_features_equal_scikit_learn_fitted_on_train_only():
     splits = build_data(rt_config(shots=64))
     model = build_text_model(rt_config(), splits, BackboneConfig(name="tfidf", tfidf=TfidfConfig(max_features=None)),
                              HeadConfig())
-    train, test = texts_of(splits.train), texts_of(splits.test)[:300]
+    # Fitted on the whole train split's texts, also those the 64-per-class draw leaves unlabelled; never on val/test.
+    train, test = texts_of(splits.pool), texts_of(splits.test)[:300]
+    assert len(train) == len(splits.pool) > len(splits.train) == 128
     reference = TfidfVectorizer(ngram_range=(1, 2)).fit(train)
     assert model.spec.vocabulary == reference.get_feature_names_out().tolist()
     held = tokenize_splits(splits, model.spec, rt_config(), lambda _: None)

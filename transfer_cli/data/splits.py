@@ -43,6 +43,9 @@ class DataSplits:
     skipped: int = 0  # files found but not readable as images; rows of a text table that cannot be used
     notes: list[str] = field(default_factory=list)  # what the builder dropped or changed, for the run log
     text: bool = False  # samples are strings, which a text backbone tokenizes
+    # The train split before dataset.shots / dataset.fraction drew the labelled part: what an unsupervised
+    # preprocessing (a TF-IDF vocabulary) may be fitted on, labels unused. None: the train split itself.
+    pool: Dataset | None = None
 
     @property
     def kind(self) -> str:

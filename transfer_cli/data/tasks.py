@@ -64,6 +64,8 @@ def make_task(splits: DataSplits, cfg: DatasetConfig) -> DataSplits:
     draw = cfg.split_seed if cfg.shots_seed is None else cfg.shots_seed
     if cfg.classes is not None:
         splits = select_classes(splits, list(cfg.classes), cfg.name)
+    if cfg.fraction is not None or cfg.shots is not None:
+        splits.pool = splits.train
     if cfg.fraction is not None:
         if not 0 < cfg.fraction <= 1:
             raise UserError(f"dataset.fraction={cfg.fraction} is not allowed. Allowed: a fraction in (0, 1].")

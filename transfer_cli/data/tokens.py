@@ -183,8 +183,10 @@ def fit_tfidf(cfg: TfidfConfig, texts: list[str]) -> TextSpec:
 
 
 def train_texts(splits: DataSplits) -> list[str]:
-    """The texts of the train split, through its subsets (few-shot draws, class subsets)."""
-    return [text for text, _ in (splits.train[i] for i in range(len(splits.train)))]
+    """The texts of the whole train split (also those a few-shot draw leaves unlabelled; never val or test),
+    through its subsets (class subsets, draws): what a TF-IDF vocabulary is fitted on."""
+    pool = splits.pool if splits.pool is not None else splits.train
+    return [text for text, _ in (pool[i] for i in range(len(pool)))]
 
 
 def token_ids(dataset: TextSamples, spec: TextSpec, cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
