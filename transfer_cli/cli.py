@@ -133,6 +133,7 @@ def _job_threads(cfg: DictConfig) -> int | None:
 
 @_job
 def _train(cfg: DictConfig) -> float:
+    from transfer_cli.engine import distributed
     from transfer_cli.engine.validators import VALIDATORS
     from transfer_cli.train import run_train
     from transfer_cli.validation import validate
@@ -143,12 +144,50 @@ def _train(cfg: DictConfig) -> float:
         discard_if_only_hydra(_run_dir())  # nothing ran: leave no run folder behind
         raise
     cfg.trainer.threads = _job_threads(cfg)
-    summary = run_train(cfg, _run_dir(), sweep_job=_in_multirun())
+    if cfg.trainer.devices > 1 and not distributed.launched():
+        summary = _launch_processes(cfg)
+    else:
+        try:
+            summary = run_train(cfg, _run_dir(), sweep_job=_in_multirun())
+        finally:
+            distributed.shutdown()
     best = summary["best"]
-    if best["split"] == "last":
+    if not best or best["split"] == "last":
         return float("nan")
     # What Optuna maximises: the selection score of the kept epoch, negated where lower is better (entropy).
     return float(best["value"]) * (1 if VALIDATORS.get(cfg.trainer.select, ("", "", True))[2] else -1)
+
+
+def _launch_processes(cfg: DictConfig) -> dict[str, Any]:
+    """``trainer.devices=N``: torchrun's elastic agent (torch.distributed.run) starts N copies of this very
+    command on this machine, all writing into this run's folder; returns the summary process 0 wrote."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from transfer_cli import resume
+
+    run_dir = _run_dir()
+    if not _in_multirun():  # resuming: the processes go straight to the run they continue
+        found = resume.choose(str(cfg.trainer.resume), run_dir, OmegaConf.to_container(cfg, resolve=True))
+        if found is not None:
+            discard_if_only_hydra(run_dir)
+            run_dir = found
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.run.dir=")]
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={cfg.trainer.devices}", "--module",
+                                         "transfer_cli", "train", *overrides, f"hydra.run.dir={run_dir}"])
+    hydra_setting = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = os.environ.get(_USER_FULL_ERROR, "0")  # the processes see the user's setting
+    try:
+        run(args)
+    except ChildFailedError as err:
+        rank, first = err.get_first_failure()
+        others = sorted(r for r in err.failures if r != rank)
+        stopped = f"; torchrun then stopped process(es) {', '.join(map(str, others))}" if others else ""
+        raise UserError(f"trainer.devices={cfg.trainer.devices}: the run failed: process {rank} exited with code "
+                        f"{first.exitcode} first (what it printed is above){stopped}.") from None
+    finally:
+        os.environ["HYDRA_FULL_ERROR"] = hydra_setting or "1"
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 @_job

@@ -101,6 +101,9 @@ class TrainerConfig:
     epochs: int = 15
     steps: int | None = None  # when set: train this many optimizer steps (epochs = steps / batches per epoch)
     device: str = "auto"  # auto | cpu | cuda | mps
+    # Processes on this machine for one run: > 1 starts torchrun's elastic agent (DistributedDataParallel;
+    # gloo on the CPU, one GPU per process with nccl). dataset.batch_size is per process.
+    devices: int = 1
     precision: str = "32"  # 32 | bf16-mixed | 16-mixed
     channels_last: bool = False
     compile: bool = False

@@ -18,6 +18,7 @@ from transfer_cli.data.splits import DATASETS, DataSplits, Transformed, tensor_v
 from transfer_cli.data.tasks import make_task
 from transfer_cli.data.tokens import PAD, TextSpec, tokenize_splits, train_texts
 from transfer_cli.data.transforms import InputSpec, WeightsMeta, resolve_input, sample_transform
+from transfer_cli.engine.distributed import SINGLE, Dist
 from transfer_cli.errors import UserError
 from transfer_cli.methods.base import Method
 from transfer_cli.models.backbone import BACKBONES, Classifier, PretrainedBody, build_backbone, takes_text
@@ -109,7 +110,7 @@ def prepare_splits(splits: DataSplits, spec: InputSpec | TextSpec, cfg: DatasetC
 
 
 def make_loader(dataset: Dataset, spec: InputSpec | TextSpec, cfg: DatasetConfig, train: bool,
-                device: torch.device, seed: int = 0, batch_size: int | None = None) -> Batches:
+                device: torch.device, seed: int = 0, batch_size: int | None = None, dist: Dist = SINGLE) -> Batches:
     """Batches of ``dataset`` as the model takes them: cut from memory (and images augmented on ``device``)
     when the data is an in-memory tensor (see ``prepare_splits``), else decoded and transformed per sample."""
     size = batch_size or (cfg.batch_size if train else cfg.eval_batch_size or 2 * cfg.batch_size)
@@ -122,11 +123,12 @@ def make_loader(dataset: Dataset, spec: InputSpec | TextSpec, cfg: DatasetConfig
         base, rows, labels = view
         if isinstance(spec, TextSpec):
             lengths = (base.images[rows] != PAD).sum(1) if train and cfg.group_by_length else None
-            return Batches(Rows(base.images, rows, labels), size, train, drop_last, seed, device, lengths=lengths)
+            return Batches(Rows(base.images, rows, labels), size, train, drop_last, seed, device, lengths=lengths,
+                           dist=dist)
         return Batches(Rows(base.images, rows, labels), size, train, drop_last, seed, device,
-                       BatchAugment(augment, spec.size, decoded=isinstance(base, DecodedImages)))
+                       BatchAugment(augment, spec.size, decoded=isinstance(base, DecodedImages)), dist=dist)
     return Batches(Transformed(dataset, sample_transform(spec, augment)), size, train, drop_last, seed, device,
-                   workers=resolve_workers(cfg.num_workers))
+                   workers=resolve_workers(cfg.num_workers), dist=dist)
 
 
 def sample_loader(dataset: Dataset, spec: InputSpec, cfg: DatasetConfig, device: torch.device, samples: int,

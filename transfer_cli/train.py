@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -18,14 +19,15 @@ from torch.utils.data import DataLoader
 
 from transfer_cli import resume
 from transfer_cli.data.identity import data_identity, split_identities
-from transfer_cli.engine import train_state
+from transfer_cli.engine import distributed, train_state
 from transfer_cli.engine.averaging import WeightAverage
 from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
+from transfer_cli.engine.distributed import SINGLE
 from transfer_cli.engine.hooks import Checkpointer, EvalHook, training_weights
 from transfer_cli.engine.loop import Diverged, State, evaluate, fit
 from transfer_cli.engine.validators import VALIDATORS, TargetValidators, validator_picks
 from transfer_cli.errors import UserError
-from transfer_cli.files import atomic_write_text, remove_orphan_tmp
+from transfer_cli.files import atomic_write_text, discard_if_only_hydra, remove_orphan_tmp
 from transfer_cli.methods.base import METHODS, DataContext, Method
 from transfer_cli.models.checkpoint import save_model
 from transfer_cli.pipeline import (
@@ -49,34 +51,53 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     run there is reused as it is and an unfinished one resumes (this is how sweeps resume)."""
     console = console or Console()
     started = time.perf_counter()
+    dist, device = distributed.init(resolve_device(cfg.trainer.device))
+    if dist.active and not METHODS.get(cfg.method.name).trains_body:
+        # Cached features and a head fitted on them need no data parallelism: process 0 runs it alone.
+        if not dist.main:
+            return {"status": "left to process 0", "best": None}
+        console.print(f"method={cfg.method.name} trains a head on cached features: process 0 runs it alone.")
+        dist = SINGLE
+    if not dist.main:  # the others train and evaluate but write and print nothing
+        console = Console(file=io.StringIO())
     resolved = OmegaConf.to_container(cfg, resolve=True)  # once: every checkpoint sidecar embeds it
-    payload = None
-    job_state = resume.status(run_dir) if sweep_job else None
-    if job_state in ("finished", "resumable"):
-        resume.check_same_config(run_dir, resolved)
-        if job_state == "finished" and _same_data(run_dir, cfg):
-            console.print(f"{run_dir} already finished with this config: kept as it is.")
-            return json.loads((run_dir / "summary.json").read_text())
-        if job_state == "resumable":
-            payload = train_state.load(run_dir / "checkpoints")
-    elif not sweep_job and (found := resume.choose(str(cfg.trainer.resume), run_dir, resolved)) is not None:
-        run_dir, payload = found, train_state.load(found / "checkpoints")
-    elif not sweep_job and cfg.trainer.resume == "auto":
-        console.print("trainer.resume=auto: no unfinished run with this config; starting a new one.")
-    if payload is None:  # a fresh start: what an earlier failed attempt in this folder left is stale
-        for stale in (run_dir / "summary.json", run_dir / "error.json", run_dir / "checkpoints" / train_state.STATE_FILE):
-            stale.unlink(missing_ok=True)
-    removed = remove_orphan_tmp(run_dir)
-    if removed:
-        console.print(f"removed {len(removed)} temporary file(s) a killed write left behind.")
+    own_dir, payload, finished = run_dir, None, None
+    if dist.main:  # process 0 decides where the run lives and whether it resumes; the others follow
+        job_state = resume.status(run_dir) if sweep_job else None
+        if job_state in ("finished", "resumable"):
+            resume.check_same_config(run_dir, resolved)
+            if job_state == "finished" and _same_data(run_dir, cfg):
+                console.print(f"{run_dir} already finished with this config: kept as it is.")
+                finished = json.loads((run_dir / "summary.json").read_text())
+            elif job_state == "resumable":
+                payload = train_state.load(run_dir / "checkpoints")
+        elif not sweep_job and (found := resume.choose(str(cfg.trainer.resume), run_dir, resolved)) is not None:
+            run_dir, payload = found, train_state.load(found / "checkpoints")
+        elif not sweep_job and cfg.trainer.resume == "auto":
+            console.print("trainer.resume=auto: no unfinished run with this config; starting a new one.")
+        if payload is None and finished is None:  # a fresh start: what an earlier attempt here left is stale
+            for stale in (run_dir / "summary.json", run_dir / "error.json",
+                          run_dir / "checkpoints" / train_state.STATE_FILE):
+                stale.unlink(missing_ok=True)
+        removed = remove_orphan_tmp(run_dir)
+        if removed:
+            console.print(f"removed {len(removed)} temporary file(s) a killed write left behind.")
+    run_dir, resuming, finished = dist.broadcast((run_dir, payload is not None, finished))
+    if finished is not None:
+        return finished
+    if run_dir != own_dir:  # torchrun started every process with its own Hydra folder: only process 0's is used
+        discard_if_only_hydra(own_dir)
+    if resuming and payload is None:
+        payload = train_state.load(run_dir / "checkpoints")
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     configure_threads(cfg.trainer.threads)
-    device = resolve_device(cfg.trainer.device)
     precision = Precision(str(cfg.trainer.precision), device)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    if dist.main:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 
-    source = source_model(cfg, device, precision, console) if cfg.backbone.weights == "source" else None
-    splits = build_data(cfg.dataset)
+    with dist.main_first():  # caches (a source model, checked image files) are built once, by process 0
+        source = source_model(cfg, device, precision, console) if cfg.backbone.weights == "source" else None
+        splits = build_data(cfg.dataset)
     if len(splits.test) == 0:
         raise UserError(f"dataset={cfg.dataset.name} has no test samples (dataset.root={cfg.dataset.root!r}), so "
                         "the run could report nothing: add a test/ (or val/) folder, or use a dataset with a test split.")
@@ -91,8 +112,9 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     def log(message: str) -> None:
         console.print(message, highlight=False, soft_wrap=True)
 
-    splits = prepare_splits(splits, model.spec, cfg.dataset, log)
-    target = prepare_splits(target, model.spec, cfg.target.dataset, log) if target else None
+    with dist.main_first():  # decoded images and token ids are cached by process 0, then read by the others
+        splits = prepare_splits(splits, model.spec, cfg.dataset, log)
+        target = prepare_splits(target, model.spec, cfg.target.dataset, log) if target else None
     method = METHODS.build(cfg.method, model=model).to(device)
     if method.trains_body and not any(True for _ in model.body.parameters()):
         raise UserError(f"method={cfg.method.name} trains the backbone, but backbone={cfg.backbone.name} has no "
@@ -101,11 +123,12 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     if cfg.trainer.channels_last:
         method.to(memory_format=torch.channels_last)
 
-    def make(split: str, train: bool) -> DataLoader:
-        return make_loader(splits.split(split), model.spec, cfg.dataset, train, device, cfg.seed)
+    def make(split: str, train: bool, sharded: bool = True) -> DataLoader:
+        return make_loader(splits.split(split), model.spec, cfg.dataset, train, device, cfg.seed,
+                           dist=dist if sharded else SINGLE)
 
     def make_target(split: str, train: bool) -> DataLoader:
-        return make_loader(target.split(split), model.spec, cfg.target.dataset, train, device, cfg.seed + 1)
+        return make_loader(target.split(split), model.spec, cfg.target.dataset, train, device, cfg.seed + 1, dist=dist)
 
     data = data_identity(splits)
     if payload is not None and payload["data"] != data:
@@ -114,7 +137,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     identity = {split: {"input": model.spec.to_dict(), "samples": digest}
                 for split, digest in split_identities(splits).items()}
     context = DataContext(device, precision, identity, make_target if target else None)
-    loaders = method.loaders(make, context)
+    with dist.main_first():  # cached features (LP-FT's probe) are computed once, by process 0
+        loaders = method.loaders(make, context)
     steps_per_epoch = len(loaders["train"])
     epochs = cfg.trainer.epochs
     if cfg.trainer.steps:
@@ -140,7 +164,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         return {"epoch": state.epoch + 1, "metrics": state.epoch_metrics, "config": resolved}
 
     def save(path: Path, weights: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:
-        save_model(path, weights, model.recipe, **facts)
+        if dist.main:
+            save_model(path, weights, model.recipe, **facts)
 
     averaging = _weight_average(cfg, method, make, device, precision, epochs)
     weights = averaging.applied if averaging else training_weights
@@ -151,14 +176,17 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     checkpoints = run_dir / "checkpoints"
 
     def save_train_state(state: State) -> None:
-        train_state.save(checkpoints, train_state.capture(state, loaders["train"], precision.scaler, data, averaging))
+        payload = train_state.capture(state, loaders["train"], precision.scaler, data, averaging)
+        payload["rng_per_process"] = dist.gather(payload["rng"])  # each process's dropout / augmentation draws
+        if dist.main:
+            train_state.save(checkpoints, payload)
 
     split, metric, higher = VALIDATORS.get(cfg.trainer.select, ("last", "epoch", True))
     checkpointer = Checkpointer(checkpoints, save, describe_epoch, split, metric, cfg.trainer.save_every_s,
-                                save_train_state, weights, higher, method.selectable_from)
+                                save_train_state, weights, higher, method.selectable_from, dist.broadcast)
     state = State(method, optimizer, scheduler, epochs, steps_per_epoch)
     if payload is not None:
-        train_state.restore(state, payload, loaders["train"], precision.scaler, averaging)
+        train_state.restore(state, payload, loaders["train"], precision.scaler, averaging, dist.rank, dist.world)
         if state.best:  # none yet when the run was killed before its first selectable epoch (SHOT's source phase)
             checkpointer.best_state = load_file(str(checkpoints / "best.safetensors"))
         console.print(f"resuming {run_dir} at epoch {state.epoch + 1}/{epochs} (optimizer step {state.step})",
@@ -172,15 +200,16 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         # label-free validators (trainer.select).
         *([EvalHook(make_target("test", False), device, precision, "target_test", weights),
            TargetValidators(make_target("train", False), device, precision, weights)] if target else []),
-        MetricsWriter(run_dir / "metrics.csv"),
+        *([MetricsWriter(run_dir / "metrics.csv")] if dist.main else []),
         *method.hooks(),  # before the checkpointer: the saved state includes what they change (unfrozen stages)
         checkpointer,
-        ProgressHook(console, cfg.trainer.progress, cfg.trainer.log_every),
+        *([ProgressHook(console, cfg.trainer.progress, cfg.trainer.log_every)] if dist.main else []),
     ]
     try:
         fit(state, loaders["train"], device, precision, hooks, cfg.trainer.accumulate, cfg.trainer.grad_clip)
     except Diverged as err:
-        _write_diverged(run_dir, cfg, state, err, time.perf_counter() - started)
+        if dist.main:
+            _write_diverged(run_dir, cfg, state, err, time.perf_counter() - started)
         raise
 
     # Report the test split once, with the weights that were best on validation.
@@ -188,13 +217,14 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     test = evaluate(method, loaders["test"], device, precision)
     state.history.append({"epoch": state.best["epoch"], "split": "test", **test})
     metrics = metrics_frame(state.history)
-    write_table(metrics, run_dir / "metrics.csv", markdown=True)
     picks = validator_picks(state.history, method.selectable_from + 1) if target else []
-    if picks:  # what each label-free validator would have kept, next to the oracle
-        write_table(pd.DataFrame(picks), run_dir / "validators.csv", markdown=True)
-    if cfg.trainer.plots:
-        plot_curves(metrics, run_dir / "curves.png")
-    if cfg.trainer.analyze:  # the kept weights' features on 1,000 test images of each domain
+    if dist.main:
+        write_table(metrics, run_dir / "metrics.csv", markdown=True)
+        if picks:  # what each label-free validator would have kept, next to the oracle
+            write_table(pd.DataFrame(picks), run_dir / "validators.csv", markdown=True)
+        if cfg.trainer.plots:
+            plot_curves(metrics, run_dir / "curves.png")
+    if cfg.trainer.analyze and dist.main:  # the kept weights' features on 1,000 test images of each domain
         analyze_alignment(
             method.model,
             (cfg.dataset.name, sample_loader(splits.test, model.spec, cfg.dataset, device, 1000, cfg.seed)),
@@ -231,17 +261,20 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         **method.describe(),  # after training: gradual unfreezing changes what trains
         **(averaging.describe() if averaging else {}),
         "wall_time_s": time.perf_counter() - started,
+        "processes": dist.world,  # dataset.batch_size is per process
+        "global_batch": cfg.dataset.batch_size * dist.world * cfg.trainer.accumulate,
         "device": str(device),
         "precision": precision.name,
         "versions": versions(),
     }
     table = summary_frame(summary)
-    write_summary(run_dir, summary, {"Result": table, "Metrics per epoch": metrics})
+    if dist.main:
+        write_summary(run_dir, summary, {"Result": table, "Metrics per epoch": metrics})
     console.print(rich_record(table.iloc[0].to_dict(), title=f"{cfg.name}  ->  {run_dir}"), soft_wrap=True)
     return summary
 
 
-def _weight_average(cfg: DictConfig, method: Method, make: Callable[[str, bool], DataLoader], device: torch.device,
+def _weight_average(cfg: DictConfig, method: Method, make: Callable[..., DataLoader], device: torch.device,
                     precision: Precision, epochs: int) -> WeightAverage | None:
     """The EMA / SWA hook the trainer settings ask for, or None."""
     ema, swa = cfg.trainer.ema_decay, cfg.trainer.swa_start
@@ -254,7 +287,8 @@ def _weight_average(cfg: DictConfig, method: Method, make: Callable[[str, bool],
         raise UserError(f"trainer.ema_decay={ema} / trainer.swa_start={swa} average the weights along a "
                         f"gradient-descent path, but method={cfg.method.name} fits its weights in one solve "
                         "(solver=lbfgs): there is nothing to average. Set them to null, or use solver=sgd.")
-    bn_loader = make("train", False) if swa is not None else None  # plain train images, as test time sees them
+    # plain train images, as test time sees them; every process measures the same statistics on all of them
+    bn_loader = make("train", False, False) if swa is not None else None
     return WeightAverage(method.model, ema, swa, bn_loader, device, precision, method.frozen_norms)
 
 

@@ -24,6 +24,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "trainer.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "trainer.steps": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
     "trainer.accumulate": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.devices": (lambda v: v >= 1, "an integer >= 1 (processes on this machine)"),
     "trainer.grad_clip": (lambda v: v is None or (math.isfinite(v) and v > 0), "null or a number > 0"),
     "trainer.threads": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
     "trainer.log_every": (lambda v: v >= 1, "an integer >= 1"),

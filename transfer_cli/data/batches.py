@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
+from transfer_cli.engine.distributed import SINGLE, Dist, Shard
+
 # Data that fits this share of free GPU memory is moved there once; each batch is then a device gather.
 _DEVICE_SHARE = 0.25
 
@@ -84,17 +86,20 @@ class Batches:
     In memory (``rows``/``labels`` given): the DataLoader gets a batch sampler and a dataset that returns a
     whole batch per list of positions, and each batch is augmented on the device by ``augment``.
     Otherwise every sample is decoded and transformed by ``dataset`` itself, in ``workers`` processes.
-    ``lengths`` (texts' token counts): shuffled batches group texts of similar length (``LengthGrouped``)."""
+    ``lengths`` (texts' token counts): shuffled batches group texts of similar length (``LengthGrouped``).
+    ``dist``: several processes each take their shard of every epoch (see engine/distributed.py)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
                  device: torch.device, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 workers: int = 0, lengths: torch.Tensor | None = None) -> None:
+                 workers: int = 0, lengths: torch.Tensor | None = None, dist: Dist = SINGLE) -> None:
         self.generator = torch.Generator().manual_seed(seed)
         count = len(dataset)
         order = SequentialSampler(range(count))
         if shuffle:
             order = EpochShuffle(count, self.generator) if lengths is None else \
                 LengthGrouped(lengths, batch_size, self.generator)
+        if dist.active:  # this process's share: equal shares when training, every sample once when evaluating
+            order = Shard(order, dist, even=shuffle)
         pin = device.type == "cuda"
         if isinstance(dataset, Rows):
             if pin and dataset.images.nbytes < _DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]:
@@ -107,6 +112,7 @@ class Batches:
                                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pin,
                                      generator=torch.Generator().manual_seed(seed + 1))  # worker seeds only
         self.dataset, self.batch_size, self.device, self.augment = dataset, batch_size, device, augment
+        self.dist = dist
 
     def __len__(self) -> int:
         return len(self.loader)

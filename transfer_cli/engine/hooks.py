@@ -51,11 +51,12 @@ class Checkpointer(Hook):
     def __init__(self, folder: Path, save: SaveWeights, describe: Callable[[State], dict[str, Any]],
                  split: str = "val", metric: str = "acc1", save_every_s: float = 60.0,
                  after_write: Callable[[State], None] | None = None, weights: Weights = training_weights,
-                 higher: bool = True, first_epoch: int = 0) -> None:
+                 higher: bool = True, first_epoch: int = 0, agree: Callable[[bool], bool] = bool) -> None:
         self.folder, self.save, self.describe, self.weights = folder, save, describe, weights
         self.split, self.metric, self.save_every_s = split, metric, save_every_s
         self.higher, self.first_epoch = higher, first_epoch
         self.after_write = after_write
+        self.agree = agree  # several processes: process 0's decision to write, so all take part in the write
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_facts: dict[str, Any] = {}
         self.best_written = True
@@ -71,7 +72,7 @@ class Checkpointer(Hook):
                           "metric": self.metric if monitored else "epoch", "value": value}
             self.best_state = self.checkpoint_weights(state)
             self.best_facts, self.best_written = self.describe(state), False
-        if time.monotonic() - self.last_write >= self.save_every_s:
+        if self.agree(time.monotonic() - self.last_write >= self.save_every_s):
             self.write(state)
 
     def after_fit(self, state: State) -> None:

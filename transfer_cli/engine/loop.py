@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from transfer_cli.engine.device import Precision, to_device
+from transfer_cli.engine.distributed import SINGLE, Dist
 from transfer_cli.engine.metrics import Meter, logit_metrics
 
 
@@ -65,13 +66,55 @@ class LossWatch:
         self.bad = torch.where(fresh, torch.tensor([batch, step, 1], device=loss.device), self.bad)
         self.last = torch.where((self.bad[2] < 0) & torch.isfinite(loss), loss, self.last)
 
-    def check(self, state: State) -> None:
+    def check(self, state: State, dist: Dist = SINGLE) -> None:
+        """Raise Diverged on every process when the loss went non-finite on any of them."""
+        if dist.active:
+            anywhere = dist.sum_((self.bad[2:] > 0).float().cpu())
+            if anywhere.item() > 0 and self.bad[2] < 0:
+                raise Diverged(state.epoch, state.batch, state.step, state.last_loss)
         batch, step, flag = self.bad.tolist()
         last = self.last.item()
         if flag > 0:
             raise Diverged(state.epoch, batch, step, last if math.isfinite(last) else state.last_loss)
         if math.isfinite(last):
             state.last_loss = last
+
+
+class _Step(nn.Module):
+    """The method's training step as a module's forward, so DistributedDataParallel sees every parameter
+    the step uses (the backbone, the head, a domain discriminator, LoRA adapters ...)."""
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        return self.method.training_step(batch)
+
+
+class Synced:
+    """The training step under DistributedDataParallel (gradients averaged over the processes), wrapped
+    again whenever the set of trainable parameters changes (gradual unfreezing, SHOT's phases): DDP only
+    synchronises the parameters that required gradients when it was built. One process: the plain step."""
+
+    def __init__(self, method: nn.Module, device: torch.device, dist: Dist) -> None:
+        self.method, self.device, self.dist = method, device, dist
+        self.trainable: tuple[str, ...] | None = None
+        self.ddp: nn.Module | None = None
+        self.wraps = 0  # how many times DDP was built (tests check the re-wrap)
+
+    def __call__(self, batch: Any) -> dict[str, torch.Tensor]:
+        if not self.dist.active or getattr(self.method, "manual_optimization", False):
+            return self.method.training_step(batch)
+        trainable = tuple(n for n, p in self.method.named_parameters() if p.requires_grad)
+        if trainable != self.trainable:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(
+                _Step(self.method), device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=getattr(self.method, "unused_parameters", False))
+            self.trainable, self.wraps = trainable, self.wraps + 1
+        return self.ddp(batch)
 
 
 class Hook:
@@ -92,6 +135,8 @@ def fit(
     grad_clip: float | None = None,
 ) -> State:
     method, optimizer, scaler = state.method, state.optimizer, precision.scaler
+    dist = getattr(loader, "dist", SINGLE)  # sharded loaders carry the process group they shard for
+    step = Synced(method, device, dist)
     for hook in hooks:
         hook.before_fit(state)
     for epoch in range(state.epoch, state.max_epochs):
@@ -106,10 +151,10 @@ def fit(
             state.batch = index
             batch = to_device(batch, device)
             with precision.autocast():
-                out = method.training_step(batch)
+                out = step(batch)
             watch.update(out["loss"], index, state.step)
             if index + 1 == state.steps_per_epoch or (index + 1) % watch.every == 0:
-                watch.check(state)
+                watch.check(state, dist)
             if method.manual_optimization:
                 state.step += 1
             else:
@@ -128,6 +173,8 @@ def fit(
             for hook in hooks:
                 hook.after_step(state)
         seconds = time.perf_counter() - start
+        state.meter.reduce(dist)
+        dist.copy_buffers(method)
         train = state.meter.compute()
         state.epoch_metrics["train"] = {**train, "lr": lr, "seconds": seconds,
                                         "samples_per_s": state.meter.count / seconds}
@@ -149,7 +196,16 @@ def infer(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: 
             with precision.autocast():
                 outputs.append(fn(to_device(x, device)).float().cpu())
             labels.append(y.cpu())
-    return torch.cat(outputs), torch.cat(labels)
+    dist = getattr(loader, "dist", SINGLE)
+    if not dist.active:
+        return torch.cat(outputs), torch.cat(labels)
+    # Each process saw every world-th sample: put the parts back in the loader's order, on every process.
+    parts = dist.gather((torch.cat(outputs), torch.cat(labels)))
+    count = sum(len(y) for _, y in parts)
+    merged = [torch.empty(count, *parts[0][0].shape[1:]), torch.empty(count, dtype=parts[0][1].dtype)]
+    for rank, (out, y) in enumerate(parts):
+        merged[0][rank::dist.world], merged[1][rank::dist.world] = out, y
+    return merged[0], merged[1]
 
 
 def evaluate(method: nn.Module, loader: Iterable, device: torch.device, precision: Precision) -> dict[str, float]:

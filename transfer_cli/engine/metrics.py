@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from transfer_cli.engine.distributed import Dist
+
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, logits.shape[1])
@@ -36,6 +38,18 @@ class Meter:
                 self._add(f"acc{k}", topk_correct(logits, labels, k))
             self.labelled += n
         self.count += n
+
+    def reduce(self, dist: Dist) -> None:
+        """Sum every process's running sums and counts (exact over the whole epoch; a no-op in one process)."""
+        if not dist.active:
+            return
+        keys = sorted(self.sums)
+        packed = torch.stack([*(self.sums[k].double().cpu() for k in keys),
+                              torch.tensor(float(self.count), dtype=torch.float64),
+                              torch.tensor(float(self.labelled), dtype=torch.float64)])
+        dist.sum_(packed)
+        self.sums = dict(zip(keys, packed[:len(keys)], strict=True))
+        self.count, self.labelled = int(packed[-2]), int(packed[-1])
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         self.sums[key] = self.sums[key] + value if key in self.sums else value

@@ -93,8 +93,9 @@ def load(folder: Path) -> dict[str, Any]:
     return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def restore(state: State, payload: dict[str, Any], loader: Any, scaler: Any, averaging: Any = None) -> None:
-    """Put ``payload`` back into a freshly built run."""
+def restore(state: State, payload: dict[str, Any], loader: Any, scaler: Any, averaging: Any = None,
+            rank: int = 0, world: int = 1) -> None:
+    """Put ``payload`` back into a freshly built run (process ``rank`` of ``world`` gets its own RNG states)."""
     if (averaging is None) != (payload.get("averaging") is None):
         raise ValueError("the saved run and this one differ in trainer.ema_decay / trainer.swa_start")
     if averaging is not None:
@@ -110,4 +111,5 @@ def restore(state: State, payload: dict[str, Any], loader: Any, scaler: Any, ave
     state.epoch, state.step = payload["next_epoch"], payload["step"]
     state.history, state.best, state.last_loss = payload["history"], payload["best"], payload["last_loss"]
     load_loader_state(loader, payload["loader"])
-    set_rng_states(payload["rng"])
+    per_process = payload.get("rng_per_process") or []
+    set_rng_states(per_process[rank] if len(per_process) == world else payload["rng"])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transfer_cli.engine.distributed import SINGLE
 from transfer_cli.engine.loop import Hook, State
 from transfer_cli.engine.validators import entropy
 from transfer_cli.methods.base import METHODS, DataContext, LoaderFactory, Method
@@ -41,6 +42,7 @@ class PairedLoader:
 
     def __init__(self, source: DataLoader, target: DataLoader) -> None:
         self.source, self.target = source, target
+        self.dist = getattr(source, "dist", SINGLE)  # both sides are sharded per process alike
         self._target_iter: Iterator | None = None
         self._pass_start: torch.Tensor | None = None
         self._taken = 0

@@ -1,0 +1,154 @@
+"""One run over two processes (torchrun's elastic agent, gloo on the CPU): the same global batch gives the
+same training as one process, process 0 alone writes, a killed run resumes exactly, a crashed process
+stops the job with a clear message."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import shared_path
+from safetensors.torch import load_file
+
+QUICK = ["trainer.progress=plain", "trainer.plots=false", "trainer.deterministic=true"]
+TIMING = ["seconds", "samples_per_s"]
+
+
+def train(args: list[str], cwd: Path, env: dict[str, str] | None = None, wait: bool = True):
+    proc = subprocess.Popen([sys.executable, "-m", "transfer_cli", "train", *args, *QUICK], cwd=cwd,
+                            env={**os.environ, "COLUMNS": "200", **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if not wait:
+        return proc
+    log = proc.communicate(timeout=600)[0]
+    return proc.returncode, log
+
+
+def kill_every(marker: str) -> None:
+    """SIGKILL every process whose command line holds ``marker`` (torchrun's workers live in their own
+    sessions, so killing the agent's process group alone would leave them running)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / "last.safetensors"))
+
+
+def metrics(run: Path) -> pd.DataFrame:
+    return pd.read_csv(run / "metrics.csv").drop(columns=TIMING)
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
+    mnist = shared_path("datasets", "mnist")
+    data = ["dataset=mnist", f"dataset.root={mnist}", "dataset.shots=50", "dataset.val_fraction=0.02",
+            "backbone=lenet", "method=finetune", "optimizer=sgd", "optimizer.lr=0.05", "trainer.epochs=20"]
+    code, log = train([*data, "dataset.batch_size=32", "hydra.run.dir=one"], tmp_path)
+    assert code == 0, log
+    code, log = train([*data, "dataset.batch_size=16", "trainer.devices=2", "hydra.run.dir=two"], tmp_path)
+    assert code == 0, log
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert two["processes"] == 2 and two["global_batch"] == one["global_batch"] == 32
+    steps = 500 // 32 * 20
+    assert steps >= 300  # a few hundred optimizer steps
+    # Each global batch holds the same 32 images in both runs (process r takes every 2nd of the permutation)
+    # and DDP averages the two halves' gradients: the first epoch agrees to rounding; 300 steps later the
+    # rounding has grown, but not the accuracy.
+    table, reference = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    assert table["loss"].iloc[0] == pytest.approx(reference["loss"].iloc[0], rel=1e-4)
+    assert table["acc1"].iloc[0] == reference["acc1"].iloc[0]
+    assert abs(two["test"]["acc1"] - one["test"]["acc1"]) < 1.0
+    assert not table.duplicated(["epoch", "split"]).any() and len(table) == 2 * 20 + 1  # train + val, test
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["one", "two"]  # no folder per process
+    assert log.count("epoch 20/20") == 1  # process 0 alone reports
+
+    # The counts of the 2-process evaluation are the whole test split: a single-process eval agrees exactly.
+    out = subprocess.run([sys.executable, "-m", "transfer_cli", "eval",
+                          f"checkpoint={tmp_path / 'two' / 'checkpoints' / 'best.safetensors'}", "hydra.run.dir=ev"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    evaluated = pd.read_csv(tmp_path / "ev" / "eval.csv").iloc[0]
+    assert evaluated["acc1"] == pytest.approx(two["test"]["acc1"], abs=1e-9)
+
+
+@pytest.mark.parametrize("method", [
+    ["method=gradual_unfreeze", "method.every_epochs=1"],  # the trainable set grows: DDP is built again
+    ["method=lora"],  # adapters beside frozen layers
+    ["method=dann", "target=usps", "target.dataset.name=digits", "target.dataset.root=null"],  # a discriminator
+], ids=["gradual_unfreeze", "lora", "dann"])
+def test_methods_with_changing_or_extra_parameters_train_as_one_process(tmp_path, method):
+    # LeNet-5 has no BatchNorm, whose batch statistics are per process under DDP (as in PyTorch's own DDP).
+    common = ["dataset=digits", "backbone=lenet", "optimizer=sgd", "optimizer.lr=0.02", "trainer.epochs=2", *method]
+
+    def batch(size: int) -> list[str]:
+        return [f"dataset.batch_size={size}", *([f"target.dataset.batch_size={size}"] if "method=dann" in method else [])]
+
+    code, log = train([*common, *batch(32), "hydra.run.dir=one"], tmp_path)
+    assert code == 0, log
+    code, log = train([*common, *batch(16), "trainer.devices=2", "hydra.run.dir=two"], tmp_path)
+    assert code == 0, log
+    first, second = weights(tmp_path / "one"), weights(tmp_path / "two")
+    changed = [k for k in first if not torch.allclose(first[k], second[k], atol=1e-4)]
+    assert not changed, changed  # unsynchronised gradients would leave process 0 with other weights
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_result(tmp_path):
+    args = ["dataset=digits", "backbone=small_cnn", "method=finetune", "trainer.epochs=30", "trainer.save_every_s=0",
+            "dataset.batch_size=16", "trainer.devices=2", "name=ddp"]
+    code, log = train([*args, "hydra.run.dir=reference"], tmp_path)
+    assert code == 0, log
+    killed = train([*args, "hydra.run.dir=killed"], tmp_path, wait=False)
+    state = tmp_path / "killed" / "checkpoints" / "train_state.pt"
+    deadline = time.monotonic() + 300
+    while not state.exists():
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)
+    kill_every("hydra.run.dir=killed")  # the launcher (its agent) ...
+    kill_every(f"hydra.run.dir={tmp_path / 'killed'}")  # ... and both training processes, as a node failure would
+    killed.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    assert pd.read_csv(tmp_path / "killed" / "metrics.csv")["epoch"].max() < 30  # killed mid-run
+    code, log = train([*args, "hydra.run.dir=resumed", "trainer.resume=killed"], tmp_path)
+    assert code == 0, log
+    assert "resuming" in log
+    reference, resumed = weights(tmp_path / "reference"), weights(tmp_path / "killed")
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    pd.testing.assert_frame_equal(metrics(tmp_path / "killed"), metrics(tmp_path / "reference"))
+
+
+def test_a_crashed_process_stops_the_job_with_a_clear_message(tmp_path):
+    hook = tmp_path / "crash"
+    hook.mkdir()
+    # Process 1 dies once training is under way (as an out-of-memory kill would): process 0 must not wait
+    # for it forever in the next collective.
+    (hook / "sitecustomize.py").write_text(
+        "import os, threading, time\n"
+        "def crash():\n"
+        "    while not os.path.exists(os.environ['CRASH_WHEN']):\n"
+        "        time.sleep(0.1)\n"
+        "    os._exit(9)\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    threading.Thread(target=crash, daemon=True).start()\n")
+    run = tmp_path / "crash_run"
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+           "CRASH_WHEN": str(run / "metrics.csv")}
+    proc = train(["dataset=digits", "backbone=small_cnn", "trainer.epochs=300", "trainer.devices=2",
+                  f"hydra.run.dir={run}"], tmp_path, env, wait=False)
+    while not (run / "metrics.csv").exists():  # the first epoch is done: process 1 exits now
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    crashed = time.monotonic()
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2 and time.monotonic() - crashed < 120, log
+    assert "trainer.devices=2: the run failed: process 1 exited with code 9 first" in log
