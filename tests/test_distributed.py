@@ -152,3 +152,13 @@ def test_a_crashed_process_stops_the_job_with_a_clear_message(tmp_path):
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 2 and time.monotonic() - crashed < 120, log
     assert "trainer.devices=2: the run failed: process 1 exited with code 9 first" in log
+
+
+def test_a_linear_probe_runs_on_process_0_alone(tmp_path):
+    code, log = train(["dataset=digits", "backbone=small_cnn", "method=linear_probe", "trainer.epochs=2",
+                       "trainer.devices=2", "optimizer.scale_lr=linear", "hydra.run.dir=probe"], tmp_path)
+    assert code == 0, log
+    assert "trains a head on cached features: process 0 runs it alone" in log
+    summary = json.loads((tmp_path / "probe" / "summary.json").read_text())
+    assert summary["processes"] == 1 and summary["test"]["acc1"] > 0
+    assert not (tmp_path / "outputs" / "runs").exists()  # process 1 left no run folder of its own

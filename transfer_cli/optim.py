@@ -9,12 +9,14 @@ Every schedule steps once per optimizer step, so warmup and decay are smooth wha
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import torch
+from omegaconf import OmegaConf
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
+from transfer_cli.errors import UserError
 from transfer_cli.registry import Fraction, NonNegative, Positive, Range, Registry
 
 # name -> builder(params, **cfg) -> Optimizer
@@ -123,3 +125,18 @@ def add_param_groups(optimizer: torch.optim.Optimizer, scheduler: LRScheduler, g
             for key in ("max_momentum", "base_momentum"):
                 if key in first:
                     group[key] = first[key]
+
+
+SCALE_LR = ("none", "linear")
+
+
+def optimizer_entry(optimizer_cfg: Mapping[str, Any], processes: int = 1) -> dict[str, Any]:
+    """The optimizer's registry entry: ``scale_lr`` (the CLI's own key) applied and removed. linear: the
+    learning rate times the number of processes, whose batches add up to the global batch (Goyal et al. 2017)."""
+    plain = OmegaConf.to_container(optimizer_cfg) if OmegaConf.is_config(optimizer_cfg) else dict(optimizer_cfg)
+    scale = plain.pop("scale_lr", "none")
+    if scale not in SCALE_LR:
+        raise UserError(f"optimizer.scale_lr={scale!r} is not allowed. Allowed: none, or linear (lr x processes).")
+    if scale == "linear":
+        plain["lr"] = plain["lr"] * processes
+    return plain

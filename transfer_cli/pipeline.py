@@ -25,7 +25,7 @@ from transfer_cli.models.backbone import BACKBONES, Classifier, PretrainedBody, 
 from transfer_cli.models.recipe import ModelRecipe
 from transfer_cli.models.text_backbones import TextRequest
 from transfer_cli.models.weights import weights_sidecar
-from transfer_cli.optim import OPTIMIZERS, SCHEDULERS
+from transfer_cli.optim import OPTIMIZERS, SCHEDULERS, optimizer_entry
 
 
 def build_data(cfg: DatasetConfig) -> DataSplits:
@@ -141,14 +141,14 @@ def sample_loader(dataset: Dataset, spec: InputSpec, cfg: DatasetConfig, device:
 
 
 def build_optimization(method: Method, optimizer_cfg: Mapping[str, Any], scheduler_cfg: Mapping[str, Any],
-                       batches_per_epoch: int, epochs: int, accumulate: int = 1) -> tuple[Any, Any]:
+                       batches_per_epoch: int, epochs: int, accumulate: int = 1, processes: int = 1) -> tuple[Any, Any]:
     """The optimizer over the method's parameter groups and its per-step schedule;
     (None, None) for methods that optimise themselves."""
     if method.manual_optimization:
         return None, None
-    plain = OmegaConf.to_container(optimizer_cfg) if OmegaConf.is_config(optimizer_cfg) else dict(optimizer_cfg)
+    plain = optimizer_entry(optimizer_cfg, processes)
     groups = method.param_groups(plain["lr"], plain.get("weight_decay", 0.0))
-    optimizer = OPTIMIZERS.build(optimizer_cfg, params=groups)
+    optimizer = OPTIMIZERS.build(plain, params=groups)
     steps = math.ceil(batches_per_epoch / accumulate)
     scheduler = SCHEDULERS.build(scheduler_cfg, optimizer=optimizer, total_steps=steps * epochs, steps_per_epoch=steps)
     return optimizer, scheduler

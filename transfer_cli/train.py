@@ -144,7 +144,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     if cfg.trainer.steps:
         epochs = max(1, math.ceil(cfg.trainer.steps * cfg.trainer.accumulate / steps_per_epoch))
     optimizer, scheduler = build_optimization(method, cfg.optimizer, cfg.scheduler, steps_per_epoch, epochs,
-                                              cfg.trainer.accumulate)
+                                              cfg.trainer.accumulate, dist.world)
     if cfg.trainer.compile:
         method.model.compile()
 

@@ -17,7 +17,7 @@ from transfer_cli.engine.validators import SELECTIONS
 from transfer_cli.errors import UserError, bad_value, choices
 from transfer_cli.methods.base import METHODS
 from transfer_cli.models.backbone import BACKBONES
-from transfer_cli.optim import OPTIMIZERS, SCHEDULERS
+from transfer_cli.optim import OPTIMIZERS, SCHEDULERS, optimizer_entry
 
 # key -> (test, what is allowed); None always passes for the optional keys marked "or null"
 _RANGES: dict[str, tuple[Any, str]] = {
@@ -129,7 +129,7 @@ def validate(cfg: DictConfig) -> None:
         _check_ranges(cfg.source, "source.")
         if cfg.source.epochs < 1:
             raise bad_value("source.epochs", cfg.source.epochs, "an integer >= 1")
-        OPTIMIZERS.check(cfg.source.optimizer, provided=("params",))
+        OPTIMIZERS.check(optimizer_entry(cfg.source.optimizer), provided=("params",))
         SCHEDULERS.check(cfg.source.scheduler, provided=("optimizer", "total_steps", "steps_per_epoch"))
     BACKBONES.get(cfg.backbone.name)
     METHODS.check(cfg.method, provided=("model",))
@@ -137,7 +137,7 @@ def validate(cfg: DictConfig) -> None:
     if METHODS.get(cfg.method.name).needs_target_data and cfg.target is None:
         raise UserError(f"method={cfg.method.name} adapts to an unlabelled target domain: add target=NAME "
                         "(e.g. target=usps) or use an experiment such as experiment=mnist_usps.")
-    OPTIMIZERS.check(cfg.optimizer, provided=("params",))
+    OPTIMIZERS.check(optimizer_entry(cfg.optimizer), provided=("params",))
     SCHEDULERS.check(cfg.scheduler, provided=("optimizer", "total_steps", "steps_per_epoch"))
 
 
