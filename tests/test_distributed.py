@@ -162,3 +162,26 @@ def test_a_linear_probe_runs_on_process_0_alone(tmp_path):
     summary = json.loads((tmp_path / "probe" / "summary.json").read_text())
     assert summary["processes"] == 1 and summary["test"]["acc1"] > 0
     assert not (tmp_path / "outputs" / "runs").exists()  # process 1 left no run folder of its own
+
+
+def test_a_loss_that_goes_non_finite_on_one_process_stops_both(tmp_path):
+    hook = tmp_path / "nan"
+    hook.mkdir()
+    # Process 1 alone sees a NaN loss at its 30th step; process 0's losses stay finite.
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch.nn.functional as F\n"
+        "    plain, calls = F.cross_entropy, [0]\n"
+        "    def poisoned(*args, **kwargs):\n"
+        "        calls[0] += 1\n"
+        "        loss = plain(*args, **kwargs)\n"
+        "        return loss * float('nan') if calls[0] == 30 else loss\n"
+        "    F.cross_entropy = poisoned\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    code, log = train(["dataset=digits", "backbone=small_cnn", "trainer.epochs=10", "trainer.devices=2",
+                       "dataset.batch_size=16", "hydra.run.dir=nan"], tmp_path, env)
+    assert code == 3, log  # the exit code of a diverged run
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "training diverged" in log
+    assert summary["diverged_at"]["epoch"] == 1  # 39 steps per epoch: both stopped in the first

@@ -180,6 +180,12 @@ def _launch_processes(cfg: DictConfig) -> dict[str, Any]:
     try:
         run(args)
     except ChildFailedError as err:
+        summary = run_dir / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("status") == "diverged":
+            from transfer_cli.engine.loop import Diverged
+
+            at = json.loads(summary.read_text())["diverged_at"]
+            raise Diverged(at["epoch"] - 1, at["batch"] - 1, at["step"], at["last_finite_loss"]) from None
         rank, first = err.get_first_failure()
         others = sorted(r for r in err.failures if r != rank)
         stopped = f"; torchrun then stopped process(es) {', '.join(map(str, others))}" if others else ""
