@@ -9,7 +9,7 @@ from transfer_cli.data.transforms import InputSpec
 from transfer_cli.errors import UserError
 from transfer_cli.methods.finetune import Finetune
 from transfer_cli.models.backbone import Classifier, build_backbone, in_stage
-from transfer_cli.optim import OPTIMIZERS
+from transfer_cli.optim import OPTIMIZERS, optimizer_entry
 
 # timm families: stages come from timm's own group_matcher.
 TIMM = ["timm/resnet18", "timm/convnext_atto", "timm/vit_tiny_patch16_224", "timm/efficientnet_b0",
@@ -47,7 +47,7 @@ def one_step(method: Finetune, batch: int) -> None:
     torch.manual_seed(0)
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     y = torch.arange(batch) % 4
-    optimizer = OPTIMIZERS.build(entry("optimizer", "adamw", lr=1e-2), params=method.param_groups(1e-2, 0.01))
+    optimizer = OPTIMIZERS.build(optimizer_entry(entry("optimizer", "adamw", lr=1e-2)), params=method.param_groups(1e-2, 0.01))
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert in_optimizer == {id(p) for p in method.parameters() if p.requires_grad}
     method.train()

@@ -12,7 +12,7 @@ from transfer_cli.engine.device import Precision
 from transfer_cli.engine.loop import State, fit
 from transfer_cli.methods.finetune import Finetune
 from transfer_cli.models.backbone import BACKBONES
-from transfer_cli.optim import OPTIMIZERS, SCHEDULERS
+from transfer_cli.optim import OPTIMIZERS, SCHEDULERS, optimizer_entry
 from transfer_cli.train import run_train
 from transfer_cli.validation import validate
 
@@ -32,7 +32,8 @@ def batches(n: int, size: int):
 
 
 def train_once(method, loader, accumulate=1, grad_clip=None, lr=0.1):
-    optimizer = OPTIMIZERS.build(entry("optimizer", "sgd", lr=lr, momentum=0.0, weight_decay=0.0, nesterov=False),
+    optimizer = OPTIMIZERS.build(optimizer_entry(entry("optimizer", "sgd", lr=lr, momentum=0.0, weight_decay=0.0,
+                                                                 nesterov=False)),
                                  params=method.param_groups(lr, 0.0))
     scheduler = SCHEDULERS.build(entry("scheduler", "none"), optimizer=optimizer, total_steps=10, steps_per_epoch=10)
     state = State(method, optimizer, scheduler, max_epochs=1, steps_per_epoch=len(loader))

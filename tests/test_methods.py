@@ -13,7 +13,7 @@ from transfer_cli.engine.device import Precision
 from transfer_cli.engine.loop import State
 from transfer_cli.errors import UserError
 from transfer_cli.methods.base import METHODS, DataContext
-from transfer_cli.optim import OPTIMIZERS, SCHEDULERS
+from transfer_cli.optim import OPTIMIZERS, SCHEDULERS, optimizer_entry
 from transfer_cli.pipeline import build_data, build_model, make_loader
 
 CPU = torch.device("cpu")
@@ -62,7 +62,7 @@ def setup(name: str, **settings):
 def optimizer_for(method):
     if method.manual_optimization:
         return None, None
-    optimizer = OPTIMIZERS.build(entry("optimizer", "adamw", lr=1e-2), params=method.param_groups(1e-2, 0.01))
+    optimizer = OPTIMIZERS.build(optimizer_entry(entry("optimizer", "adamw", lr=1e-2)), params=method.param_groups(1e-2, 0.01))
     scheduler = SCHEDULERS.build(entry("scheduler", "none"), optimizer=optimizer, total_steps=10, steps_per_epoch=5)
     return optimizer, scheduler
 
