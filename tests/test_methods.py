@@ -55,7 +55,9 @@ def setup(name: str, **settings):
 
     # The digits themselves serve as the "target domain" of the adaptation methods here: this test is
     # about mechanics; test_domain.py adapts MNIST to USPS.
-    context = DataContext(CPU, Precision("32", CPU), {"dataset": "digits"}, target=make)
+    identity = {split: {"input": model.spec.to_dict(), "samples": digest}
+                for split, digest in split_identities(splits).items()}
+    context = DataContext(CPU, Precision("32", CPU), identity, target=make)
     return method, method.loaders(make, context)
 
 
