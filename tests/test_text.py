@@ -265,3 +265,17 @@ def test_length_grouped_batches_cover_every_text_once_with_less_padding():
     random = list(EpochShuffle(1000, torch.Generator().manual_seed(0)))
     assert padded(grouped) < 0.7 * padded(random)
     assert all(len(set(torch.tensor(grouped[:992]).split(32)[i].tolist())) == 32 for i in range(31))
+
+
+def test_empty_inputs_and_a_negative_draw_seed_are_refused(transfer, tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    code, _, err = transfer("train", "dataset=csv_text", f"dataset.root={tmp_path / 'empty.csv'}", "backbone=tfidf",
+                            "method=linear_probe", *QUICK)
+    assert code == 2 and "is empty" in err
+    code, _, err = transfer("train", "dataset.shots=4", "dataset.shots_seed=-1", *QUICK)
+    assert code == 2 and "dataset.shots_seed=-1" in err
+    from transfer_cli.data.text import read_texts
+
+    (tmp_path / "none.txt").write_text("\n")
+    with pytest.raises(UserError, match="is empty"):  # transfer predict input= with no text
+        read_texts(str(tmp_path / "none.txt"))

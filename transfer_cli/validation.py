@@ -41,6 +41,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "dataset.test_fraction": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "dataset.fraction": (lambda v: v is None or 0 < v <= 1, "null or a fraction in (0, 1]"),
     "dataset.shots": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "dataset.shots_seed": (lambda v: v is None or v >= 0, "null (dataset.split_seed) or an integer >= 0"),
     "dataset.std": (lambda v: v is None or all(math.isfinite(s) and s > 0 for s in v), "null or numbers > 0"),
     "dataset.mean": (lambda v: v is None or all(math.isfinite(m) for m in v), "null or finite numbers"),
     "backbone.preprocess.resize": (lambda v: v is None or v >= 1, "null or an integer >= 1 (pixels)"),

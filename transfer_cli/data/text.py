@@ -180,6 +180,8 @@ def _read_rows(path: Path, bad: BadRows) -> tuple[list[dict], list[str], int]:
         return rows, list(columns), sum(1 for line in lines if line.strip())
     tsv = path.suffix.lower() == ".tsv"
     malformed: list[list[str]] = []
+    if not text.strip():
+        raise UserError(f"{path} is empty: a text table needs a header row and at least one row per class.")
     frame = pd.read_csv(io.StringIO(text), sep="\t" if tsv else ",", dtype=str, keep_default_na=False,
                         quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL, engine="python",
                         on_bad_lines=lambda fields: malformed.append(fields))
@@ -202,7 +204,8 @@ def csv_text(cfg: DatasetConfig) -> DataSplits:
     ``dataset.text_column`` and ``dataset.label_column``; the labels (any strings) become the classes."""
     path = _root(cfg)
     if not path.is_file() or path.suffix.lower() not in TABLES:
-        raise UserError(f"dataset=csv_text: dataset.root={cfg.root!r} must be a {', '.join(TABLES)} file.")
+        found = "is not a file" if not path.is_file() else "has another extension"
+        raise UserError(f"dataset=csv_text: dataset.root={cfg.root!r} {found}; it must be a {', '.join(TABLES)} file.")
     bad = BadRows()
     rows, columns, total = _read_rows(path, bad)
     missing = [f"dataset.{key}={column!r}" for key, column in
@@ -236,6 +239,8 @@ def read_texts(value: str, column: str = "text") -> list[str]:
     if not path.is_file():
         raise UserError(f"input={value!r} is not a file. A text model predicts the lines of a .txt file or the "
                         f"'{column}' column of a {', '.join(TABLES)} table.")
+    if not path.read_bytes().strip():
+        raise UserError(f"input={value!r} is empty: give one text per line (or a table with a '{column}' column).")
     if path.suffix.lower() in TABLES:
         rows, columns, _ = _read_rows(path, BadRows())
         if column not in columns and len(columns) != 1:
