@@ -41,6 +41,16 @@ def kill_every(marker: str) -> None:
             continue
 
 
+def on_process_1(tmp_path: Path, code: str) -> dict[str, str]:
+    """The environment that runs ``code`` at start-up in process 1 alone (a sitecustomize on PYTHONPATH):
+    faults injected into one process of a real torchrun job."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    body = "".join(f"    {line}\n" for line in code.splitlines())
+    (hook / "sitecustomize.py").write_text(f"import os\nif os.environ.get('RANK') == '1':\n{body}")
+    return {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+
+
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / "last.safetensors"))
 
@@ -128,21 +138,16 @@ def test_a_killed_two_process_run_resumes_to_the_same_result(tmp_path):
 
 
 def test_a_crashed_process_stops_the_job_with_a_clear_message(tmp_path):
-    hook = tmp_path / "crash"
-    hook.mkdir()
     # Process 1 dies once training is under way (as an out-of-memory kill would): process 0 must not wait
     # for it forever in the next collective.
-    (hook / "sitecustomize.py").write_text(
-        "import os, threading, time\n"
-        "def crash():\n"
-        "    while not os.path.exists(os.environ['CRASH_WHEN']):\n"
-        "        time.sleep(0.1)\n"
-        "    os._exit(9)\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    threading.Thread(target=crash, daemon=True).start()\n")
     run = tmp_path / "crash_run"
-    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
-           "CRASH_WHEN": str(run / "metrics.csv")}
+    env = on_process_1(tmp_path, "import threading, time\n"
+                                 "def crash():\n"
+                                 "    while not os.path.exists(os.environ['CRASH_WHEN']):\n"
+                                 "        time.sleep(0.1)\n"
+                                 "    os._exit(9)\n"
+                                 "threading.Thread(target=crash, daemon=True).start()")
+    env["CRASH_WHEN"] = str(run / "metrics.csv")
     proc = train(["dataset=digits", "backbone=small_cnn", "trainer.epochs=300", "trainer.devices=2",
                   f"hydra.run.dir={run}"], tmp_path, env, wait=False)
     while not (run / "metrics.csv").exists():  # the first epoch is done: process 1 exits now
@@ -165,20 +170,14 @@ def test_a_linear_probe_runs_on_process_0_alone(tmp_path):
 
 
 def test_a_loss_that_goes_non_finite_on_one_process_stops_both(tmp_path):
-    hook = tmp_path / "nan"
-    hook.mkdir()
     # Process 1 alone sees a NaN loss at its 30th step; process 0's losses stay finite.
-    (hook / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    import torch.nn.functional as F\n"
-        "    plain, calls = F.cross_entropy, [0]\n"
-        "    def poisoned(*args, **kwargs):\n"
-        "        calls[0] += 1\n"
-        "        loss = plain(*args, **kwargs)\n"
-        "        return loss * float('nan') if calls[0] == 30 else loss\n"
-        "    F.cross_entropy = poisoned\n")
-    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    env = on_process_1(tmp_path, "import torch.nn.functional as F\n"
+                                 "plain, calls = F.cross_entropy, [0]\n"
+                                 "def poisoned(*args, **kwargs):\n"
+                                 "    calls[0] += 1\n"
+                                 "    loss = plain(*args, **kwargs)\n"
+                                 "    return loss * float('nan') if calls[0] == 30 else loss\n"
+                                 "F.cross_entropy = poisoned")
     code, log = train(["dataset=digits", "backbone=small_cnn", "trainer.epochs=10", "trainer.devices=2",
                        "dataset.batch_size=16", "hydra.run.dir=nan"], tmp_path, env)
     assert code == 3, log  # the exit code of a diverged run
