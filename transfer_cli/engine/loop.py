@@ -101,11 +101,11 @@ class Synced:
         self.method, self.device, self.dist = method, device, dist
         self.trainable: tuple[str, ...] | None = None
         self.ddp: nn.Module | None = None
-        self.wraps = 0  # how many times DDP was built (tests check the re-wrap)
 
-    def __call__(self, batch: Any) -> dict[str, torch.Tensor]:
+    def start_epoch(self) -> None:
+        """Wrap again if the trainable set changed; hooks change it between epochs, never within one."""
         if not self.dist.active or getattr(self.method, "manual_optimization", False):
-            return self.method.training_step(batch)
+            return
         trainable = tuple(n for n, p in self.method.named_parameters() if p.requires_grad)
         if trainable != self.trainable:
             from torch.nn.parallel import DistributedDataParallel
@@ -113,8 +113,10 @@ class Synced:
             self.ddp = DistributedDataParallel(
                 _Step(self.method), device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=getattr(self.method, "unused_parameters", False))
-            self.trainable, self.wraps = trainable, self.wraps + 1
-        return self.ddp(batch)
+            self.trainable = trainable
+
+    def __call__(self, batch: Any) -> dict[str, torch.Tensor]:
+        return self.ddp(batch) if self.ddp is not None else self.method.training_step(batch)
 
 
 class Hook:
@@ -144,6 +146,7 @@ def fit(
         method.train()
         for hook in hooks:
             hook.before_epoch(state)
+        step.start_epoch()
         lr = optimizer.param_groups[0]["lr"] if optimizer else float("nan")
         watch = LossWatch(device)
         start = time.perf_counter()
