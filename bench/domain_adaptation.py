@@ -4,7 +4,9 @@ bench/results/da_<part>.md/.csv:
   mnist_usps    MNIST -> USPS, the ADDA protocol (experiment=mnist_usps): every DA method.
   usps_mnist    USPS -> MNIST, the same.
   color_digits  MNIST -> colour-texture digits (MNIST-M-style, made by transfer_cli.data.color_digits) with an
-                RGB LeNet (backbone.in_channels=3): source_only, dann and the best method.
+                RGB LeNet (backbone.in_channels=3): source_only, dann, cdan_e_mcc and fixmatch_da, and fixmatch_da
+                without its pseudo-labels (method.weight=0: source cross-entropy on plain + strong views only),
+                which shows how much of its gain the strong views alone bring.
   alignment     `transfer analyze` of the seed-0 MNIST -> USPS checkpoints of source_only, dann and cdan_e_mcc:
                 proxy A-distance table, and features.png per method under --out/alignment/<method>/.
 
@@ -44,13 +46,20 @@ def sweep(out: Path, name: str, overrides: list[str], jobs: int) -> Path:
     return folder
 
 
-def tables(folders: list[Path], part: str) -> None:
-    """The method table (target test top-1, mean and std over seeds) and the validator table of the sweeps."""
-    summary = pd.concat([pd.read_csv(f / "summary.csv") for f in folders if (f / "summary.csv").is_file()])
+def tables(folders: list[Path], part: str, labels: dict[Path, str] | None = None) -> None:
+    """The method table (target test top-1, mean and std over seeds) and the validator table of the sweeps;
+    ``labels`` names the method of a folder whose runs differ from another's by an override only."""
+    labels = labels or {}
+
+    def read(folder: Path, table: str) -> pd.DataFrame:
+        frame = pd.read_csv(folder / table)
+        return frame.assign(method=labels[folder]) if folder in labels else frame
+
+    summary = pd.concat([read(f, "summary.csv") for f in folders if (f / "summary.csv").is_file()])
     columns = [c for c in ("method", "target_test_acc1_mean", "target_test_acc1_std", "published_target_acc1",
                            "val_acc1_mean", "seconds_mean", "n") if c in summary.columns]
     record(f"da_{part}", summary[columns].round(2).to_dict("records"), f"{part}: target test top-1, 3 seeds")
-    validators = pd.concat([pd.read_csv(f / "validators.csv") for f in folders if (f / "validators.csv").is_file()])
+    validators = pd.concat([read(f, "validators.csv") for f in folders if (f / "validators.csv").is_file()])
     record(f"da_{part}_validators", validators.to_dict("records"),
            f"{part}: target top-1 of the checkpoint each validator picks")
 
@@ -79,10 +88,14 @@ def main() -> None:
         if not (images / "test").is_dir():
             shutil.rmtree(images, ignore_errors=True)
             make_color_digits(images, str(datasets / "mnist"))
-        folder = sweep(args.out, "color_digits", ["experiment=mnist_color_digits", f"method={COLOR_METHODS}",
-                                                  f"dataset.root={datasets / 'mnist'}",
-                                                  f"target.dataset.root={images.resolve()}"], args.jobs)
-        tables([folder], "color_digits")
+        common = ["experiment=mnist_color_digits", f"dataset.root={datasets / 'mnist'}",
+                  f"target.dataset.root={images.resolve()}"]
+        folder = sweep(args.out, "color_digits", [*common, f"method={COLOR_METHODS}"], args.jobs)
+        self_training = sweep(args.out, "color_digits_fixmatch", [*common, "method=fixmatch_da"], args.jobs)
+        views_only = sweep(args.out, "color_digits_strong_views", [*common, "method=fixmatch_da", "method.weight=0"],
+                           args.jobs)
+        tables([folder, self_training, views_only], "color_digits",
+               {views_only: "fixmatch_da, weight 0 (strong views only)"})
     if args.only in (None, "alignment"):
         alignment(args.out)
     if args.only in (None, "usps_mnist"):

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_cli, shared_path
 
-from transfer_cli.data.augment import affine_batch
+from transfer_cli.data.augment import affine_batch, strong_colour_batch
 from transfer_cli.data.color_digits import blend_digits, make_color_digits
 from transfer_cli.engine.metrics import Meter
 from transfer_cli.engine.validators import (
@@ -21,6 +22,7 @@ from transfer_cli.engine.validators import (
     validator_picks,
 )
 from transfer_cli.methods.da_losses import ConditionalMap, im_loss, mcc_loss
+from transfer_cli.methods.self_training import pseudo_label_loss
 from transfer_cli.methods.shot import class_centroids, nearest_centroid
 from transfer_cli.reporting.alignment import proxy_a_distance
 from transfer_cli.train import run_train
@@ -105,6 +107,30 @@ def test_affine_batch_draws_per_image_and_keeps_dtype():
     assert abs(out.float().mean().item() - x.float().mean().item()) < 0.35 * x.float().mean().item()
 
 
+def test_pseudo_label_loss_counts_only_confident_weak_predictions_over_the_whole_batch():
+    weak = torch.tensor([[0.0, 0.0, 9.0], [1.0, 1.1, 1.0]])  # sure of class 2 / unsure
+    strong = torch.tensor([[0.0, 2.0, 1.0], [5.0, -5.0, 0.0]])
+    loss, passed = pseudo_label_loss(weak, strong, threshold=0.95)
+    assert passed.item() == 0.5
+    assert loss.item() == pytest.approx(F.cross_entropy(strong[:1], torch.tensor([2])).item() / 2, abs=1e-6)
+    none, nobody = pseudo_label_loss(weak, strong, threshold=1.0001)  # a threshold nothing reaches: no loss
+    assert none.item() == 0.0 and nobody.item() == 0.0
+
+
+def test_strong_colour_batch_colours_gray_digits_and_draws_per_image():
+    torch.manual_seed(0)
+    digits = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    digits[:, :, 6:22, 12:16] = 255
+    out = strong_colour_batch(digits, channels=3, cutout=0.25)
+    assert out.shape == (64, 3, 28, 28) and out.dtype == torch.uint8
+    assert len({bytes(image.numpy()) for image in out}) == 64
+    corners = out[:, :, 0, 0].float().mean(1)  # background: dark as MNIST, or bright when inverted
+    assert (corners > 127).any() and (corners < 127).any()
+    assert (out[:, 0] != out[:, 1]).any(), "no image was coloured"
+    assert ((out == 128).all(1).sum((1, 2)) >= 7 * 7).float().mean() > 0.9  # the mid-gray cutout square
+    assert strong_colour_batch(digits, channels=1).shape == (64, 1, 28, 28)
+
+
 def test_proxy_a_distance_separates_shifted_domains_from_identical_ones():
     rng = np.random.default_rng(0)
     same_a, same_b = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
@@ -121,7 +147,7 @@ def test_blend_digits_makes_reproducible_colour_images():
     assert not torch.equal(first[:, 0], first[:, 1])  # colour, not gray repeated
 
 
-DA_METHODS = ["source_only", "dann", "cdan", "cdan_e", "coral", "dan", "mcc", "shot"]
+DA_METHODS = ["source_only", "dann", "cdan", "cdan_e", "coral", "dan", "mcc", "shot", "fixmatch_da"]
 
 
 @pytest.fixture

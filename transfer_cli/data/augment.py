@@ -128,3 +128,35 @@ def affine_batch(x: torch.Tensor) -> torch.Tensor:
     theta = torch.cat([theta, -(theta @ offset[:, :, None])], 2)
     grid = F.affine_grid(theta, [n, x.shape[1], height, width], align_corners=False)
     return F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False).to(x.dtype)
+
+
+def strong_colour_batch(x: torch.Tensor, channels: int = 3, cutout: float = 0.5) -> torch.Tensor:
+    """A strong photometric view of a uint8 batch, drawn per image (FixMatch's "strong" augmentation, turned
+    to the colour and polarity shifts that separate digit domains): a random channel order, inversion with
+    probability 1/2, a random gain and offset per channel, grayscale with probability 1/5, then one cutout
+    square of ``cutout`` x the side filled with mid-gray. A 1-channel batch is first repeated to
+    ``channels``, so a grayscale source can be coloured for an RGB model."""
+    n, c, height, width = x.shape
+    if c == 1 and channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    x = x.float() / 255
+    if x.shape[1] == 3:
+        order = torch.rand(n, 3, device=x.device).argsort(1)
+        x = x.gather(1, order[:, :, None, None].expand_as(x))
+    invert = torch.rand(n, 1, 1, 1, device=x.device) < 0.5
+    x = torch.where(invert, 1 - x, x)
+    gain = torch.empty(n, x.shape[1], 1, 1, device=x.device).uniform_(0.5, 1.5)
+    offset = torch.empty(n, x.shape[1], 1, 1, device=x.device).uniform_(-0.25, 0.25)
+    mean = x.mean((2, 3), keepdim=True)
+    x = ((x - mean) * gain + mean + offset).clamp(0, 1)  # contrast and brightness per channel
+    if x.shape[1] == 3:
+        gray = torch.rand(n, 1, 1, 1, device=x.device) < 0.2
+        x = torch.where(gray, x.mean(1, keepdim=True).expand_as(x), x)
+    side = max(1, round(cutout * min(height, width)))
+    top = torch.randint(0, height - side + 1, (n, 1, 1, 1), device=x.device)
+    left = torch.randint(0, width - side + 1, (n, 1, 1, 1), device=x.device)
+    rows = torch.arange(height, device=x.device)[None, None, :, None]
+    cols = torch.arange(width, device=x.device)[None, None, None, :]
+    hole = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+    x = torch.where(hole, torch.full_like(x, 0.5), x)
+    return (x * 255).round().to(torch.uint8)
