@@ -117,6 +117,16 @@ def test_pseudo_label_loss_counts_only_confident_weak_predictions_over_the_whole
     assert none.item() == 0.0 and nobody.item() == 0.0
 
 
+def test_fixmatch_da_refuses_a_text_model(tmp_path):
+    result = run_cli("train", "dataset=sms_spam", f"dataset.root={shared_path('datasets', 'sms_spam')}", "backbone=tfidf",
+                     "method=fixmatch_da", "target=usps", "target.dataset.name=rt_polarity",
+                     f"target.dataset.root={shared_path('datasets', 'rt_polarity')}", f"output_dir={tmp_path}",
+                     f"hydra.run.dir={tmp_path / 'run'}", "trainer.progress=none", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "method=fixmatch_da learns from strong views of images" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_strong_colour_batch_colours_gray_digits_and_draws_per_image():
     torch.manual_seed(0)
     digits = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
