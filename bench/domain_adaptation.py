@@ -1,7 +1,8 @@
 """Domain adaptation on digits (needs ../shared/datasets/mnist and usps), 3 seeds per method, written to
 bench/results/da_<part>.md/.csv:
 
-  mnist_usps    MNIST -> USPS, the ADDA protocol (experiment=mnist_usps): every DA method.
+  mnist_usps    MNIST -> USPS, the ADDA protocol (experiment=mnist_usps): every DA method (fixmatch_da in a sweep
+                of its own, added after the others).
   usps_mnist    USPS -> MNIST, the same.
   color_digits  MNIST -> colour-texture digits (MNIST-M-style, made by transfer_cli.data.color_digits) with an
                 RGB LeNet (backbone.in_channels=3): source_only, dann, cdan_e_mcc and fixmatch_da, and fixmatch_da
@@ -32,7 +33,7 @@ from results_table import record
 SEEDS = "0,1,2"
 METHODS = "source_only,dann,cdan,cdan_e,coral,dan,mcc,shot,cdan_e_mcc"
 # USPS -> MNIST runs in two sweeps, the baselines and the strongest methods first
-CORE_METHODS, MORE_METHODS = "source_only,dann,cdan_e_mcc,shot,mcc", "cdan,cdan_e,coral,dan"
+CORE_METHODS, MORE_METHODS = "source_only,dann,cdan_e_mcc,shot,mcc", "fixmatch_da,cdan,cdan_e,coral,dan"
 COLOR_METHODS = "source_only,dann,cdan_e_mcc"
 
 
@@ -48,7 +49,8 @@ def sweep(out: Path, name: str, overrides: list[str], jobs: int) -> Path:
 
 def tables(folders: list[Path], part: str, labels: dict[Path, str] | None = None) -> None:
     """The method table (target test top-1, mean and std over seeds) and the validator table of the sweeps;
-    ``labels`` names the method of a folder whose runs differ from another's by an override only."""
+    ``labels`` names the method of a folder that swept no method (its tables have no method column) or whose runs
+    differ from another's by an override only."""
     labels = labels or {}
 
     def read(folder: Path, table: str) -> pd.DataFrame:
@@ -77,7 +79,9 @@ def main() -> None:
                   f"target.dataset.root={datasets / 'mnist'}"]
     if args.only in (None, "mnist_usps"):
         folder = sweep(args.out, "mnist_usps", ["experiment=mnist_usps", f"method={METHODS}", *roots], args.jobs)
-        tables([folder], "mnist_usps")
+        self_training = sweep(args.out, "mnist_usps_fixmatch", ["experiment=mnist_usps", "method=fixmatch_da", *roots],
+                              args.jobs)
+        tables([folder, self_training], "mnist_usps", {self_training: "fixmatch_da"})
     if args.only in (None, "usps_mnist"):
         folder = sweep(args.out, "usps_mnist", [*usps_mnist, f"method={CORE_METHODS}"], args.jobs)
         tables([folder], "usps_mnist")
@@ -95,7 +99,7 @@ def main() -> None:
         views_only = sweep(args.out, "color_digits_strong_views", [*common, "method=fixmatch_da", "method.weight=0"],
                            args.jobs)
         tables([folder, self_training, views_only], "color_digits",
-               {views_only: "fixmatch_da, weight 0 (strong views only)"})
+               {self_training: "fixmatch_da", views_only: "fixmatch_da, weight 0 (strong views only)"})
     if args.only in (None, "alignment"):
         alignment(args.out)
     if args.only in (None, "usps_mnist"):
