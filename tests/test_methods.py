@@ -36,6 +36,7 @@ METHOD_SETTINGS = {
     "dan": {},
     "mcc": {},
     "shot": {"source_epochs": 1},  # its source phase; the adaptation step is tested below
+    "fixmatch_da": {"threshold": 0.5},
 }
 
 
@@ -118,6 +119,17 @@ def test_gradual_unfreeze_adds_one_stage_per_epoch_to_the_optimizer_on_schedule(
     # stage i of 3 trains at lr * 0.5 ** (3 - i); the head at lr
     assert lrs == pytest.approx([1.25e-3, 2.5e-3, 5e-3, 1e-2])
     assert not method.frozen_norms  # every BatchNorm trains again once its stage is unfrozen
+
+
+def test_fixmatch_da_pseudo_labels_only_target_images_above_the_threshold():
+    for threshold, rate in ((0.0, 100.0), (0.99, 0.0)):  # the untrained model is far from 99 % sure of anything
+        method, loaders = setup("fixmatch_da", threshold=threshold)
+        method.train()
+        method.progress = 1.0
+        out = method.training_step(next(iter(loaders["train"])))
+        assert out["pseudo_rate"].item() == rate
+        assert (out["loss_pseudo"].item() > 0) == (rate > 0)
+        assert out["logits"].shape == (len(out["labels"]), 10)  # train accuracy is on the plain source batch
 
 
 def test_shot_adaptation_step_trains_the_body_on_target_batches_with_the_head_frozen():
