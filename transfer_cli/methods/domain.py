@@ -136,24 +136,30 @@ class DomainAdaptation(Method):
         """Loss terms (keys ``loss_*``, weighted by ``weight``) and scalars to log (any other key)."""
         return {}
 
-    def forward_pair(self, x_source: torch.Tensor, x_target: torch.Tensor) -> tuple[Domain, Domain]:
-        # Each domain is brought to the model's input size first; one body pass sees both (shared BN batch).
-        features = self.model.body(torch.cat([self.model.input(x_source), self.model.input(x_target)]))
+    def forward_views(self, *views: torch.Tensor) -> list[Domain]:
+        """Each view (a domain's batch, or an augmented copy of one) is brought to the model's input first
+        (channels and size may differ); then one body pass sees them all (a shared BN batch)."""
+        features = self.model.body(torch.cat([self.model.input(v) for v in views]))
         logits = self.model.head(features)
-        n = len(x_source)
-        return Domain(features[:n], logits[:n]), Domain(features[n:], logits[n:])
+        sizes = [len(v) for v in views]
+        return [Domain(f, g) for f, g in zip(features.split(sizes), logits.split(sizes), strict=True)]
 
     def training_step(self, batch):
         x_source, y_source, x_target = batch
-        source, target = self.forward_pair(x_source, x_target)
+        source, target = self.forward_views(x_source, x_target)
         loss_cls = F.cross_entropy(source.logits, y_source, label_smoothing=self.label_smoothing)
-        extra = self.adaptation(source, target)
+        return self.step_output(loss_cls, self.adaptation(source, target), source.logits, y_source, target.logits)
+
+    def step_output(self, loss_cls: torch.Tensor, extra: dict[str, torch.Tensor], source_logits: torch.Tensor,
+                    y_source: torch.Tensor, target_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The step's total loss — ``loss_cls`` + the ramped ``weight`` x every ``loss_*`` term of ``extra`` +
+        ``mcc_weight`` x MCC on ``target_logits`` — and what the loop logs."""
         weight = self.weight * (dann_lambda(self.progress) if self.ramp else 1.0)
         loss = loss_cls + sum((weight * v for k, v in extra.items() if k.startswith("loss_")), torch.zeros(()))
         if self.mcc_weight:
-            extra["loss_mcc"] = mcc_loss(target.logits)
+            extra["loss_mcc"] = mcc_loss(target_logits)
             loss = loss + self.mcc_weight * extra["loss_mcc"]
-        out = {"loss": loss, "loss_cls": loss_cls.detach(), "logits": source.logits.detach(), "labels": y_source}
+        out = {"loss": loss, "loss_cls": loss_cls.detach(), "logits": source_logits.detach(), "labels": y_source}
         return out | {k: v.detach() for k, v in extra.items()}
 
     def hooks(self) -> list[Hook]:

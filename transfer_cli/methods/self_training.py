@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from transfer_cli.data.augment import strong_colour_batch
 from transfer_cli.errors import UserError
 from transfer_cli.methods.base import METHODS
-from transfer_cli.methods.da_losses import dann_lambda, mcc_loss
 from transfer_cli.methods.domain import DomainAdaptation
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.registry import Fraction, NonNegative
@@ -37,8 +36,9 @@ def pseudo_label_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
 
 @METHODS.register("fixmatch_da")
 class FixMatchDA(DomainAdaptation):
-    """Source cross-entropy + ``weight`` x pseudo-label cross-entropy on strong target views (see the module),
-    ramped in with DANN's lambda_p; ``mcc_weight`` adds MCC on the weak target predictions."""
+    """Source cross-entropy (plain and strong views, averaged) + ``weight`` x pseudo-label cross-entropy on strong
+    target views (see the module), ramped in with DANN's lambda_p; ``mcc_weight`` adds MCC on the plain target
+    predictions."""
 
     def __init__(self, model: Classifier, *, weight: NonNegative, threshold: Fraction, strong_source: bool,
                  mcc_weight: NonNegative, label_smoothing: Fraction) -> None:
@@ -55,18 +55,9 @@ class FixMatchDA(DomainAdaptation):
         views = [x_source, x_target, strong_colour_batch(x_target, channels)]
         if self.strong_source:
             views.append(strong_colour_batch(x_source, channels))
-        sizes = [len(v) for v in views]
-        # One body pass over every view (each brought to the model's input first: channels may differ).
-        logits = self.model.head(self.model.body(torch.cat([self.model.input(v) for v in views])))
-        source, weak, strong, *strong_src = logits.split(sizes)
-        loss_cls = F.cross_entropy(source, y_source, label_smoothing=self.label_smoothing)
-        out = {"loss_cls": loss_cls.detach()}
-        if strong_src:
-            loss_cls = (loss_cls + F.cross_entropy(strong_src[0], y_source, label_smoothing=self.label_smoothing)) / 2
-        loss_pseudo, passed = pseudo_label_loss(weak, strong, self.threshold)
-        loss = loss_cls + self.weight * dann_lambda(self.progress) * loss_pseudo
-        if self.mcc_weight:
-            out["loss_mcc"] = mcc_loss(weak)
-            loss = loss + self.mcc_weight * out["loss_mcc"]
-        return out | {"loss": loss, "loss_pseudo": loss_pseudo.detach(), "pseudo_rate": 100 * passed,
-                      "logits": source.detach(), "labels": y_source}
+        source, weak, strong, *strong_source = self.forward_views(*views)
+        loss_cls = sum(F.cross_entropy(view.logits, y_source, label_smoothing=self.label_smoothing)
+                       for view in (source, *strong_source)) / (1 + len(strong_source))
+        loss_pseudo, passed = pseudo_label_loss(weak.logits, strong.logits, self.threshold)
+        extra = {"loss_pseudo": loss_pseudo, "pseudo_rate": 100 * passed}
+        return self.step_output(loss_cls, extra, source.logits, y_source, weak.logits)
