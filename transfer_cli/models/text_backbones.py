@@ -34,25 +34,29 @@ class TextRequest:
 
     path: str | None
     max_length: int
+    pool_layers: int
     tfidf: TfidfConfig
     texts: list[str]  # the train split's texts (what tfidf is fitted on)
 
 
 class PooledEncoder(nn.Module):
-    """A Hugging Face encoder and masked mean pooling. Each batch is trimmed to its longest text first, so
-    short texts never pay for the dataset's longest one."""
+    """A Hugging Face encoder and masked mean pooling of its last ``layers`` hidden states, concatenated
+    (shallowest first). Each batch is trimmed to its longest text first, so short texts never pay for the
+    dataset's longest one."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, layers: int = 1) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.layers = encoder, layers
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = ids != PAD
         width = max(1, int(mask.sum(1).max()))  # ids are padded on the right
         ids, mask = ids[:, :width], mask[:, :width]
-        hidden = self.encoder(input_ids=ids.clamp_min(0).long(), attention_mask=mask.long()).last_hidden_state
-        weight = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+        out = self.encoder(input_ids=ids.clamp_min(0).long(), attention_mask=mask.long(),
+                           output_hidden_states=self.layers > 1)
+        hidden = out.hidden_states[-self.layers:] if self.layers > 1 else [out.last_hidden_state]
+        weight = mask.unsqueeze(-1).to(hidden[-1].dtype)
+        return torch.cat([(h * weight).sum(1) / weight.sum(1).clamp_min(1.0) for h in hidden], dim=1)
 
 
 class TfidfFeatures(nn.Module):
@@ -93,7 +97,8 @@ def hf_backbone(name: str, source: str, weights: str, text: TextSpec | TextReque
     if weights not in WEIGHTS:
         raise UserError(f"backbone.weights={weights!r} is not allowed for backbone={name}. Allowed: "
                         f"pretrained (the model's own weights) or none (random initialisation).")
-    spec = text if isinstance(text, TextSpec) else TextSpec(tokenizer="hf", source=source, max_length=text.max_length)
+    spec = text if isinstance(text, TextSpec) else TextSpec(tokenizer="hf", source=source, max_length=text.max_length,
+                                                            pool_layers=text.pool_layers)
     if weights == "pretrained":
         encoder = from_pretrained(AutoModel, spec.source, add_pooling_layer=False)
     else:
@@ -102,8 +107,12 @@ def hf_backbone(name: str, source: str, weights: str, text: TextSpec | TextReque
     if limit and spec.max_length > limit:
         raise UserError(f"backbone.max_length={spec.max_length} is more than backbone={name} takes ({limit} "
                         "positions). Allowed: an integer from 8 to that.")
-    body = PooledEncoder(encoder)
-    return Backbone(name=name, body=body, feature_dim=encoder.config.hidden_size,
+    depth = encoder.config.num_hidden_layers
+    if not 1 <= spec.pool_layers <= depth:
+        raise UserError(f"backbone.pool_layers={spec.pool_layers} is not allowed for backbone={name}: it has {depth} "
+                        f"transformer layers. Allowed: an integer from 1 (the last layer, the default) to {depth}.")
+    body = PooledEncoder(encoder, spec.pool_layers)
+    return Backbone(name=name, body=body, feature_dim=encoder.config.hidden_size * spec.pool_layers,
                     stages=complete_stages(body, _layer_stages(encoder)), channels=0, text=spec)
 
 
@@ -128,6 +137,9 @@ def tfidf(weights: str, text: TextSpec | TextRequest) -> Backbone:
     if weights != "none":
         raise UserError(f"backbone.weights={weights!r}: backbone=tfidf has no pretrained weights (it is fitted on "
                         "the train split). Allowed: none.")
+    if isinstance(text, TextRequest) and text.pool_layers != 1:
+        raise UserError(f"backbone.pool_layers={text.pool_layers}: backbone=tfidf has no layers to pool (it is one "
+                        "TF-IDF vector per text). Allowed: 1, or a transformer backbone (minilm, hf).")
     spec = text if isinstance(text, TextSpec) else fit_tfidf(text.tfidf, text.texts)
     return Backbone(name="tfidf", body=TfidfFeatures(spec), feature_dim=len(spec.vocabulary), stages=[],
                     channels=0, text=spec)
