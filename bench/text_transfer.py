@@ -1,12 +1,14 @@
 """Text transfer on real data (needs ../shared/datasets/rt_polarity and sms_spam), written to
-bench/results/text_<dataset>.md: MiniLM (frozen, L-BFGS logistic regression with l2 chosen on val) and
-TF-IDF 1-2-grams (the same probe) at 16 / 64 / 256 labelled texts per class and on the full train split,
-seeds 0, 1, 2 (each seed draws its own few-shot set; the test split is the same stratified 20 % for all),
-then MiniLM fine-tuned end to end for 2 epochs (AdamW, lr 2e-5, batch 32, max length 64) on the full split.
+bench/results/text_<dataset>.md: MiniLM (frozen, L-BFGS logistic regression with l2 chosen on val; the last
+layer's mean pool, and the mean pools of all 6 layers side by side) and TF-IDF 1-2-grams (the same probe)
+at 16 / 64 / 256 labelled texts per class and on the full train split, seeds 0, 1, 2 (each seed draws its
+own few-shot set; the test split is the same stratified 20 % for all), then MiniLM fine-tuned end to end
+for 2 epochs (AdamW, lr 2e-5, batch 32, max length 64) on the whole 80 % (no validation split: the last
+epoch is tested), plainly and as LP-FT.
 
     python bench/text_transfer.py [--only rt_polarity|sms_spam] [--shared ../shared] [--skip-finetune]
 
-About 50 minutes on 2 CPU cores (the two fine-tunes are most of it). Sweeps already finished in --out are
+About an hour on 2 CPU cores (the four fine-tunes, 4-10 minutes each, are most of it). Sweeps already finished in --out are
 reused (delete the folder to measure again).
 """
 
@@ -25,8 +27,13 @@ FAST = ["trainer.progress=none", "trainer.plots=false"]
 SEEDS = "0,1,2"
 SHOTS = ["16", "64", "256", "null"]
 PROBE = ["method=linear_probe", "method.l2=auto", "trainer.epochs=5"]
-FINETUNE = ["backbone=minilm", "method=finetune", "optimizer=adamw", "optimizer.lr=2e-5", "dataset.batch_size=32",
-            "backbone.max_length=64", "trainer.epochs=2"]
+FINETUNE = ["backbone=minilm", "optimizer=adamw", "optimizer.lr=2e-5", "dataset.batch_size=32", "backbone.max_length=64",
+            "trainer.epochs=2", "dataset.val_fraction=0"]
+PROBES = (("minilm", "1", "MiniLM frozen + logistic regression (l2=auto)"),
+          ("minilm", "6", "MiniLM frozen, all 6 layers' mean pools + logistic regression (l2=auto)"),
+          ("tfidf", "1", "TF-IDF 1-2g + logistic regression (l2=auto)"))
+TUNED = (("finetune", [], "MiniLM fine-tuned 2 epochs (lr 2e-5, batch 32, max length 64)"),
+         ("lp_ft", ["method.backbone_lr_mult=1"], "MiniLM LP-FT 2 epochs (the same settings)"))
 
 
 def sweep(out: Path, name: str, overrides: list[str]) -> list[dict]:
@@ -49,23 +56,22 @@ def seconds(runs: list[dict]) -> float:
 
 def bench(dataset: str, root: Path, out: Path, finetune: bool) -> None:
     common = [f"dataset={dataset}", f"dataset.root={root}"]
-    probes = sweep(out, f"{dataset}_probe", [*common, *PROBE, "backbone=minilm,tfidf",
-                                             f"dataset.shots={','.join(SHOTS)}", f"seed={SEEDS}"])
+    shots = [*PROBE, f"dataset.shots={','.join(SHOTS)}", f"seed={SEEDS}"]
+    probes = sweep(out, f"{dataset}_probe", [*common, *shots, "backbone=minilm,tfidf"])
+    probes += sweep(out, f"{dataset}_probe_layers", [*common, *shots, "backbone=minilm", "backbone.pool_layers=6"])
+    drawn = {int(s) * 2 for s in SHOTS if s != "null"}  # train texts of a few-shot run (2 classes)
     rows = []
-    for backbone, label in (("minilm", "MiniLM frozen + logistic regression (l2=auto)"),
-                            ("tfidf", "TF-IDF 1-2g + logistic regression (l2=auto)")):
+    for backbone, layers, label in PROBES:
         row = {"method": label}
-        for shots in SHOTS:
-            drawn = {int(s) * 2 for s in SHOTS if s != "null"}  # train texts of a few-shot run (2 classes)
-            runs = [r for r in probes if r["backbone"] == backbone
-                    and (r["samples"]["train"] == 2 * int(shots) if shots != "null" else r["samples"]["train"] not in drawn)]
-            row["full 80/20" if shots == "null" else f"{shots}/class"] = cell(runs)
-            row[f"s/run ({'full' if shots == 'null' else shots})"] = seconds(runs)
+        for shot in SHOTS:
+            runs = [r for r in probes if r["backbone"] == backbone and str(r["input"].get("pool_layers", 1)) == layers
+                    and (r["samples"]["train"] == 2 * int(shot) if shot != "null" else r["samples"]["train"] not in drawn)]
+            row["full 80/20" if shot == "null" else f"{shot}/class"] = cell(runs)
+            row[f"s/run ({'full' if shot == 'null' else shot})"] = seconds(runs)
         rows.append(row)
-    if finetune:
-        tuned = sweep(out, f"{dataset}_finetune", [*common, *FINETUNE, "seed=0"])
-        rows.append({"method": "MiniLM fine-tuned 2 epochs (lr 2e-5, batch 32, max length 64)",
-                     "full 80/20": cell(tuned), "s/run (full)": seconds(tuned)})
+    for method, extra, label in TUNED if finetune else ():
+        tuned = sweep(out, f"{dataset}_{method}", [*common, *FINETUNE, f"method={method}", *extra, "seed=0"])
+        rows.append({"method": label, "full 80/20": cell(tuned), "s/run (full)": seconds(tuned)})
     record(f"text_{dataset}", rows, f"{dataset}: test top-1 (mean ± std over seeds 0-2)")
 
 
