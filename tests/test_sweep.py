@@ -124,3 +124,39 @@ def test_planned_jobs_include_the_preset_sweeper_params(tmp_path):
                    tmp_path / "multirun.yaml")
     jobs = planned_jobs(tmp_path)
     assert len(jobs) == 6 and {"sweep": "methods", "trainer.epochs": "2", "method": "finetune", "seed": "2"} in jobs
+
+
+def test_a_sweep_without_validation_split_writes_every_table_and_exits_0(tmp_path):
+    """dataset.val_fraction=0 leaves val_acc1 empty in every job: nothing is picked, but no table is lost."""
+    result = run_cli("sweep", "dataset.val_fraction=0", "method.freeze=0,1", "trainer.epochs=1", "trainer.progress=none",
+                     f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "raised" not in result.stderr and "no validation split: no run picked" in " ".join(result.stdout.split())
+    summary = pd.read_csv(tmp_path / "s" / "summary.csv")
+    assert summary["val_acc1_mean"].isna().all() and summary["test_acc1_mean"].between(50, 100).all()
+    assert (tmp_path / "s" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_sweep_whose_tables_cannot_be_written_exits_1(tmp_path, capsys):
+    """Hydra only warns when a callback raises: the CLI must still learn of it, and of a report that never came."""
+    from omegaconf import OmegaConf
+
+    from transfer_cli.cli import _exit_on_failed_jobs
+    from transfer_cli.errors import UserError
+    from transfer_cli.reporting.sweep import SweepReport
+
+    job = tmp_path / "sweep" / "0"
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(["seed=0"]), job / ".hydra" / "overrides.yaml")
+    (job / "summary.json").write_text("{truncated")
+    status = tmp_path / "status.json"
+    with pytest.raises(UserError, match="not valid JSON"):
+        SweepReport(str(status)).on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}}))
+    with pytest.raises(SystemExit) as exit_info:
+        _exit_on_failed_jobs(status)
+    message = " ".join(capsys.readouterr().err.split())
+    assert exit_info.value.code == 1 and "could not be written" in message and "not valid JSON" in message
+    assert not status.exists()
+    with pytest.raises(SystemExit) as exit_info:  # the status file never written at all
+        _exit_on_failed_jobs(status)
+    assert exit_info.value.code == 1 and "ended without its report" in capsys.readouterr().err

@@ -269,11 +269,20 @@ def _report(message: str) -> None:
 
 
 def _exit_on_failed_jobs(status_file: Path) -> None:
-    """Exit 1 when the sweep's callback listed jobs that did not end ok."""
+    """Exit 1 when the sweep's callback listed jobs that did not end ok, could not write the sweep's tables,
+    or never reported (a sweep whose outcome is unknown must not look like a success)."""
     if not status_file.is_file():
-        return
-    failed = json.loads(status_file.read_text())["failed"]
+        _report("the sweep ended without its report (hydra.callbacks.sweep_report did not run), so whether every "
+                "job finished is unknown; `transfer report SWEEP_DIR` rebuilds the tables from the job folders.")
+        sys.exit(1)
+    status = json.loads(status_file.read_text())
     status_file.unlink()
+    if "report_error" in status:
+        _report(f"the sweep's jobs ended but its tables in {status['sweep_dir']} could not be written "
+                f"({status['report_error']}); the jobs' own folders are complete, and `transfer report {status['sweep_dir']}` "
+                "rebuilds the tables (with the traceback if it fails again).")
+        sys.exit(1)
+    failed = status["failed"]
     if failed:
         lines = [f"job {f['job']} ({f['status']}): {f.get('error') or ''}" for f in failed]
         _report(f"{len(failed)} sweep job(s) did not finish; the others are in the tables.\n  " + "\n  ".join(lines))

@@ -176,9 +176,12 @@ def write_sweep_report(sweep_dir: Path, console: Console | None = None) -> pd.Da
             for row in grouped[grouped["target_gain_vs_source_only"] < 0].itertuples():
                 console.print(f"[red]negative transfer:[/] method={row.method} reaches {row.target_test_acc1_mean:.2f} "
                               f"on the target, {-row.target_gain_vs_source_only:.2f} points below source_only.")
-        best = int(grouped["val_acc1_mean"].idxmax())
+        val = grouped.get("val_acc1_mean")
+        picked = val is not None and bool(val.notna().any())  # dataset.val_fraction=0 leaves no validation score
+        best = [int(val.idxmax())] if picked else []
+        note = "best on validation in green" if picked else "no validation split: no run picked"
         shown = pretty.drop(columns=["test_loss"], errors="ignore")  # the files keep every column
-        console.print(rich_table(shown, title=f"sweep {sweep_dir} (best on validation in green)", highlight=[best]))
+        console.print(rich_table(shown, title=f"sweep {sweep_dir} ({note})", highlight=best))
         x_keys = [k for k in keys if k != "seed"]
         if x_keys:
             plot_sweep(grouped, x_keys, sweep_dir / "sweep.png")
@@ -219,7 +222,13 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        df = write_sweep_report(sweep_dir)
+        try:
+            df = write_sweep_report(sweep_dir)
+        except Exception as err:  # Hydra would only warn: the CLI must still exit non-zero
+            if self.status_file:
+                status = {"sweep_dir": str(sweep_dir), "report_error": f"{type(err).__name__}: {err}"}
+                atomic_write_text(Path(self.status_file), json.dumps(status))
+            raise
         if self.status_file:
             failed = df[df["status"] != "ok"].astype(object).where(df.notna(), None)
             status = {"sweep_dir": str(sweep_dir), "jobs": len(df), "failed": failed.to_dict("records")}
