@@ -274,3 +274,36 @@ def test_a_sweep_records_a_diverged_job_and_exits_1(transfer, tmp_path):
     assert code == 1 and "diverged" in err
     table = pd.read_csv(tmp_path / "s" / "sweep.csv")
     assert table["status"].tolist() == ["diverged", "ok"]
+
+
+def test_a_linear_probe_without_a_validation_split_trains_and_l2_auto_refuses(transfer, tmp_path):
+    """dataset.val_fraction=0 leaves an empty val split: the probe caches no features for it (instead of failing
+    inside torch.cat), keeps its last epoch, and l2=auto, which has nothing to choose on, says so."""
+    code, out, err = transfer("train", "method=linear_probe", "dataset.val_fraction=0", "trainer.epochs=2",
+                              "hydra.run.dir=probe", *QUICK)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "probe" / "summary.json").read_text())
+    assert summary["test"]["acc1"] > 50 and "no validation split" in " ".join(out.split())
+    code, _, err = transfer("train", "method=linear_probe", "method.l2=auto", "dataset.val_fraction=0",
+                            "hydra.run.dir=auto", *QUICK)
+    assert code == 2 and "method.l2=auto chooses the L2 strength on the validation split" in " ".join(err.split())
+    assert not (tmp_path / "auto" / "checkpoints").exists()
+    code, _, err = transfer("eval", "checkpoint=probe/checkpoints/best.safetensors", "split=val")
+    assert code == 2 and "split=val: dataset=digits has no val samples here" in " ".join(err.split())
+
+
+def test_eval_applies_dataset_keys_over_the_checkpoints_dataset_and_refuses_leaky_splits(transfer, tmp_path,
+                                                                                          digits_5to9):
+    """Without dataset=NAME a dataset.KEY=VALUE changes the checkpoint's own dataset; a split carved another way
+    than in training would score samples the model trained on, so that is refused."""
+    code, out, err = transfer("eval", f"checkpoint={digits_5to9}", "dataset.classes=[9,8,7,6,5]", "hydra.run.dir=r")
+    assert code == 0 and "matched by name" in out, err
+    for change, split in (("dataset.split_seed=1", "test"), ("dataset.test_fraction=0.3", "test"),
+                          ("dataset.val_fraction=0.3", "val")):
+        code, _, err = transfer("eval", f"checkpoint={digits_5to9}", change, f"split={split}", "hydra.run.dir=leak")
+        assert code == 2 and "would hold samples the model trained on" in " ".join(err.split()), (change, err)
+    assert not (tmp_path / "leak" / "eval.csv").exists()
+    code, _, err = transfer("eval", f"checkpoint={digits_5to9}", "dataset.bogus=1")
+    assert code == 2 and "dataset.bogus: there is no option 'bogus'" in err
+    code, _, err = transfer("eval", f"checkpoint={digits_5to9}", "dataset.val_fraction=abc")
+    assert code == 2 and "dataset.val_fraction='abc' does not fit" in err

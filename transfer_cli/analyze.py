@@ -25,7 +25,7 @@ def run_analyze(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
     if cfg.samples < 10:
         raise bad_value("samples", cfg.samples, "an integer >= 10 (images per domain)")
     model, meta = load_model(cfg.checkpoint)
-    domains = {"source": trained_dataset_config(cfg.dataset, meta, cfg.checkpoint),
+    domains = {"source": trained_dataset_config(cfg.dataset, meta, cfg.checkpoint, cfg.dataset_changes),
                "target": _target_config(cfg, meta)}
     device = resolve_device(cfg.device)
     precision = Precision(str(cfg.precision), device)

@@ -234,6 +234,17 @@ COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], bool]] = {
 }
 
 
+def _checkpoint_dataset_changes(args: list[str]) -> list[str]:
+    """eval, export and analyze take the dataset from the checkpoint unless dataset=NAME is given, and the
+    composed config cannot hold it (dataset: null), so ``dataset.root=DIR`` alone has nothing to change:
+    such overrides travel as ``dataset_changes.KEY`` and are applied over the checkpoint's dataset."""
+    keys = [a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a and not a.startswith("-")]
+    if "dataset" in keys:
+        return args
+    return [f"+dataset_changes.{a.lstrip('+').removeprefix('dataset.')}" if a.lstrip("+").startswith("dataset.")
+            and "=" in a else a for a in args]
+
+
 def _sweep_resume(args: list[str]) -> list[str]:
     """``sweep.resume=PATH|auto`` -> run the sweep again into that folder (``hydra.sweep.dir``): finished
     jobs are kept, unfinished ones resume from their checkpoint, failed and missing ones run (run_train
@@ -316,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         _report(f"unknown command {command!r}. Commands: {', '.join(COMMANDS)}. See `transfer --help`.")
         sys.exit(EXIT_USER_ERROR)
     config_name, task, multirun = COMMANDS[command]
+    if command in ("eval", "export", "analyze"):
+        rest = _checkpoint_dataset_changes(rest)
     if command == "train" and not any("=" in a and not a.startswith("-") for a in rest):
         rest = [*rest, f"experiment={DEFAULT_EXPERIMENT}"]  # bare `transfer train`: the default transfer
     if command == "sweep":

@@ -180,6 +180,8 @@ class EvalConfig:
     split: str = "test"
     output_dir: str = "outputs"
     dataset: DatasetConfig | None = None  # None: the dataset the checkpoint was trained on
+    # dataset.KEY=VALUE given without dataset=NAME (the CLI moves them here): changes to the checkpoint's dataset
+    dataset_changes: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     precision: str = "32"
     batch_size: int = 256
@@ -209,12 +211,16 @@ class ExportConfig:
     repeats: int = 20  # timed calls per latency figure (batch 1; a quarter of them at batch 32)
     output_dir: str = "outputs"
     dataset: DatasetConfig | None = None  # None: the dataset the checkpoint was trained on
+    # dataset.KEY=VALUE given without dataset=NAME (the CLI moves them here): changes to the checkpoint's dataset
+    dataset_changes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class AnalyzeConfig:
     checkpoint: str = "???"
     dataset: DatasetConfig | None = None  # the source domain; None: the dataset the checkpoint was trained on
+    # dataset.KEY=VALUE given without dataset=NAME (the CLI moves them here): changes to the checkpoint's dataset
+    dataset_changes: dict[str, Any] = field(default_factory=dict)
     target: TargetConfig | None = None  # the other domain; None: the target of the checkpoint's training run
     split: str = "test"  # the labelled split of both domains whose features are compared
     samples: int = 1000  # per domain, drawn with ``seed``

@@ -46,6 +46,22 @@ def load_member(path: str) -> Member:
     return Member(path, model, meta)
 
 
+def check_held_out(data_cfg: DatasetConfig, member: Member, scored: set[str]) -> None:
+    """Splits carved from one pool of samples (a dataset without an official split) hold only samples a model
+    never trained on when they are carved as in its training run: another split_seed or fraction would mix
+    training samples in and inflate the score, so that is refused."""
+    config = member.meta.get("config")
+    trained = config.get("dataset") if isinstance(config, dict) else None
+    if not isinstance(trained, dict) or trained.get("name") != data_cfg.name or scored <= {"train"}:
+        return
+    for key in ("split_seed", "test_fraction", *(("val_fraction",) if "val" in scored else ())):
+        if key in trained and trained[key] != getattr(data_cfg, key):
+            raise UserError(f"dataset.{key}={getattr(data_cfg, key)} differs from the {trained[key]} that checkpoint "
+                            f"{member.path} was trained with: the {'/'.join(sorted(scored - {'train'}))} split carved "
+                            "with it would hold samples the model trained on, and its score would be inflated. "
+                            f"Allowed: dataset.{key}={trained[key]} (as in training), or data the model never saw.")
+
+
 def _scores(log_probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, float]:
     truth, predicted = labels.numpy(), log_probs.argmax(1).numpy()
     macro = f1_score(truth, predicted, labels=np.arange(len(classes)), average="macro", zero_division=0)
@@ -91,8 +107,15 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
         weights = check_ensemble(cfg.ensemble, len(paths))
     members = [load_member(p) for p in paths]
     check_same_classes(members)
-    data_cfg = trained_dataset_config(cfg.dataset, members[0].meta, paths[0])
+    data_cfg = trained_dataset_config(cfg.dataset, members[0].meta, paths[0], cfg.dataset_changes)
+    scored = {cfg.split} | ({"val"} if fusion != "none" else set())  # fusion rules choose on val
+    for member in members:
+        check_held_out(data_cfg, member, scored)
     splits = build_data(data_cfg)
+    if len(splits.split(cfg.split)) == 0:
+        raise UserError(f"split={cfg.split}: dataset={data_cfg.name} has no {cfg.split} samples here (dataset.val_fraction="
+                        f"{data_cfg.val_fraction}). Allowed: a split with samples (test, train), or dataset.val_fraction "
+                        "> 0 (e.g. 0.1) for a validation split.")
     order = class_order(members[0].recipe.classes, splits.classes, data_cfg.name, paths[0])
     if order is not None:
         console.print("the dataset lists the model's classes in another order: predictions are matched by name.")

@@ -54,7 +54,7 @@ def _check(cfg: DictConfig) -> None:
 
 def _real_images(cfg: DictConfig, model: Any, meta: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Up to ``cfg.samples`` test images of the checkpoint's dataset as exported models take them, their labels."""
-    data_cfg = trained_dataset_config(cfg.dataset, meta, str(cfg.checkpoint))
+    data_cfg = trained_dataset_config(cfg.dataset, meta, str(cfg.checkpoint), cfg.dataset_changes)
     splits = build_data(data_cfg)
     held = prepare_splits(splits, model.spec, data_cfg, lambda _: None)
     images, labels = [], []

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, ValidationError
 from torch.utils.data import Dataset, Subset
 
 from transfer_cli.config import BackboneConfig, DatasetConfig, HeadConfig
@@ -19,7 +19,7 @@ from transfer_cli.data.tasks import make_task
 from transfer_cli.data.tokens import PAD, TextSpec, tokenize_splits, train_texts
 from transfer_cli.data.transforms import InputSpec, WeightsMeta, resolve_input, sample_transform
 from transfer_cli.engine.distributed import SINGLE, Dist
-from transfer_cli.errors import UserError
+from transfer_cli.errors import UserError, choices
 from transfer_cli.methods.base import Method
 from transfer_cli.models.backbone import BACKBONES, Classifier, PretrainedBody, build_backbone, takes_text
 from transfer_cli.models.recipe import ModelRecipe
@@ -154,14 +154,24 @@ def build_optimization(method: Method, optimizer_cfg: Mapping[str, Any], schedul
     return optimizer, scheduler
 
 
-def trained_dataset_config(override: Any, meta: dict[str, Any], path: str) -> DatasetConfig:
+def trained_dataset_config(override: Any, meta: dict[str, Any], path: str,
+                           changes: Mapping[str, Any] | None = None) -> DatasetConfig:
     """``override`` (a dataset= config) when given, else the dataset the checkpoint at ``path`` was trained
-    on, as its sidecar ``meta`` records it."""
+    on, as its sidecar ``meta`` records it, with ``changes`` (``dataset.KEY=VALUE`` without dataset=NAME,
+    e.g. a new dataset.root) applied over it."""
     if override is not None:
         return OmegaConf.to_object(override)
     stored = meta.get("config", {}).get("dataset") if isinstance(meta.get("config"), dict) else None
     if not isinstance(stored, dict):
         raise UserError(f"checkpoint={path!r}: its sidecar does not record the dataset it was trained on; "
                         "pass dataset=NAME (and dataset.root=...) to say what to evaluate on.")
-    schema = OmegaConf.structured(DatasetConfig)
-    return OmegaConf.to_object(OmegaConf.merge(schema, stored))
+    merged = OmegaConf.merge(OmegaConf.structured(DatasetConfig), stored)
+    fields = list(OmegaConf.structured(DatasetConfig).keys())
+    for key, value in (changes or {}).items():
+        if key not in fields:
+            raise UserError(f"dataset.{key}: there is no option {key!r}. Keys under dataset: {choices(fields)}.")
+        try:
+            merged[key] = value
+        except ValidationError as err:
+            raise UserError(f"dataset.{key}={value!r} does not fit the key's type ({err.msg}).") from None
+    return OmegaConf.to_object(merged)

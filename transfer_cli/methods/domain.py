@@ -193,7 +193,7 @@ class DANN(DomainAdaptation):
         self.discriminator = DomainDiscriminator(self.discriminator_input(), hidden)
 
     def discriminator_input(self) -> int:
-        return _feature_dim(self.model)
+        return self.model.feature_dim
 
     def param_groups(self, lr, weight_decay, params=None):
         groups = super().param_groups(lr, weight_decay, params)
@@ -231,7 +231,7 @@ class CDAN(DANN):
                          label_smoothing=label_smoothing)
 
     def discriminator_input(self) -> int:
-        self.conditional = ConditionalMap(_feature_dim(self.model), _classes(self.model), self.random_dim)
+        self.conditional = ConditionalMap(self.model.feature_dim, _classes(self.model), self.random_dim)
         return self.conditional.out_features
 
     def domain_inputs(self, source, target):
@@ -251,10 +251,6 @@ class CDANE(CDAN):
             w = 1 + torch.exp(-entropy(domain.logits.detach().float().softmax(1)))
             weights.append(w / w.sum())
         return torch.cat(weights)
-
-
-def _feature_dim(model: Classifier) -> int:
-    return next(m for m in model.head if isinstance(m, nn.Linear)).in_features
 
 
 def _classes(model: Classifier) -> int:

@@ -32,6 +32,8 @@ def cache_key(model: Classifier, split: str, identity: dict[str, Any], digest: s
 
 
 def compute_features(model: Classifier, loader: DataLoader, device: torch.device, precision: Any):
+    if len(loader.dataset) == 0:  # dataset.val_fraction=0: a split with no samples has no features either
+        return torch.empty(0, model.feature_dim), torch.empty(0, dtype=torch.int64)
     model.eval()
     return infer(model.features, loader, device, precision)
 

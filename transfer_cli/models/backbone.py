@@ -131,6 +131,7 @@ class Classifier(nn.Module):
         self.spec = recipe.text or recipe.input  # how raw samples become what ``input`` takes
         self.input = InputAdapter(recipe.input) if recipe.input else nn.Identity()
         self.body = backbone.body
+        self.feature_dim = backbone.feature_dim
         self.head = make_head(backbone.feature_dim, len(recipe.classes), list(recipe.head.hidden), recipe.head.dropout)
 
     @classmethod
