@@ -25,7 +25,13 @@ from transfer_cli.models.checkpoint import checkpoint_paths, load_model, save_mo
 from transfer_cli.models.ensemble import ENSEMBLES, check_ensemble, check_same_classes
 from transfer_cli.models.fusion import WEIGHT_FUSIONS
 from transfer_cli.models.recipe import ModelRecipe
-from transfer_cli.pipeline import build_data, make_loader, prepare_splits, trained_dataset_config
+from transfer_cli.pipeline import (
+    build_data,
+    check_held_out,
+    make_loader,
+    prepare_splits,
+    trained_dataset_config,
+)
 from transfer_cli.reporting.plots import plot_confusion, plot_wise
 from transfer_cli.reporting.tables import rich_table, write_table
 
@@ -44,22 +50,6 @@ class Member:
 def load_member(path: str) -> Member:
     model, meta = load_model(path)
     return Member(path, model, meta)
-
-
-def check_held_out(data_cfg: DatasetConfig, member: Member, scored: set[str]) -> None:
-    """Splits carved from one pool of samples (a dataset without an official split) hold only samples a model
-    never trained on when they are carved as in its training run: another split_seed or fraction would mix
-    training samples in and inflate the score, so that is refused."""
-    config = member.meta.get("config")
-    trained = config.get("dataset") if isinstance(config, dict) else None
-    if not isinstance(trained, dict) or trained.get("name") != data_cfg.name or scored <= {"train"}:
-        return
-    for key in ("split_seed", "test_fraction", *(("val_fraction",) if "val" in scored else ())):
-        if key in trained and trained[key] != getattr(data_cfg, key):
-            raise UserError(f"dataset.{key}={getattr(data_cfg, key)} differs from the {trained[key]} that checkpoint "
-                            f"{member.path} was trained with: the {'/'.join(sorted(scored - {'train'}))} split carved "
-                            "with it would hold samples the model trained on, and its score would be inflated. "
-                            f"Allowed: dataset.{key}={trained[key]} (as in training), or data the model never saw.")
 
 
 def _scores(log_probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, float]:
@@ -110,7 +100,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     data_cfg = trained_dataset_config(cfg.dataset, members[0].meta, paths[0], cfg.dataset_changes)
     scored = {cfg.split} | ({"val"} if fusion != "none" else set())  # fusion rules choose on val
     for member in members:
-        check_held_out(data_cfg, member, scored)
+        check_held_out(data_cfg, member.meta, member.path, scored)
     splits = build_data(data_cfg)
     if len(splits.split(cfg.split)) == 0:
         raise UserError(f"split={cfg.split}: dataset={data_cfg.name} has no {cfg.split} samples here (dataset.val_fraction="
