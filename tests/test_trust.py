@@ -307,3 +307,5 @@ def test_eval_applies_dataset_keys_over_the_checkpoints_dataset_and_refuses_leak
     assert code == 2 and "dataset.bogus: there is no option 'bogus'" in err
     code, _, err = transfer("eval", f"checkpoint={digits_5to9}", "dataset.val_fraction=abc")
     assert code == 2 and "dataset.val_fraction='abc' does not fit" in err
+    code, _, err = transfer("eval", f"checkpoint={digits_5to9}", "split=train", "dataset.val_fraction=1.5")
+    assert code == 2 and "dataset.val_fraction=1.5 is not allowed" in err  # the training ranges apply here too

@@ -16,6 +16,7 @@ from transfer_cli.models.checkpoint import load_model
 from transfer_cli.pipeline import build_data, prepare_splits, sample_loader, trained_dataset_config
 from transfer_cli.reporting.alignment import analyze_alignment
 from transfer_cli.reporting.tables import rich_table
+from transfer_cli.validation import check_dataset
 
 
 def run_analyze(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> pd.DataFrame:
@@ -25,7 +26,9 @@ def run_analyze(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
     if cfg.samples < 10:
         raise bad_value("samples", cfg.samples, "an integer >= 10 (images per domain)")
     model, meta = load_model(cfg.checkpoint)
-    domains = {"source": trained_dataset_config(cfg.dataset, meta, cfg.checkpoint, cfg.dataset_changes),
+    source = trained_dataset_config(cfg.dataset, meta, cfg.checkpoint, cfg.dataset_changes)
+    check_dataset(source)
+    domains = {"source": source,
                "target": _target_config(cfg, meta)}
     device = resolve_device(cfg.device)
     precision = Precision(str(cfg.precision), device)

@@ -34,6 +34,7 @@ from transfer_cli.pipeline import (
 )
 from transfer_cli.reporting.plots import plot_confusion, plot_wise
 from transfer_cli.reporting.tables import rich_table, write_table
+from transfer_cli.validation import check_dataset
 
 
 @dataclass
@@ -98,6 +99,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     members = [load_member(p) for p in paths]
     check_same_classes(members)
     data_cfg = trained_dataset_config(cfg.dataset, members[0].meta, paths[0], cfg.dataset_changes)
+    check_dataset(data_cfg)
     scored = {cfg.split} | ({"val"} if fusion != "none" else set())  # fusion rules choose on val
     for member in members:
         check_held_out(data_cfg, member.meta, member.path, scored)

@@ -39,6 +39,7 @@ from transfer_cli.pipeline import (
     trained_dataset_config,
 )
 from transfer_cli.reporting.tables import rich_table, write_table
+from transfer_cli.validation import check_dataset
 
 QUANTIZE = ("none", "dynamic")
 CPU = torch.device("cpu")
@@ -61,6 +62,7 @@ def _check(cfg: DictConfig) -> None:
 def _real_images(cfg: DictConfig, model: Any, meta: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Up to ``cfg.samples`` test images of the checkpoint's dataset as exported models take them, their labels."""
     data_cfg = trained_dataset_config(cfg.dataset, meta, str(cfg.checkpoint), cfg.dataset_changes)
+    check_dataset(data_cfg)
     check_held_out(data_cfg, meta, str(cfg.checkpoint), {"test"})  # the export is scored on test samples
     splits = build_data(data_cfg)
     held = prepare_splits(splits, model.spec, data_cfg, lambda _: None)

@@ -182,7 +182,7 @@ def trained_dataset_config(override: Any, meta: dict[str, Any], path: str,
         raise UserError(f"checkpoint={path!r}: its sidecar does not record the dataset it was trained on; "
                         "pass dataset=NAME (and dataset.root=...) to say what to evaluate on.")
     merged = OmegaConf.merge(OmegaConf.structured(DatasetConfig), stored)
-    fields = list(OmegaConf.structured(DatasetConfig).keys())
+    fields = list(merged.keys())
     for key, value in (changes or {}).items():
         if key not in fields:
             raise UserError(f"dataset.{key}: there is no option {key!r}. Keys under dataset: {choices(fields)}.")

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from transfer_cli.config import AUGMENTS, PROGRESS
+from transfer_cli.config import AUGMENTS, PROGRESS, DatasetConfig
 from transfer_cli.data.splits import DATASETS
 from transfer_cli.data.transforms import INTERPOLATIONS
 from transfer_cli.engine.device import AMP_DTYPES, DEVICES
@@ -99,6 +99,12 @@ def _check_ranges(cfg: DictConfig, prefix: str = "") -> None:
             good = False
         if not good:
             raise bad_value(f"{prefix}{key}", value, allowed)
+
+
+def check_dataset(data: DatasetConfig) -> None:
+    """The dataset.* ranges of a dataset config that ``validate`` never saw: eval's, export's and analyze's
+    (the checkpoint's dataset with dataset.KEY changes, or a dataset=NAME given to them)."""
+    _check_ranges(OmegaConf.create({"dataset": data}))
 
 
 def validate(cfg: DictConfig) -> None:
