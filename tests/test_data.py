@@ -141,12 +141,17 @@ def test_class_subset_is_relabelled_in_every_split_and_shots_apply_to_train_only
 def test_fraction_keeps_a_stratified_part_of_train():
     splits = build_data(DatasetConfig(name="digits", fraction=0.25))
     assert len(splits.train) == math.ceil(0.25 * 1257) and np.bincount(targets_of(splits.train)).min() >= 30
+    smallest = build_data(DatasetConfig(name="digits", fraction=10 / 1257))  # the edge the error names
+    assert len(smallest.train) == 10 and np.bincount(targets_of(smallest.train)).tolist() == [1] * 10
 
 
 @pytest.mark.parametrize("cfg, message", [
     (DatasetConfig(name="digits", classes=[3, 12]), r"dataset.classes=\[3, 12\] is not a valid class subset of dataset=digits"),
     (DatasetConfig(name="digits", shots=500), r"dataset.shots=500 but class 0 has only \d+ train examples"),
     (DatasetConfig(name="digits", fraction=1.5), r"dataset.fraction=1.5 is not allowed"),
+    # 1257 train samples, 10 classes: a stratified draw must leave at least one of each on both sides
+    (DatasetConfig(name="digits", fraction=0.005), r"dataset.fraction=0.005 cannot be drawn .* from 0.007955 to 0.992"),
+    (DatasetConfig(name="digits", fraction=0.9999), r"dataset.fraction=0.9999 cannot be drawn"),
 ])
 def test_bad_task_settings_are_clear_errors(cfg, message):
     with pytest.raises(UserError, match=message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -70,6 +71,13 @@ def make_task(splits: DataSplits, cfg: DatasetConfig) -> DataSplits:
         if not 0 < cfg.fraction <= 1:
             raise UserError(f"dataset.fraction={cfg.fraction} is not allowed. Allowed: a fraction in (0, 1].")
         if cfg.fraction < 1:
+            classes, total = len(set(targets_of(splits.train).tolist())), len(splits.train)
+            kept = math.ceil(cfg.fraction * total)  # as scikit-learn rounds it
+            if not classes <= kept <= total - classes:  # both sides of a stratified draw hold every class
+                low, high = classes / total, (total - classes) / total
+                raise UserError(f"dataset.fraction={cfg.fraction} cannot be drawn with every one of the {classes} "
+                                f"classes from {total} train samples. Allowed: a fraction from {low:.4g} to "
+                                f"{high:.4g}, or 1 (all), or dataset.shots=K per class.")
             _, splits.train = stratified_split(splits.train, cfg.fraction, draw)
     if cfg.shots is not None:
         if cfg.shots < 1:
