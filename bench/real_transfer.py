@@ -29,14 +29,14 @@ def checks(shared: Path) -> dict[str, list[str]]:
     return {
         # 96 px keeps feature extraction to about a minute on 2 CPU cores (224 px: ~5x longer).
         "mobilenet_usps": ["dataset=usps", f"dataset.root={usps}", "backbone=mobilenet_v2", "method=linear_probe",
-                           f"backbone.weights={mobilenet},none", "dataset.image_size=96", "trainer.epochs=5",
+                           "method.l2=0.01", f"backbone.weights={mobilenet},none", "dataset.image_size=96", "trainer.epochs=5",
                            "dataset.mean=[0.485,0.456,0.406]", "dataset.std=[0.229,0.224,0.225]"],
         # The LeNet-5 weights expect [0, 1] pixels without normalisation, 32x32.
         "lenet_mnist_usps": ["dataset=usps", f"dataset.root={usps}", "backbone=lenet", f"backbone.weights={lenet}",
                              "dataset.mean=[0]", "dataset.std=[1]", "method=scratch,linear_probe,finetune",
                              "dataset.shots=10,null", "seed=0,1,2", "trainer.epochs=15"],
         "cifar_resnet": ["dataset=digits", "backbone=cifar_resnet20", f"backbone.weights={resnet20},none",
-                         "method=linear_probe", "dataset.image_size=32", "trainer.epochs=5",
+                         "method=linear_probe", "method.l2=0.01", "dataset.image_size=32", "trainer.epochs=5",
                          "dataset.mean=[0.485,0.456,0.406]", "dataset.std=[0.229,0.224,0.225]"],
     }
 

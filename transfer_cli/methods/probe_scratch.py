@@ -64,9 +64,6 @@ class LinearProbe(Method):
         self.freeze_norms()
         self.solver, self.l2, self.max_iter = solver, l2, max_iter
         self.l2_scores: dict[str, float] = {}  # l2=auto: validation top-1 of each candidate
-        if l2 == "auto" and solver != "lbfgs":
-            raise UserError("method.l2=auto chooses the L2 strength of the L-BFGS probe: it needs method.solver=lbfgs "
-                            "(solver=sgd regularises through optimizer.weight_decay instead).")
         self.cache_dir = Path(cache_dir) if cache else None
         self.manual_optimization = solver == "lbfgs"
         self.on_features = False
@@ -82,7 +79,7 @@ class LinearProbe(Method):
             batch = len(cached[split][1]) if train and self.solver == "lbfgs" else plain.batch_size
             out[split] = DataLoader(TensorDataset(*cached[split]), batch_size=max(batch, 1), shuffle=train,
                                     generator=torch.Generator().manual_seed(0))
-        if self.l2 == "auto":
+        if self.l2 == "auto" and self.solver == "lbfgs":  # solver=sgd regularises through optimizer.weight_decay
             self.l2 = self._choose_l2(cached["train"], cached["val"])
         self.on_features = True
         return out
@@ -91,8 +88,9 @@ class LinearProbe(Method):
         """The L2 strength of L2_GRID whose probe is most accurate on validation (ties: the stronger one),
         each fitted from the same initial head; cheap, because the features are computed once."""
         if len(val[1]) == 0:
-            raise UserError("method.l2=auto chooses the L2 strength on the validation split, and this run has none "
-                            "(dataset.val_fraction=0): give method.l2 a number, or a validation split.")
+            raise UserError("method.l2=auto (the linear probe's default) chooses the L2 strength on the validation "
+                            "split, and this run has none (dataset.val_fraction=0): give method.l2 a number (e.g. "
+                            "0.01), or a validation split.")
         initial = {k: v.clone() for k, v in self.model.head.state_dict().items()}
         device = next(self.model.head.parameters()).device
         (x, y), (vx, vy) = [(f.to(device), t.to(device)) for f, t in (train, val)]
