@@ -237,7 +237,7 @@ def test_linear_probe_l2_auto_picks_the_best_validation_strength():
     assert len(scores) == 7 and method.l2 in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
     assert scores[f"{method.l2:g}"] == max(scores.values())
     assert scores["10"] < max(scores.values())  # the strongest penalty underfits: the grid matters
-    sgd, _ = setup("linear_probe", solver="sgd", l2="auto")  # sgd regularises through weight decay: nothing to pick
+    sgd, _ = setup("linear_probe", solver="sgd", l2="auto", cache=False)  # sgd regularises through weight decay: nothing to pick
     assert sgd.l2 == "auto" and "l2_val_acc1" not in sgd.describe()
 
 
