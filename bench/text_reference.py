@@ -79,7 +79,8 @@ def fine_tune(train: tuple[list[str], torch.Tensor], test: tuple[list[str], torc
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=["rt_polarity", "sms_spam"], default="rt_polarity")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default=[0, 1, 2], type=lambda v: [int(s) for s in v.split(",")],
+                        help="comma-separated integers")
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     args = parser.parse_args()
     root = args.shared / "datasets" / args.dataset
@@ -88,7 +89,7 @@ def main() -> None:
     splits = DATASETS.get(args.dataset)(DatasetConfig(name=args.dataset, root=str(root), val_fraction=0.0))
     train, test = split_texts(splits.train, "train"), split_texts(splits.test, "test")
     rows = []
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in args.seeds:
         acc, seconds = fine_tune(train, test, len(splits.classes), seed)
         rows.append({"seed": seed, "test_acc1": round(acc, 4), "train_s": round(seconds, 1)})
         print(f"seed {seed}: test top-1 {acc:.4f}, trained in {seconds:.0f} s", flush=True)
