@@ -91,12 +91,14 @@ def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weig
     return Classifier(bb, recipe)
 
 
-def build_any_model(cfg: Any, splits: DataSplits, pretrained: PretrainedBody | None = None) -> Classifier:
-    """The classifier a run config (``cfg.backbone``, ``cfg.head``) describes for ``splits``, text or images."""
+def build_any_model(cfg: Any, splits: DataSplits, pretrained: PretrainedBody | None = None,
+                    weights: str | None = None) -> Classifier:
+    """The classifier a run config (``cfg.backbone``, ``cfg.head``) describes for ``splits``, text or images;
+    ``weights`` replaces ``cfg.backbone.weights``."""
     if splits.text or takes_text(cfg.backbone.name):
         _check_kind(splits, cfg.dataset, cfg.backbone.name)
         return build_text_model(cfg.dataset, splits, cfg.backbone, cfg.head)
-    return build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head, pretrained,
+    return build_model(cfg.dataset, splits, cfg.backbone.name, weights or cfg.backbone.weights, cfg.head, pretrained,
                        preprocess=cfg.backbone.preprocess, in_channels=cfg.backbone.in_channels)
 
 

@@ -21,7 +21,7 @@ from transfer_cli.config import HeadConfig
 from transfer_cli.data.identity import data_identity
 from transfer_cli.data.splits import DataSplits
 from transfer_cli.data.transforms import WeightsMeta
-from transfer_cli.engine.device import Precision
+from transfer_cli.engine.device import Precision, seed_stage
 from transfer_cli.engine.hooks import EvalHook
 from transfer_cli.engine.loop import Hook, State, fit
 from transfer_cli.files import atomic_write_text
@@ -49,7 +49,7 @@ def source_key(source: DictConfig, backbone: str, data_identity: str) -> str:
 
 def _pretrain(source: DictConfig, splits: DataSplits, backbone: str, folder: Path, device: torch.device,
               precision: Precision, console: Console, progress: str) -> None:
-    torch.manual_seed(source.seed)
+    seed_stage(source.seed, "source")
     model = build_model(source.dataset, splits, backbone, "none", HeadConfig())
     method = Method(model).to(device)  # plain cross-entropy, every layer trains
     splits = prepare_splits(splits, model.spec, source.dataset, lambda message: console.print(message, highlight=False, soft_wrap=True))

@@ -21,7 +21,13 @@ from transfer_cli import resume
 from transfer_cli.data.identity import data_identity, split_identities
 from transfer_cli.engine import distributed, train_state
 from transfer_cli.engine.averaging import WeightAverage
-from transfer_cli.engine.device import Precision, configure_threads, resolve_device, seed_everything
+from transfer_cli.engine.device import (
+    Precision,
+    configure_threads,
+    deterministic_algorithms,
+    resolve_device,
+    seed_stage,
+)
 from transfer_cli.engine.distributed import SINGLE
 from transfer_cli.engine.hooks import Checkpointer, EvalHook, training_weights
 from transfer_cli.engine.loop import Diverged, State, evaluate, fit
@@ -89,14 +95,14 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         discard_if_only_hydra(own_dir)
     if resuming and payload is None:
         payload = train_state.load(run_dir / "checkpoints")
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    deterministic_algorithms(cfg.trainer.deterministic)
     configure_threads(cfg.trainer.threads)
     precision = Precision(str(cfg.trainer.precision), device)
     if dist.main:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 
     with dist.main_first():  # caches (a source model, checked image files) are built once, by process 0
-        source = source_model(cfg, device, precision, console) if cfg.backbone.weights == "source" else None
+        source = source_model(cfg, device, precision, console) if _uses_source(cfg, console) else None
         splits = build_data(cfg.dataset)
     if len(splits.test) == 0:
         raise UserError(f"dataset={cfg.dataset.name} has no test samples (dataset.root={cfg.dataset.root!r}), so "
@@ -105,7 +111,9 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     if target and len(target.classes) != len(splits.classes):  # names may differ ("0 - zero" vs "0")
         raise UserError(f"target.dataset={cfg.target.dataset.name} has {len(target.classes)} classes but "
                         f"dataset={cfg.dataset.name} has {len(splits.classes)}: domains must share their classes.")
-    model = build_any_model(cfg, splits, source.body if source else None)
+    seed_stage(cfg.seed, "init")  # every random stream from here on depends on the seed and its stage only
+    model = build_any_model(cfg, splits, source.body if source else None,
+                            weights="none" if cfg.backbone.weights == "source" and not source else None)
     for note in [*splits.notes, *model.notes]:
         console.print(note, highlight=False, soft_wrap=True)
 
@@ -115,6 +123,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     with dist.main_first():  # decoded images and token ids are cached by process 0, then read by the others
         splits = prepare_splits(splits, model.spec, cfg.dataset, log)
         target = prepare_splits(target, model.spec, cfg.target.dataset, log) if target else None
+    seed_stage(cfg.seed, "method")
     method = METHODS.build(cfg.method, model=model).to(device)
     if method.trains_body and not any(True for _ in model.body.parameters()):
         raise UserError(f"method={cfg.method.name} trains the backbone, but backbone={cfg.backbone.name} has no "
@@ -137,6 +146,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     identity = {split: {"input": model.spec.to_dict(), "samples": digest}
                 for split, digest in split_identities(splits).items()}
     context = DataContext(device, precision, identity, make_target if target else None)
+    seed_stage(cfg.seed, "features")
     with dist.main_first():  # cached features (LP-FT's probe) are computed once, by process 0
         loaders = method.loaders(make, context)
     steps_per_epoch = len(loaders["train"])
@@ -205,6 +215,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         checkpointer,
         *([ProgressHook(console, cfg.trainer.progress, cfg.trainer.log_every)] if dist.main else []),
     ]
+    if payload is None:  # a resumed run continues the random streams its training state recorded
+        seed_stage(cfg.seed, "train")  # dropout, augmentation and every other draw of the loop
     try:
         fit(state, loaders["train"], device, precision, hooks, cfg.trainer.accumulate, cfg.trainer.grad_clip)
     except Diverged as err:
@@ -290,6 +302,18 @@ def _weight_average(cfg: DictConfig, method: Method, make: Callable[..., DataLoa
     # plain train images, as test time sees them; every process measures the same statistics on all of them
     bn_loader = make("train", False, False) if swa is not None else None
     return WeightAverage(method.model, ema, swa, bn_loader, device, precision, method.frozen_norms)
+
+
+def _uses_source(cfg: DictConfig, console: Console) -> bool:
+    """Whether the run starts from a source-pretrained body: a method that re-initialises every layer is
+    not made to pretrain (or read) one it would throw away."""
+    if cfg.backbone.weights != "source":
+        return False
+    if not METHODS.get(cfg.method.name).uses_pretrained_weights:
+        console.print(f"method={cfg.method.name} re-initialises every layer: backbone.weights=source is not built.",
+                      highlight=False)
+        return False
+    return True
 
 
 def _metrics(row: dict[str, Any]) -> dict[str, Any]:

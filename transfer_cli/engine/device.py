@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 from dataclasses import dataclass
@@ -59,10 +60,24 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def stage_seed(seed: int, stage: str) -> int:
+    """The seed of one random stream of a run: a function of the run's seed and the stream's name only, so
+    what ran earlier in the process (a source model built or read from its cache, another sweep job)
+    cannot shift it."""
+    digest = hashlib.sha256(f"{seed}:{stage}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def seed_stage(seed: int, stage: str) -> None:
+    """Seed Python's, NumPy's and torch's global generators (every device) for ``stage`` of a run seeded
+    with ``seed``: model initialisation, the training loop's dropout and augmentation draws, ..."""
+    value = stage_seed(seed, stage)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+def deterministic_algorithms(deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -48,6 +48,8 @@ class Method(nn.Module):
     needs_target_data = False
     # False: only the head trains, on features of a fixed body (which may then have no trainable weights).
     trains_body = True
+    # False: every layer is re-initialised, so pretrained weights (a source model) would be thrown away.
+    uses_pretrained_weights = True
     # Epochs (0-based) before this one are never kept as the best checkpoint (SHOT's source-only phase).
     selectable_from = 0
 

@@ -137,6 +137,8 @@ class LinearProbe(Method):
 class Scratch(Method):
     """Every layer re-initialised and trained: what the task reaches with no pretrained knowledge."""
 
+    uses_pretrained_weights = False
+
     def __init__(self, model: Classifier, *, label_smoothing: Fraction) -> None:
         super().__init__(model, label_smoothing=label_smoothing)
         for module in model.body.modules():
