@@ -12,10 +12,10 @@ from rich.console import Console
 from transfer_cli.config import SPLITS, DatasetConfig
 from transfer_cli.engine.device import Precision, resolve_device
 from transfer_cli.errors import UserError, bad_value
-from transfer_cli.models.checkpoint import load_model
-from transfer_cli.pipeline import build_data, prepare_splits, sample_loader, trained_dataset_config
+from transfer_cli.pipeline import build_data, prepare_splits, sample_loader
 from transfer_cli.reporting.alignment import analyze_alignment
 from transfer_cli.reporting.tables import rich_table
+from transfer_cli.scoring import open_checkpoints, stored_dataset
 from transfer_cli.validation import check_dataset
 
 
@@ -25,24 +25,26 @@ def run_analyze(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
         raise bad_value("split", cfg.split, SPLITS)
     if cfg.samples < 10:
         raise bad_value("samples", cfg.samples, "an integer >= 10 (images per domain)")
-    model, meta = load_model(cfg.checkpoint)
-    source = trained_dataset_config(cfg.dataset, meta, cfg.checkpoint, cfg.dataset_changes)
-    check_dataset(source)
-    domains = {"source": source,
-               "target": _target_config(cfg, meta)}
+
+    def log(message: str) -> None:
+        console.print(message, highlight=False, soft_wrap=True)
+
+    opened = open_checkpoints([str(cfg.checkpoint)], {cfg.split}, cfg.dataset, cfg.dataset_changes, log)
+    member = opened.members[0]
+    model = member.model
+    target_cfg = _target_config(cfg, member.meta)
+    target = prepare_splits(build_data(target_cfg), model.spec, target_cfg, log)
+    if len(target.classes) != len(model.recipe.classes):
+        raise UserError(f"target dataset={target_cfg.name} has {len(target.classes)} classes but checkpoint="
+                        f"{cfg.checkpoint!r} predicts {len(model.recipe.classes)}: both domains must share "
+                        "the model's classes.")
+    if len(target.split(cfg.split)) == 0:
+        raise UserError(f"target dataset={target_cfg.name} has no {cfg.split} samples: choose split=train|val|test.")
     device = resolve_device(cfg.device)
     precision = Precision(str(cfg.precision), device)
-    loaders = []
-    for role, data_cfg in domains.items():
-        splits = prepare_splits(build_data(data_cfg), model.spec, data_cfg, lambda m: console.print(m, highlight=False))
-        if len(splits.classes) != len(model.recipe.classes):
-            raise UserError(f"{role} dataset={data_cfg.name} has {len(splits.classes)} classes but checkpoint="
-                            f"{cfg.checkpoint!r} predicts {len(model.recipe.classes)}: both domains must share "
-                            "the model's classes.")
-        split = splits.split(cfg.split)
-        if len(split) == 0:
-            raise UserError(f"{role} dataset={data_cfg.name} has no {cfg.split} samples: choose split=train|val|test.")
-        loaders.append((data_cfg.name, sample_loader(split, model.spec, data_cfg, device, cfg.samples, cfg.seed)))
+    source = prepare_splits(opened.splits, model.spec, opened.data, log)
+    loaders = [(data_cfg.name, sample_loader(splits.split(cfg.split), model.spec, data_cfg, device, cfg.samples, cfg.seed))
+               for data_cfg, splits in ((opened.data, source), (target_cfg, target))]
     table = analyze_alignment(model, *loaders, list(model.recipe.classes), device, precision, out_dir, cfg.seed)
     console.print(rich_table(table, title=f"alignment of {cfg.checkpoint} -> {out_dir}/features.png"))
     return table
@@ -50,9 +52,11 @@ def run_analyze(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
 
 def _target_config(cfg: DictConfig, meta: dict) -> DatasetConfig:
     if cfg.target is not None:
-        return OmegaConf.to_object(cfg.target.dataset)
+        target = OmegaConf.to_object(cfg.target.dataset)
+        check_dataset(target)
+        return target
     stored = (meta.get("config") or {}).get("target") if isinstance(meta.get("config"), dict) else None
     if not isinstance(stored, dict) or not isinstance(stored.get("dataset"), dict):
         raise UserError(f"checkpoint={cfg.checkpoint!r} was not trained with a target domain: name the domain to "
                         "compare with, e.g. target=usps target.dataset.root=DIR.")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DatasetConfig), stored["dataset"]))
+    return stored_dataset(stored["dataset"])

@@ -196,41 +196,28 @@ def _launch_processes(cfg: DictConfig) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-@_job
-def _eval(cfg: DictConfig) -> None:
-    from transfer_cli.evaluate import run_eval
+def _scoring(module: str, function: str) -> Callable[[DictConfig], Any]:
+    """eval, predict, export, analyze: their keys checked, then ``module.function(cfg, run_dir)``."""
 
-    run_eval(cfg, _run_dir())
+    @_job
+    def run(cfg: DictConfig) -> None:
+        import importlib
 
+        from transfer_cli.validation import validate_command
 
-@_job
-def _predict(cfg: DictConfig) -> None:
-    from transfer_cli.predict import run_predict
+        validate_command(cfg)
+        getattr(importlib.import_module(f"transfer_cli.{module}"), function)(cfg, _run_dir())
 
-    run_predict(cfg, _run_dir())
-
-
-@_job
-def _export(cfg: DictConfig) -> None:
-    from transfer_cli.export import run_export
-
-    run_export(cfg, _run_dir())
-
-
-@_job
-def _analyze(cfg: DictConfig) -> None:
-    from transfer_cli.analyze import run_analyze
-
-    run_analyze(cfg, _run_dir())
+    return run
 
 
 COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], bool]] = {
     "train": ("config", _train, False),
     "sweep": ("config", _train, True),
-    "eval": ("eval", _eval, False),
-    "predict": ("predict", _predict, False),
-    "export": ("export", _export, False),
-    "analyze": ("analyze", _analyze, False),
+    "eval": ("eval", _scoring("evaluate", "run_eval"), False),
+    "predict": ("predict", _scoring("predict", "run_predict"), False),
+    "export": ("export", _scoring("export", "run_export"), False),
+    "analyze": ("analyze", _scoring("analyze", "run_analyze"), False),
 }
 
 

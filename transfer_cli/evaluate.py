@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,43 +13,19 @@ from omegaconf import DictConfig
 from rich.console import Console
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from transfer_cli.config import SPLITS, DatasetConfig
+from transfer_cli.config import SPLITS
 from transfer_cli.engine.averaging import recompute_norm_statistics
 from transfer_cli.engine.device import Precision, resolve_device
 from transfer_cli.engine.loop import infer
 from transfer_cli.engine.metrics import logit_metrics
 from transfer_cli.errors import UserError, bad_value
 from transfer_cli.models.backbone import Classifier
-from transfer_cli.models.checkpoint import checkpoint_paths, load_model, save_model
-from transfer_cli.models.ensemble import ENSEMBLES, check_ensemble, check_same_classes
+from transfer_cli.models.checkpoint import checkpoint_paths, save_model
+from transfer_cli.models.ensemble import ENSEMBLES, check_ensemble
 from transfer_cli.models.fusion import WEIGHT_FUSIONS
-from transfer_cli.models.recipe import ModelRecipe
-from transfer_cli.pipeline import (
-    build_data,
-    check_held_out,
-    make_loader,
-    prepare_splits,
-    trained_dataset_config,
-)
 from transfer_cli.reporting.plots import plot_confusion, plot_wise
 from transfer_cli.reporting.tables import rich_table, write_table
-from transfer_cli.validation import check_dataset
-
-
-@dataclass
-class Member:
-    path: str
-    model: Classifier
-    meta: dict[str, Any]
-
-    @property
-    def recipe(self) -> ModelRecipe:
-        return self.model.recipe
-
-
-def load_member(path: str) -> Member:
-    model, meta = load_model(path)
-    return Member(path, model, meta)
+from transfer_cli.scoring import HELD_OUT, Member, Opened, open_checkpoints
 
 
 def _scores(log_probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, float]:
@@ -58,20 +33,6 @@ def _scores(log_probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -
     macro = f1_score(truth, predicted, labels=np.arange(len(classes)), average="macro", zero_division=0)
     return {**logit_metrics(log_probs, labels), "macro_f1": 100.0 * macro, "n": len(truth)}
 
-
-def class_order(model_classes: list[str], data_classes: list[str], dataset: str, path: str) -> list[int] | None:
-    """None when the dataset labels classes exactly as the model does; the model-output index of each
-    dataset class when the names are the same set in another order; otherwise a UserError: scoring a model
-    on classes it was not trained for gives a number that means nothing."""
-    if model_classes == data_classes:
-        return None
-    if sorted(model_classes) == sorted(data_classes):
-        return [model_classes.index(name) for name in data_classes]
-    raise UserError(
-        f"dataset={dataset} has the classes {', '.join(data_classes[:10])}{' ...' if len(data_classes) > 10 else ''} "
-        f"but checkpoint={path!r} predicts {', '.join(model_classes[:10])}{' ...' if len(model_classes) > 10 else ''}. "
-        "Evaluate on data with the same class names (e.g. the dataset.classes the model was trained with)."
-    )
 
 def member_labels(members: list[Member]) -> list[str]:
     """Short names for tables: method and seed from each sidecar's run config, else the run folder."""
@@ -96,40 +57,27 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
         alphas = check_fusion(cfg, len(paths))
     else:
         weights = check_ensemble(cfg.ensemble, len(paths))
-    members = [load_member(p) for p in paths]
-    check_same_classes(members)
-    data_cfg = trained_dataset_config(cfg.dataset, members[0].meta, paths[0], cfg.dataset_changes)
-    check_dataset(data_cfg)
-    scored = {cfg.split} | ({"val"} if fusion != "none" else set())  # fusion rules choose on val
-    for member in members:
-        check_held_out(data_cfg, member.meta, member.path, scored)
-    splits = build_data(data_cfg)
-    if len(splits.split(cfg.split)) == 0:
-        raise UserError(f"split={cfg.split}: dataset={data_cfg.name} has no {cfg.split} samples here (dataset.val_fraction="
-                        f"{data_cfg.val_fraction}). Allowed: a split with samples (test, train), or dataset.val_fraction "
-                        "> 0 (e.g. 0.1) for a validation split.")
-    order = class_order(members[0].recipe.classes, splits.classes, data_cfg.name, paths[0])
-    if order is not None:
-        console.print("the dataset lists the model's classes in another order: predictions are matched by name.")
-    device = resolve_device(cfg.device)
-    precision = Precision(str(cfg.precision), device)
 
     def log(message: str) -> None:
         console.print(message, highlight=False, soft_wrap=True)
+
+    scored = {cfg.split} | ({"val"} if fusion != "none" else set())  # fusion rules choose on val
+    opened = open_checkpoints(paths, scored, cfg.dataset, cfg.dataset_changes, log)
+    members, splits, data_cfg, order = opened.members, opened.splits, opened.data, opened.order
+    device = resolve_device(cfg.device)
+    precision = Precision(str(cfg.precision), device)
 
     def predict(model: Classifier, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
         logits, labels = infer(model.to(device).eval(), loader, device, precision)
         return (logits if order is None else logits[:, order]).log_softmax(1), labels
 
     if fusion != "none":
-        table, final, labels = _fuse(cfg, members, splits, data_cfg, alphas, predict, device, precision, out_dir, log)
+        table, final, labels = _fuse(cfg, opened, alphas, predict, device, precision, out_dir, log)
         title = f"{fusion} on {data_cfg.name} {cfg.split}"
     else:
         log_probs, rows = [], []
         for member in members:  # each member sees the data through its own preprocessing
-            held = prepare_splits(splits, member.model.spec, data_cfg, log)
-            member_log_probs, labels = predict(member.model, make_loader(held.split(cfg.split), member.model.spec,
-                                                                         data_cfg, False, device, batch_size=cfg.batch_size))
+            member_log_probs, labels = predict(member.model, opened.loader(member, cfg.split, device, cfg.batch_size, log))
             log_probs.append(member_log_probs)
             rows.append({"model": member.path, "backbone": member.recipe.backbone,
                          **_scores(member_log_probs, labels, splits.classes)})
@@ -186,19 +134,13 @@ def _differing_norms(model: Classifier, states: list[dict[str, torch.Tensor]]) -
     return names
 
 
-def _fuse(cfg: DictConfig, members: list[Member], splits: Any, data_cfg: DatasetConfig, alphas: list[float],
-          predict: Any, device: torch.device, precision: Precision, out_dir: Path,
-          log: Any) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
+def _fuse(cfg: DictConfig, opened: Opened, alphas: list[float], predict: Any, device: torch.device,
+          precision: Precision, out_dir: Path, log: Any) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
     """Score every candidate of the weight-fusion rule on validation and ``cfg.split``; write the chosen
     model as ``fused.safetensors`` (a checkpoint like any other) and, for wise, ``wise.png``."""
+    members, splits = opened.members, opened.splits
     _same_architecture(members)
-    if len(splits.val) == 0:
-        raise UserError(f"fusion={cfg.fusion.name} chooses on the validation split, but dataset={data_cfg.name} has "
-                        "none here: set dataset.val_fraction > 0 (e.g. 0.1, the training default).")
-    spec = members[0].model.spec
-    held = prepare_splits(splits, spec, data_cfg, log)
-    loader = {split: make_loader(held.split(split), spec, data_cfg, False, device, batch_size=cfg.batch_size)
-              for split in {"train", "val", cfg.split}}
+    loader = {split: opened.loader(members[0], split, device, cfg.batch_size, log) for split in {"train", "val", cfg.split}}
     states = [m.model.state_dict() for m in members]
     model = Classifier.from_recipe(members[0].recipe).to(device)
     norms = _differing_norms(model, states) if cfg.fusion.recompute_bn else []
@@ -225,7 +167,7 @@ def _fuse(cfg: DictConfig, members: list[Member], splits: Any, data_cfg: Dataset
     save_model(out_dir / "fused.safetensors", model.state_dict(), members[0].recipe,
                fusion={"name": cfg.fusion.name, "chosen": chosen.label, **chosen.facts,
                        "members": [m.path for m in members]},
-               config=members[0].meta.get("config"))
+               config=members[0].meta.get("config"), **{HELD_OUT: members[0].meta.get(HELD_OUT)})
     if cfg.fusion.name == "wise":
         plot_wise(table, cfg.split, out_dir / "wise.png")
     log(f"chosen on validation: {chosen.label} (val acc1 {chosen.metrics['val_acc1']:.2f}) -> {out_dir / 'fused.safetensors'}")

@@ -19,7 +19,6 @@ from transfer_cli.data.inputs import model_input
 from transfer_cli.engine.device import Precision
 from transfer_cli.errors import UserError, bad_value
 from transfer_cli.files import atomic_write_text
-from transfer_cli.models.checkpoint import load_model
 from transfer_cli.models.exported import (
     FORMATS,
     Predictor,
@@ -31,15 +30,8 @@ from transfer_cli.models.exported import (
     torch_predictor,
     torchscript_predictor,
 )
-from transfer_cli.pipeline import (
-    build_data,
-    check_held_out,
-    make_loader,
-    prepare_splits,
-    trained_dataset_config,
-)
 from transfer_cli.reporting.tables import rich_table, write_table
-from transfer_cli.validation import check_dataset
+from transfer_cli.scoring import Opened, open_checkpoints
 
 QUANTIZE = ("none", "dynamic")
 CPU = torch.device("cpu")
@@ -59,20 +51,19 @@ def _check(cfg: DictConfig) -> None:
                         "checkpoint written by `transfer train` (or `transfer eval fusion=...`).")
 
 
-def _real_images(cfg: DictConfig, model: Any, meta: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Up to ``cfg.samples`` test images of the checkpoint's dataset as exported models take them, their labels."""
-    data_cfg = trained_dataset_config(cfg.dataset, meta, str(cfg.checkpoint), cfg.dataset_changes)
-    check_dataset(data_cfg)
-    check_held_out(data_cfg, meta, str(cfg.checkpoint), {"test"})  # the export is scored on test samples
-    splits = build_data(data_cfg)
-    held = prepare_splits(splits, model.spec, data_cfg, lambda _: None)
+def _real_images(cfg: DictConfig, opened: Opened) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``cfg.samples`` test images of the opened data as exported models take them, their labels."""
+    member = opened.members[0]
     images, labels = [], []
-    for x, y in make_loader(held.split("test"), model.spec, data_cfg, False, CPU, batch_size=64):
-        images.append(model_input(x, model.spec))
+    for x, y in opened.loader(member, "test", CPU, 64, lambda _: None):
+        images.append(model_input(x, member.model.spec))
         labels.append(y)
         if sum(len(b) for b in images) >= cfg.samples:
             break
-    return torch.cat(images)[:cfg.samples], torch.cat(labels)[:cfg.samples], data_cfg.name
+    labels = torch.cat(labels)[:cfg.samples]
+    if opened.order is not None:  # the dataset numbers the classes otherwise: compare in the model's numbering
+        labels = torch.tensor(opened.order)[labels]
+    return torch.cat(images)[:cfg.samples], labels
 
 
 def _latency_ms(run: Any, images: torch.Tensor, batch: int, repeats: int) -> float:
@@ -94,12 +85,14 @@ def _logits(predictor: Predictor, images: torch.Tensor) -> torch.Tensor:
 def run_export(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> pd.DataFrame:
     console = console or Console()
     _check(cfg)
-    model, meta = load_model(str(cfg.checkpoint))
+    opened = open_checkpoints([str(cfg.checkpoint)], {"test"}, cfg.dataset, cfg.dataset_changes,
+                              lambda message: console.print(message, highlight=False, soft_wrap=True))
+    model, dataset = opened.members[0].model, opened.data.name
     recipe = model.recipe
     if recipe.text is not None:
         raise UserError(f"checkpoint={cfg.checkpoint!r} is a text model (backbone={recipe.backbone}): export covers "
                         "image models. Use the checkpoint itself with `transfer predict` and `transfer eval`.")
-    images, labels, dataset = _real_images(cfg, model, meta)
+    images, labels = _real_images(cfg, opened)
     precision = Precision("32", CPU)
     eager = torch_predictor(str(cfg.checkpoint), model, recipe, CPU, precision)
     target = out_dir / f"model{FORMATS[cfg.format]}"

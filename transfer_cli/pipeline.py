@@ -156,22 +156,6 @@ def build_optimization(method: Method, optimizer_cfg: Mapping[str, Any], schedul
     return optimizer, scheduler
 
 
-def check_held_out(data_cfg: DatasetConfig, meta: dict[str, Any], path: str, scored: set[str]) -> None:
-    """Splits carved from one pool of samples (a dataset without an official split) hold only samples a model
-    never trained on when they are carved as in its training run: another split_seed or fraction would mix
-    training samples in and inflate the score, so that is refused."""
-    config = meta.get("config")
-    trained = config.get("dataset") if isinstance(config, dict) else None
-    if not isinstance(trained, dict) or trained.get("name") != data_cfg.name or scored <= {"train"}:
-        return
-    for key in ("split_seed", "test_fraction", *(("val_fraction",) if "val" in scored else ())):
-        if key in trained and trained[key] != getattr(data_cfg, key):
-            raise UserError(f"dataset.{key}={getattr(data_cfg, key)} differs from the {trained[key]} that checkpoint "
-                            f"{path} was trained with: the {'/'.join(sorted(scored - {'train'}))} split carved "
-                            "with it would hold samples the model trained on, and its score would be inflated. "
-                            f"Allowed: dataset.{key}={trained[key]} (as in training), or data the model never saw.")
-
-
 def trained_dataset_config(override: Any, meta: dict[str, Any], path: str,
                            changes: Mapping[str, Any] | None = None) -> DatasetConfig:
     """``override`` (a dataset= config) when given, else the dataset the checkpoint at ``path`` was trained

@@ -49,6 +49,7 @@ from transfer_cli.reporting.plots import plot_curves
 from transfer_cli.reporting.progress import ProgressHook
 from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary
 from transfer_cli.reporting.tables import MetricsWriter, metrics_frame, rich_record, write_table
+from transfer_cli.scoring import HELD_OUT
 from transfer_cli.source import source_model
 
 
@@ -170,8 +171,10 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         soft_wrap=True,
     )
 
+    held_out = split_identities(splits, labels=False)  # eval/export refuse a test split other than this one
+
     def describe_epoch(state: State) -> dict[str, Any]:
-        return {"epoch": state.epoch + 1, "metrics": state.epoch_metrics, "config": resolved}
+        return {"epoch": state.epoch + 1, "metrics": state.epoch_metrics, "config": resolved, HELD_OUT: held_out}
 
     def save(path: Path, weights: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:
         if dist.main:

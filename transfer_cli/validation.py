@@ -103,8 +103,25 @@ def _check_ranges(cfg: DictConfig, prefix: str = "") -> None:
 
 def check_dataset(data: DatasetConfig) -> None:
     """The dataset.* ranges of a dataset config that ``validate`` never saw: eval's, export's and analyze's
-    (the checkpoint's dataset with dataset.KEY changes, or a dataset=NAME given to them)."""
+    (the checkpoint's dataset with dataset.KEY changes, a dataset=NAME given to them, or one read back from a
+    checkpoint's sidecar)."""
     _check_ranges(OmegaConf.create({"dataset": data}))
+    _check_fractions(data.val_fraction, data.test_fraction)
+
+
+def _check_fractions(val: float, test: float) -> None:
+    if val + test >= 1:
+        raise UserError(f"dataset.val_fraction={val} and dataset.test_fraction={test} leave no training data: "
+                        "their sum must stay below 1.")
+
+
+def validate_command(cfg: DictConfig) -> None:
+    """The keys of eval, predict, export and analyze that their schema types but cannot restrict."""
+    check_known_keys(cfg)
+    if "precision" in cfg:
+        check_choice("precision", str(cfg.precision), list(AMP_DTYPES))
+    if "device" in cfg:
+        check_choice("device", str(cfg.device), DEVICES)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -122,9 +139,7 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("trainer.analyze=true compares the source and target domains' features, but this run has "
                         "no target domain: add target=NAME, or set trainer.analyze=false.")
     _check_ranges(cfg)
-    if cfg.dataset.val_fraction + cfg.dataset.test_fraction >= 1:
-        raise UserError(f"dataset.val_fraction={cfg.dataset.val_fraction} and dataset.test_fraction="
-                        f"{cfg.dataset.test_fraction} leave no training data: their sum must stay below 1.")
+    _check_fractions(cfg.dataset.val_fraction, cfg.dataset.test_fraction)
     DATASETS.get(cfg.dataset.name)
     if cfg.target is not None:
         DATASETS.get(cfg.target.dataset.name)

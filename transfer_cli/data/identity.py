@@ -51,11 +51,11 @@ def base_digest(dataset: Dataset, memo: dict[int, str] | None = None) -> str:
     return memo[key]
 
 
-def _dataset_digest(dataset: Dataset, memo: dict[int, str]) -> str:
+def _dataset_digest(dataset: Dataset, memo: dict[int, str], labels: bool = True) -> str:
     chain: list[Any] = []
     while isinstance(dataset, Subset):  # Relabeled is a Subset too; its mapping follows from the indices
         chain.append(np.asarray(dataset.indices, dtype=np.int64).tobytes())
-        if hasattr(dataset, "mapping"):
+        if labels and hasattr(dataset, "mapping"):
             chain.append(repr(sorted(dataset.mapping.items())).encode())
         dataset = dataset.dataset
     digest = hashlib.sha256(base_digest(dataset, memo).encode())
@@ -73,8 +73,9 @@ def data_identity(splits: DataSplits) -> str:
     return digest.hexdigest()[:32]
 
 
-def split_identities(splits: DataSplits) -> dict[str, str]:
+def split_identities(splits: DataSplits, labels: bool = True) -> dict[str, str]:
     """A digest per split of exactly its samples: what a split's cached features depend on (besides the
-    weights and the preprocessing), unchanged when another split's draw changes."""
+    weights and the preprocessing), unchanged when another split's draw changes. ``labels=False``: which
+    samples a split holds, whatever the class numbering (a checkpoint records this of its held-out splits)."""
     memo: dict[int, str] = {}
-    return {name: _dataset_digest(splits.split(name), memo)[:32] for name in ("train", "val", "test")}
+    return {name: _dataset_digest(splits.split(name), memo, labels)[:32] for name in ("train", "val", "test")}

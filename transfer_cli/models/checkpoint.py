@@ -8,6 +8,7 @@ silently feed the model wrongly sized or wrongly normalised input.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from transfer_cli.models.backbone import Classifier
 from transfer_cli.models.recipe import FORMAT_VERSION, ModelRecipe
 
 _HEADER_KEY = "transfer_cli.recipe"
+_SIDECAR_KEY = "transfer_cli.sidecar_sha256"  # the whole sidecar: its run config decides the held-out split
 
 
 def sidecar_path(weights: Path) -> Path:
@@ -36,9 +38,14 @@ def save_model(path: Path, state: dict[str, torch.Tensor], recipe: ModelRecipe, 
     if bad:
         raise ValueError(f"refusing to write {path.name}: non-finite values in {bad[:3]}")
     described = json.dumps(recipe.to_dict(), sort_keys=True)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={_HEADER_KEY: described}))
-    sidecar = {"format": FORMAT_VERSION, "recipe": recipe.to_dict(), **extra}
-    atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=2, default=str))
+    sidecar = json.loads(json.dumps({"format": FORMAT_VERSION, "recipe": recipe.to_dict(), **extra}, default=str))
+    header = {_HEADER_KEY: described, _SIDECAR_KEY: _sidecar_digest(sidecar)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=2))
+
+
+def _sidecar_digest(sidecar: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(sidecar, sort_keys=True).encode()).hexdigest()
 
 
 def read_sidecar(path: str) -> dict[str, Any]:
@@ -69,7 +76,8 @@ def load_model(path: str) -> tuple[Classifier, dict[str, Any]]:
     recipe: ModelRecipe = meta["recipe"]
     try:
         with safe_open(str(Path(path).expanduser()), framework="pt") as f:
-            stored = (f.metadata() or {}).get(_HEADER_KEY)
+            header = f.metadata() or {}
+        stored = header.get(_HEADER_KEY)
         state = load_file(str(Path(path).expanduser()))
     except Exception as err:  # noqa: BLE001 - a corrupt file is the user's input problem
         raise UserError(f"checkpoint={path!r} could not be read as safetensors: {err}") from None
@@ -77,6 +85,20 @@ def load_model(path: str) -> tuple[Classifier, dict[str, Any]]:
         differs = _first_difference(json.loads(stored), recipe.to_dict()) if stored else "no recipe in the weights file"
         raise UserError(f"checkpoint={path!r}: the sidecar does not describe these weights ({differs}). "
                         "Was the .json edited or copied from another run? Restore the one written with the weights.")
+    recorded = {k: (v.to_dict() if k == "recipe" else v) for k, v in meta.items()}
+    if _SIDECAR_KEY not in header:
+        raise UserError(f"checkpoint={path!r} was written by an older transfer_cli that did not protect its sidecar, "
+                        "so which samples it was tested on cannot be verified. Train it again with this version.")
+    if header[_SIDECAR_KEY] != _sidecar_digest(recorded):
+        raise UserError(f"checkpoint={path!r}: its sidecar {sidecar_path(Path(path)).name} was changed after the weights "
+                        "were written (its SHA-256 differs from the one in the weights file). The sidecar's run config "
+                        "decides which samples were held out from training, so an edited one could score training "
+                        "data. Restore the sidecar written with the weights.")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise UserError(f"checkpoint={path!r} holds non-finite values (NaN or inf) in {len(broken)} tensor(s), e.g. "
+                        f"{', '.join(broken[:3])}: its predictions would be meaningless. Use a checkpoint of a run "
+                        "that did not diverge (`transfer train` never writes one like this).")
     model = Classifier.from_recipe(recipe)
     own = model.state_dict()
     missing = [k for k in own if k not in state]

@@ -1,0 +1,158 @@
+"""The one way a command that scores checkpoints (eval, export, analyze, fusion) opens them and their data.
+
+Every guard sits here, so no command can skip one: the weights are finite and the sidecar is the one written
+with them (models/checkpoint.py); the dataset's keys are in range; a split carved from a pool is carved as in
+training; the scored split holds exactly the samples the checkpoint recorded as held out (a changed folder
+or re-ordered table would otherwise re-split and score training samples); the classes match by name.
+Data the checkpoint never recorded (another dataset, another root) is scored as new data, and said so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from transfer_cli.config import DatasetConfig
+from transfer_cli.data.batches import Batches
+from transfer_cli.data.identity import split_identities
+from transfer_cli.data.splits import DataSplits
+from transfer_cli.errors import UserError
+from transfer_cli.models.backbone import Classifier
+from transfer_cli.models.checkpoint import load_model
+from transfer_cli.models.ensemble import check_same_classes
+from transfer_cli.models.recipe import ModelRecipe
+from transfer_cli.pipeline import build_data, make_loader, prepare_splits, trained_dataset_config
+from transfer_cli.validation import check_dataset
+
+HELD_OUT = "held_out"  # sidecar key: the digest of each split's samples in the training run
+
+
+@dataclass
+class Member:
+    """One opened checkpoint."""
+
+    path: str
+    model: Classifier
+    meta: dict[str, Any]
+
+    @property
+    def recipe(self) -> ModelRecipe:
+        return self.model.recipe
+
+    @property
+    def trained_on(self) -> dict[str, Any]:
+        """The training run's dataset config as its sidecar records it ({} when it records none)."""
+        config = self.meta.get("config")
+        dataset = config.get("dataset") if isinstance(config, dict) else None
+        return dataset if isinstance(dataset, dict) else {}
+
+
+@dataclass
+class Opened:
+    """Checkpoints and the data they are scored on, every guard passed."""
+
+    members: list[Member]
+    data: DatasetConfig
+    splits: DataSplits
+    order: list[int] | None  # model output index of each dataset class, when the dataset orders them otherwise
+    new_data: bool  # no member recorded these samples: scored as data the models never saw
+
+    def loader(self, member: Member, split: str, device: torch.device, batch_size: int | None,
+               log: Callable[[str], None]) -> Batches:
+        """Unaugmented batches of ``split`` as ``member`` reads them (its own preprocessing)."""
+        held = prepare_splits(self.splits, member.model.spec, self.data, log)
+        return make_loader(held.split(split), member.model.spec, self.data, False, device, batch_size=batch_size)
+
+
+def open_checkpoints(paths: list[str], scored: set[str], dataset: Any = None,
+                     changes: Mapping[str, Any] | None = None, log: Callable[[str], None] = print) -> Opened:
+    """Load the checkpoints at ``paths`` and the data to score their ``scored`` splits on: ``dataset`` (a
+    dataset= config) when given, else the first checkpoint's own, with ``changes`` (dataset.KEY=VALUE)."""
+    members = [Member(path, *load_model(path)) for path in paths]
+    check_same_classes(members)
+    data = trained_dataset_config(dataset, members[0].meta, paths[0], changes)
+    check_dataset(data)
+    own = [m for m in members if _same_source(data, m.trained_on)]
+    for member in own:
+        check_held_out(data, member, scored)
+    splits = build_data(data)
+    for split in sorted(scored):
+        if len(splits.split(split)) == 0:
+            raise UserError(f"split={split}: dataset={data.name} has no {split} samples here (dataset.val_fraction="
+                            f"{data.val_fraction}). Allowed: a split with samples (test, train), or dataset.val_fraction "
+                            "> 0 (e.g. 0.1) for a validation split.")
+    order = class_order(members[0].recipe.classes, splits.classes, data.name, paths[0])
+    if own:
+        held = split_identities(splits, labels=False)
+        for member in own:
+            _check_same_samples(member, held, scored, data)
+    else:
+        log(f"dataset={data.name} is not the data the checkpoint was trained and tested on: it is scored as new data.")
+    if order is not None:
+        log("the dataset lists the model's classes in another order: predictions are matched by name.")
+    return Opened(members, data, splits, order, new_data=not own)
+
+
+def _same_source(data: DatasetConfig, trained: dict[str, Any]) -> bool:
+    """Whether ``data`` reads the dataset the training run read (same registry entry, same files)."""
+    if trained.get("name") != data.name:
+        return False
+    roots = [str(Path(r).expanduser().resolve()) if r else "" for r in (trained.get("root"), data.root)]
+    return roots[0] == roots[1]
+
+
+def check_held_out(data: DatasetConfig, member: Member, scored: set[str]) -> None:
+    """Splits carved from one pool (a dataset without an official split) hold only samples the model never
+    trained on when carved as in its training run: another split_seed or fraction would mix training
+    samples in and inflate the score, so that is refused before any data is read."""
+    trained = member.trained_on
+    if scored <= {"train"}:
+        return
+    for key in ("split_seed", "test_fraction", *(("val_fraction",) if "val" in scored else ())):
+        if key in trained and trained[key] != getattr(data, key):
+            raise UserError(f"dataset.{key}={getattr(data, key)} differs from the {trained[key]} that checkpoint "
+                            f"{member.path} was trained with: the {'/'.join(sorted(scored - {'train'}))} split carved "
+                            "with it would hold samples the model trained on, and its score would be inflated. "
+                            f"Allowed: dataset.{key}={trained[key]} (as in training), or data the model never saw.")
+
+
+def _check_same_samples(member: Member, held: dict[str, str], scored: set[str], data: DatasetConfig) -> None:
+    recorded = member.meta.get(HELD_OUT)
+    if not isinstance(recorded, dict):
+        raise UserError(f"checkpoint={member.path!r} does not record which samples it held out from training, so "
+                        f"scoring it on dataset={data.name} could score training samples. Train it again with this "
+                        "version, or pass another dataset (dataset=NAME dataset.root=DIR) to score new data.")
+    for split in sorted(scored - {"train"}):
+        if recorded.get(split) != held[split]:
+            raise UserError(f"dataset={data.name} (dataset.root={data.root!r}) changed since checkpoint={member.path!r} "
+                            f"was trained: its {split} split now holds other samples than the ones held out then "
+                            "(files added, removed or edited, or rows re-ordered), so it would be re-split and could "
+                            "hold samples the model trained on. Restore the data, or score data the model never saw "
+                            "under another root (dataset.root=DIR).")
+
+
+def class_order(model_classes: list[str], data_classes: list[str], dataset: str, path: str) -> list[int] | None:
+    """None when the dataset labels classes exactly as the model does; the model-output index of each
+    dataset class when the names are the same set in another order; otherwise a UserError: scoring a model
+    on classes it was not trained for gives a number that means nothing."""
+    if model_classes == data_classes:
+        return None
+    if sorted(model_classes) == sorted(data_classes):
+        return [model_classes.index(name) for name in data_classes]
+    raise UserError(
+        f"dataset={dataset} has the classes {', '.join(data_classes[:10])}{' ...' if len(data_classes) > 10 else ''} "
+        f"but checkpoint={path!r} predicts {', '.join(model_classes[:10])}{' ...' if len(model_classes) > 10 else ''}. "
+        "Evaluate on data with the same class names (e.g. the dataset.classes the model was trained with)."
+    )
+
+
+def stored_dataset(stored: dict[str, Any]) -> DatasetConfig:
+    """A dataset config recorded in a sidecar, checked like a training config's."""
+    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DatasetConfig), stored))
+    check_dataset(data)
+    return data
