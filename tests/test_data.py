@@ -71,7 +71,11 @@ def test_imagefolder_skips_and_counts_files_that_are_not_images(tmp_path):
     (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG garbage")
     splits = build_data(DatasetConfig(name="imagefolder", root=str(tmp_path), cache_dir=str(tmp_path / "cache")))
     assert splits.classes == ["cat", "dog"] and splits.skipped == 2
-    assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 4, 4)
+    # no test/ folder: 20 % of train/ is carved as the test split (never the val/ images that choose the epoch)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (9, 4, 3)
+    assert not {p for p, _ in (splits.test.dataset.samples[i] for i in splits.test.indices)} & {
+        p for p, _ in splits.val.samples}
+    assert any("no test/ folder" in note for note in splits.notes)
     spec = resolve_input(DatasetConfig(image_size=24), splits, 3, 8, None, None)
     transform = sample_transform(spec, "none")
     image, label = splits.val[0]

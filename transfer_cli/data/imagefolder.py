@@ -131,9 +131,25 @@ def imagefolder(cfg: DatasetConfig) -> DataSplits:
     if bad:
         shown = "; ".join(f"{path} ({problem})" for path, problem in bad[:3])
         notes.append(f"skipped {len(bad)} file(s) that do not decode as images, e.g. {shown}")
+    # Without a test/ folder a test split is carved from train/, so the test score never comes from the
+    # images that chose the best epoch (val/); fractions are of train/ as found, as for digits.
+    test, carved = parts.get("test"), 0.0
+    if test is None or len(test) == 0:
+        train, test = _carve(train, cfg.test_fraction, cfg.split_seed, "test_fraction", root)
+        carved = cfg.test_fraction
+        notes.append(f"{root} has no test/ folder: a stratified {cfg.test_fraction:.0%} of train/ "
+                     f"(dataset.test_fraction, dataset.split_seed={cfg.split_seed}) is held out as the test split.")
     val = parts.get("val")
     if val is None or len(val) == 0:
-        train, val = stratified_split(train, cfg.val_fraction, cfg.split_seed)
-    # Without a test/ folder the held-out val/ folder is the only unseen data: report on it.
-    test = parts.get("test") or val
+        train, val = _carve(train, cfg.val_fraction / (1 - carved), cfg.split_seed, "val_fraction", root)
     return DataSplits(train, val, test, classes, channels=3, size=None, skipped=len(bad), notes=notes)
+
+
+def _carve(dataset: Dataset, fraction: float, seed: int, key: str, root: Path) -> tuple[Dataset, Dataset]:
+    """A stratified ``fraction`` of ``dataset`` held out; a clear error when it cannot hold every class."""
+    try:
+        return stratified_split(dataset, fraction, seed)
+    except ValueError as err:
+        raise UserError(f"dataset.{key}={fraction:.4g} of the {len(dataset)} images under {root}/train cannot hold every "
+                        f"class ({err}). Add images, a {'test' if key == 'test_fraction' else 'val'}/ folder, or "
+                        f"change dataset.{key}.") from None
