@@ -51,6 +51,7 @@ class DatasetConfig:
     text_column: str = "text"
     label_column: str = "label"
     group_by_length: bool = True  # text: training batches of similar lengths (less padding; order still random)
+    drop_duplicates: bool = False  # remove val/test samples that equal a train sample (always counted in the notes)
 
 
 @dataclass
@@ -117,6 +118,7 @@ class TrainerConfig:
     save_every_s: float = 60.0  # checkpoint cadence: after the first epoch, then at most this often, and at the end
     plots: bool = True
     resume: str = "none"  # none | auto (the newest unfinished run with this config) | PATH of a run folder
+    overwrite: bool = False  # true: a fresh run may replace what a finished or started run left in its folder
     ema_decay: float | None = None  # evaluate and checkpoint an EMA of the weights (e.g. 0.999); null: off
     swa_start: int | None = None  # SWA: average the weights of every epoch from this one (1-based); null: off
     # Which epoch's weights are best.safetensors (and tested): val_acc1 (source validation accuracy) |

@@ -14,6 +14,7 @@ from transfer_cli.config import BackboneConfig, DatasetConfig, HeadConfig
 from transfer_cli.data.augment import BatchAugment
 from transfer_cli.data.batches import Batches, Rows, resolve_workers
 from transfer_cli.data.decoded import DecodedImages, hold_in_memory
+from transfer_cli.data.duplicates import flag_duplicates
 from transfer_cli.data.splits import DATASETS, DataSplits, Transformed, tensor_view
 from transfer_cli.data.tasks import make_task
 from transfer_cli.data.tokens import PAD, TextSpec, tokenize_splits, train_texts
@@ -29,7 +30,7 @@ from transfer_cli.optim import OPTIMIZERS, SCHEDULERS, optimizer_entry
 
 
 def build_data(cfg: DatasetConfig) -> DataSplits:
-    return make_task(DATASETS.get(cfg.name)(cfg), cfg)
+    return flag_duplicates(make_task(DATASETS.get(cfg.name)(cfg), cfg), cfg.drop_duplicates)
 
 
 def _check_kind(splits: DataSplits, data_cfg: DatasetConfig, backbone: str) -> None:

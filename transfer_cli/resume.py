@@ -13,7 +13,7 @@ from transfer_cli.engine.train_state import STATE_FILE
 from transfer_cli.errors import UserError
 from transfer_cli.files import discard_if_only_hydra
 
-IGNORED = ("trainer.resume",)  # may differ between the first start and the resume
+IGNORED = ("trainer.resume", "trainer.overwrite")  # may differ between the first start and the resume
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -83,3 +83,16 @@ def choose(resume: str, fresh_dir: Path, current: dict[str, Any]) -> Path | None
     if found is not None and found.resolve() != fresh_dir.resolve():
         discard_if_only_hydra(fresh_dir)  # Hydra made a folder for this start; the run continues elsewhere
     return found
+
+
+def check_fresh(folder: Path, overwrite: bool) -> None:
+    """A fresh run in ``folder`` (``hydra.run.dir`` given again) must not silently replace the checkpoints
+    and tables a finished or interrupted run left there."""
+    state = status(folder)
+    if state == "fresh" and not (folder / "checkpoints" / "best.safetensors").is_file() or overwrite:
+        return
+    what = {"finished": "a finished run", "resumable": "an unfinished run", "stopped": "a stopped run",
+            "fresh": "checkpoints"}[state]
+    raise UserError(f"{folder} already holds {what}: a new run there would overwrite its checkpoints and tables. "
+                    "Use another folder (leave hydra.run.dir unset), resume it (trainer.resume="
+                    f"{folder}), or replace it on purpose with trainer.overwrite=true.")

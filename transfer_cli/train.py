@@ -82,6 +82,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
             run_dir, payload = found, train_state.load(found / "checkpoints")
         elif not sweep_job and cfg.trainer.resume == "auto":
             console.print("trainer.resume=auto: no unfinished run with this config; starting a new one.")
+        if not sweep_job and payload is None:
+            resume.check_fresh(run_dir, cfg.trainer.overwrite)
         if payload is None and finished is None:  # a fresh start: what an earlier attempt here left is stale
             for stale in (run_dir / "summary.json", run_dir / "error.json",
                           run_dir / "checkpoints" / train_state.STATE_FILE):

@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from transfer_cli.config import DatasetConfig
+from transfer_cli.data.images import open_rgb
 from transfer_cli.data.splits import DATASETS, DataSplits, stratified_split
 from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write_text
@@ -18,9 +19,10 @@ from transfer_cli.files import atomic_write_text
 _DRAFT = (64, 64)  # JPEGs are checked at a reduced DCT scale: every byte is still read, far fewer pixels made
 
 
-def check_image(path: Path) -> str | None:
+def check_image(path: Path, refuse_bombs: bool = True) -> str | None:
     """None when ``path`` decodes completely as an image; otherwise why not. A header check alone passes
-    truncated JPEGs, which would then kill training mid-epoch; a decompression bomb is refused by name."""
+    truncated JPEGs, which would then kill training mid-epoch; a decompression bomb in a dataset is refused
+    by name (``refuse_bombs``), else it is one more file that cannot be used."""
     try:
         with Image.open(path) as img:
             if img.format == "JPEG":
@@ -28,18 +30,23 @@ def check_image(path: Path) -> str | None:
             img.load()
         return None
     except Image.DecompressionBombError as err:
+        if not refuse_bombs:
+            return f"refused as a decompression bomb ({err})"
         raise UserError(f"{path} is refused as a decompression bomb ({err}). Remove it from the dataset folder, "
                         "or shrink it, if it is a real image.") from None
     except Exception as err:  # noqa: BLE001 - any file PIL cannot fully decode is not a usable image
         return f"{type(err).__name__}: {err}"
 
 
-def _fact(path: Path) -> list[int]:
-    stat = path.stat()
+def _fact(path: Path) -> list[int] | None:
+    try:
+        stat = path.stat()
+    except OSError:  # a broken link or a vanished file: check_image says why
+        return None
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def check_images(paths: list[Path], record: Path | None) -> list[str | None]:
+def check_images(paths: list[Path], record: Path | None, refuse_bombs: bool = True) -> list[str | None]:
     """``check_image`` of every path, in threads. ``record`` (a JSON file) remembers the size and mtime of
     the files that decoded: those are not decoded again while both stay the same."""
     try:
@@ -48,10 +55,11 @@ def check_images(paths: list[Path], record: Path | None) -> list[str | None]:
         known = {}
     known = known if isinstance(known, dict) else {}
     facts = [_fact(path) for path in paths]
-    todo = [i for i, (path, fact) in enumerate(zip(paths, facts, strict=True)) if known.get(str(path)) != fact]
+    todo = [i for i, (path, fact) in enumerate(zip(paths, facts, strict=True)) if fact is None or known.get(str(path)) != fact]
     problems: list[str | None] = [None] * len(paths)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for i, problem in zip(todo, pool.map(check_image, [paths[i] for i in todo]), strict=True):
+        checked = pool.map(lambda path: check_image(path, refuse_bombs), [paths[i] for i in todo])
+        for i, problem in zip(todo, checked, strict=True):
             problems[i] = problem
     if record is not None and todo:
         good = {str(path): fact for path, fact, problem in zip(paths, facts, problems, strict=True) if problem is None}
@@ -90,8 +98,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            return img.convert("RGB"), label
+        return open_rgb(path), label
 
 
 def _class_folders(folder: Path) -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from torch.utils.data import Dataset
 from transfer_cli.data.augment import centre_anchor
 from transfer_cli.data.decoded import decode
 from transfer_cli.data.imagefolder import check_images
+from transfer_cli.data.images import open_rgb
 from transfer_cli.data.transforms import InputSpec
 from transfer_cli.errors import UserError
 
@@ -22,30 +25,61 @@ LISTS = (".txt", ".csv", ".tsv")  # files that list image paths instead of being
 
 
 def find_inputs(value: str) -> list[Path]:
-    """The files ``input=`` names: one file, every file below a folder, a glob (``**`` recursive), or a
-    .txt (one path per line) / .csv / .tsv (a ``path`` column, else the first) list, relative paths taken
-    from the list's folder. Non-image files stay in the list: prediction reports why each one failed."""
+    """The files ``input=`` names: one file, every file below a folder (symlinked folders followed once), a
+    glob (``**`` recursive), or a .txt (one path per line) / .csv / .tsv (a ``path`` column, else the first)
+    list, relative paths taken from the list's folder. Non-image files and broken links stay in the list:
+    prediction reports why each one failed. A file reached twice (through links) is listed once."""
     path = Path(value).expanduser()
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        found = _walk(path)
     elif path.is_file() and path.suffix.lower() in LISTS:
         found = _listed(path)
     elif path.is_file():
         found = [path]
     else:
-        found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file() or Path(p).is_symlink())
+    found = _unique(found)
     if not found:
         raise UserError(f"input={value!r} matches no file. Give an image file, a folder (searched recursively), "
                         "a glob such as 'photos/**/*.jpg' (quoted), or a .txt/.csv file listing image paths.")
     return found
 
 
+def _walk(folder: Path) -> list[Path]:
+    """Every non-hidden file below ``folder``; each real folder is entered once, so a link loop ends."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(top) / f for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
+def _unique(paths: list[Path]) -> list[Path]:
+    """``paths`` without a second path to a file already listed (broken links are kept, each once)."""
+    kept, seen = [], set()
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            kept.append(path)
+    return kept
+
+
 def _listed(path: Path) -> list[Path]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"input={str(path)!r} is a list of image paths that is not UTF-8 text ({err}): save it "
+                        "as UTF-8, one path per line (or a path column).") from None
     if path.suffix.lower() == ".txt":
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        names = [line.strip() for line in text.splitlines() if line.strip()]
     else:
-        with path.open(newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
         if not rows:
             return []
         column = rows[0].index("path") if "path" in rows[0] else 0
@@ -62,8 +96,7 @@ class _Files(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        with Image.open(self.paths[index]) as img:
-            return img.convert("RGB"), 0
+        return open_rgb(self.paths[index]), 0
 
 
 def model_input(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
@@ -85,7 +118,7 @@ def decoded_chunks(paths: list[Path], spec: InputSpec, chunk: int = 512) -> Iter
     side = spec.resize or spec.size
     for start in range(0, len(paths), chunk):
         part = paths[start:start + chunk]
-        problems = check_images(part, None)
+        problems = check_images(part, None, refuse_bombs=False)  # one bad file is one row, not the end
         good = [start + i for i, problem in enumerate(problems) if problem is None]
         failed = {start + i: problem for i, problem in enumerate(problems) if problem is not None}
         if not good:

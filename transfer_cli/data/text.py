@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -191,11 +192,16 @@ def _read_rows(path: Path, bad: BadRows) -> tuple[list[dict], list[str], int]:
 
 
 def _sorted_labels(values: set[str]) -> list[str]:
-    """Class names in numeric order when every label is a number (1 < 2 < 10), else alphabetical."""
+    """Class names in numeric order when every label is a finite number (1 < 2 < 10), else alphabetical.
+    Labels are strings: "1" and "1.0" are two classes, ordered by their text where their values tie, so the
+    order never depends on a set's (hash-seeded) iteration order."""
     try:
-        return sorted(values, key=float)
+        numbers = {v: float(v) for v in values}
     except ValueError:
         return sorted(values)
+    if not all(math.isfinite(n) for n in numbers.values()):
+        return sorted(values)
+    return sorted(values, key=lambda v: (numbers[v], v))
 
 
 @DATASETS.register("csv_text")

@@ -191,10 +191,30 @@ def train_texts(splits: DataSplits) -> list[str]:
     return [text for text, _ in (pool[i] for i in range(len(pool)))]
 
 
+TOKENIZER_FILE_LIMIT = 16 * 2**20  # larger files in a model folder are weights, which do not change token ids
+
+
+def tokenizer_files_digest(spec: TextSpec) -> str:
+    """A digest of what the tokenizer is read from: the contents of every small file in a local model folder
+    (vocab.txt, tokenizer.json, configs), so an edited vocabulary or an upgraded packaged model gives new
+    token ids instead of stale cached ones. A hub name is its own identity (a network run resolves it)."""
+    if spec.tokenizer != "hf":
+        return ""  # TF-IDF: the fitted vocabulary is in the spec itself
+    where, local = model_folder(spec.source)
+    if not local:
+        return f"hub:{where}"
+    digest = hashlib.sha256()
+    root = Path(where)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if path.stat().st_size <= TOKENIZER_FILE_LIMIT:
+            digest.update(f"{path.relative_to(root)}\0".encode() + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def token_ids(dataset: TextSamples, spec: TextSpec, cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
     """The ids of every text of ``dataset`` and whether they came from the cache."""
     tokenizing = {k: v for k, v in spec.to_dict().items() if k != "pool_layers"}  # pooling leaves the ids as they are
-    described = json.dumps(tokenizing, sort_keys=True)
+    described = json.dumps({**tokenizing, "files": tokenizer_files_digest(spec)}, sort_keys=True)
     key = hashlib.sha256(f"{FORMAT}:{base_digest(dataset)}:{described}".encode()).hexdigest()[:24]
     path = cache_dir / f"tokens-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
