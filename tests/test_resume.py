@@ -109,6 +109,10 @@ def test_sweep_resume_reruns_only_missing_failed_and_unfinished_jobs(transfer, t
     assert "resuming" in out and f"{folder / '1'}" in out
     table = pd.read_csv(folder / "sweep.csv")
     assert table["status"].tolist() == ["ok"] * 4
+    # the same overrides in another order name the same sweep
+    code, out, err = transfer("sweep", "trainer.plots=false", "trainer.progress=none", "trainer.save_every_s=0",
+                              "trainer.epochs=2", "seed=0,1,2,3", f"sweep.resume={folder}")
+    assert code == 0 and f"resuming sweep {folder}" in " ".join(err.split()), err
     code, _, err = transfer("sweep", "seed=0,1", "trainer.epochs=2", f"sweep.resume={folder}")
     assert code == 2 and "resume it with the same ones" in err
 

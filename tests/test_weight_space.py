@@ -212,6 +212,18 @@ def test_soups_over_a_folder_recompute_differing_batchnorm_and_greedy_never_lose
     assert soup["model"].tolist()[-1] == "uniform soup of 2" and len(soup) == 3
 
 
+def test_a_soup_of_a_folder_leaves_out_runs_that_did_not_finish(transfer, three_runs, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(three_runs / "runs", tmp_path / "runs", ignore=shutil.ignore_patterns("probe"))
+    shutil.copytree(folder / "ft1", folder / "killed")
+    (folder / "killed" / "summary.json").unlink()  # a job killed mid-run: its best.safetensors is no result
+    code, out, err = transfer("eval", f"checkpoint={folder}", "fusion=soup", "hydra.run.dir=s")
+    assert code == 0, err
+    assert "1 run(s) below it did not finish and are left out" in " ".join(out.split())
+    assert pd.read_csv(tmp_path / "s" / "eval.csv")["model"].tolist()[-1] == "uniform soup of 2"
+
+
 def test_weighted_average_of_identical_states_is_the_state():
     _, _, model = digits_model()
     state = model.state_dict()

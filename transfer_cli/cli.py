@@ -247,7 +247,7 @@ def _sweep_resume(args: list[str]) -> list[str]:
     if value == "auto":
         output_dir = next((a.split("=", 1)[1] for a in rest if a.startswith("output_dir=")), "outputs")
         candidates = sorted(Path(output_dir, "sweeps").glob("*/multirun.yaml"), reverse=True)
-        found = next((c.parent for c in candidates if sweep_overrides(c.parent) == wanted), None)
+        found = next((c.parent for c in candidates if sorted(sweep_overrides(c.parent)) == sorted(wanted)), None)
         if found is None:
             raise UserError(f"sweep.resume=auto: no sweep under {output_dir}/sweeps was started with these "
                             f"overrides ({' '.join(wanted)}). Give its folder: sweep.resume=PATH.")
@@ -255,7 +255,7 @@ def _sweep_resume(args: list[str]) -> list[str]:
         found = Path(value).expanduser()
         if not (found / "multirun.yaml").is_file():
             raise UserError(f"sweep.resume={value!r} is not a sweep folder (it has no multirun.yaml).")
-        if sweep_overrides(found) != wanted:
+        if sorted(sweep_overrides(found)) != sorted(wanted):  # the same sweep, whatever the order of its overrides
             raise UserError(f"sweep.resume={value!r} was started with the overrides {' '.join(sweep_overrides(found))}, "
                             f"not {' '.join(wanted)}: resume it with the same ones.")
     err_console.print(f"resuming sweep {found}", highlight=False)

@@ -50,16 +50,17 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     console = console or Console()
     if cfg.split not in SPLITS:
         raise bad_value("split", cfg.split, SPLITS)
-    paths = checkpoint_paths(cfg.checkpoint)
+
+    def log(message: str) -> None:
+        console.print(message, highlight=False, soft_wrap=True)
+
+    paths = checkpoint_paths(cfg.checkpoint, log)
     fusion = cfg.fusion.name
     if fusion != "none":
         WEIGHT_FUSIONS.get(fusion)
         alphas = check_fusion(cfg, len(paths))
     else:
         weights = check_ensemble(cfg.ensemble, len(paths))
-
-    def log(message: str) -> None:
-        console.print(message, highlight=False, soft_wrap=True)
 
     scored = {cfg.split} | ({"val"} if fusion != "none" else set())  # fusion rules choose on val
     opened = open_checkpoints(paths, scored, cfg.dataset, cfg.dataset_changes, log)

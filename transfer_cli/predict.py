@@ -22,10 +22,11 @@ from transfer_cli.models.exported import Predictor, load_predictor
 from transfer_cli.reporting.tables import rich_table, write_table
 
 
-def _members(cfg: DictConfig) -> list[Predictor]:
+def _members(cfg: DictConfig, console: Console) -> list[Predictor]:
     device = resolve_device(cfg.device)
     precision = Precision(str(cfg.precision), device)
-    members = [load_predictor(p, device, precision) for p in checkpoint_paths(cfg.checkpoint)]
+    paths = checkpoint_paths(cfg.checkpoint, lambda message: console.print(message, highlight=False, soft_wrap=True))
+    members = [load_predictor(p, device, precision) for p in paths]
     check_same_classes(members)
     return members
 
@@ -72,7 +73,7 @@ def run_predict(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
         raise UserError(f"top_k={cfg.top_k} is not allowed: give an integer >= 1 (how many classes to list per image).")
     if cfg.batch_size < 1:
         raise UserError(f"batch_size={cfg.batch_size} is not allowed: give an integer >= 1.")
-    members = _members(cfg)
+    members = _members(cfg, console)
     weights = check_ensemble(cfg.ensemble, len(members))
     text = [m.recipe.text is not None for m in members]
     if any(text) and not all(text):

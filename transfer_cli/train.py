@@ -98,6 +98,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         discard_if_only_hydra(own_dir)
     if resuming and payload is None:
         payload = train_state.load(run_dir / "checkpoints")
+    if payload is not None:  # the run's wall time includes the time before it was stopped
+        started -= float(payload.get("wall_time_s", 0.0))
     deterministic_algorithms(cfg.trainer.deterministic)
     configure_threads(cfg.trainer.threads)
     precision = Precision(str(cfg.trainer.precision), device)
@@ -193,6 +195,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     def save_train_state(state: State) -> None:
         payload = train_state.capture(state, loaders["train"], precision.scaler, data, averaging)
         payload["rng_per_process"] = dist.gather(payload["rng"])  # each process's dropout / augmentation draws
+        payload["wall_time_s"] = time.perf_counter() - started
         if dist.main:
             train_state.save(checkpoints, payload)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,9 +135,10 @@ def _first_difference(stored: dict[str, Any], sidecar: dict[str, Any], prefix: s
     return None
 
 
-def checkpoint_paths(value: Any) -> list[str]:
-    """``checkpoint=``: a file, a list, or a folder (a sweep's or a run's): every
-    ``checkpoints/best.safetensors`` under it, in path order."""
+def checkpoint_paths(value: Any, log: Callable[[str], None] | None = None) -> list[str]:
+    """``checkpoint=``: a file, a list, or a folder (a sweep's or a run's): the
+    ``checkpoints/best.safetensors`` of every finished run under it, in path order (an unfinished or failed
+    job's checkpoint is not its result, so a soup or ensemble of a sweep leaves it out, said via ``log``)."""
     paths = [str(value)] if isinstance(value, str) else [str(p) for p in value]
     found = []
     for path in paths:
@@ -144,9 +146,20 @@ def checkpoint_paths(value: Any) -> list[str]:
         if not folder.is_dir():
             found.append(path)
             continue
-        best = sorted(str(p) for p in folder.rglob("checkpoints/best.safetensors"))
-        if not best:
-            raise UserError(f"checkpoint={path!r} is a folder without any checkpoints/best.safetensors below it. "
-                            "Pass a .safetensors file, a list of them, or a run or sweep folder.")
-        found += best
+        best = sorted(folder.rglob("checkpoints/best.safetensors"))
+        finished = [p for p in best if _finished(p.parent.parent)]
+        if not finished:
+            raise UserError(f"checkpoint={path!r} is a folder without the checkpoints/best.safetensors of a finished "
+                            "run below it. Pass a .safetensors file, a list of them, or a run or sweep folder.")
+        if len(finished) < len(best) and log is not None:
+            log(f"checkpoint={path}: {len(best) - len(finished)} run(s) below it did not finish and are left out: "
+                + ", ".join(str(p.parent.parent) for p in best if p not in finished))
+        found += [str(p) for p in finished]
     return found
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "ok"
+    except (OSError, ValueError, AttributeError):
+        return False
