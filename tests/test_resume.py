@@ -50,7 +50,7 @@ def final_state(run: Path) -> tuple[dict, pd.DataFrame]:
     return weights, metrics
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", ["finetune"])  # the other methods stop and resume in-process, below
 def test_killed_run_resumes_bit_identically(tmp_path, method):
     args = [*COMMON, *METHODS[method], f"name={method}"]
     reference = start([*args, "hydra.run.dir=reference"], tmp_path)
@@ -73,6 +73,53 @@ def test_killed_run_resumes_bit_identically(tmp_path, method):
     pd.testing.assert_frame_equal(metrics, ref_metrics)
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["epochs"] == 4
+
+
+class _Stopped(Exception):
+    """Raised right after the state of epoch 2 is saved: what a kill at that moment leaves on disk."""
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()  # trainer.threads=1 sets the process's count
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"finetune"}))
+def test_a_run_stopped_after_an_epoch_resumes_bit_identically(tmp_path, monkeypatch, keep_threads, method):
+    """Every method's resumable state (its own extra state, averages, target iterators, phase switches) is
+    complete: a run stopped after its second epoch and resumed from disk ends bit-identical to one never
+    stopped. In-process; the SIGKILL itself is tested above, through the real binary."""
+    from conftest import train_in_process
+
+    from transfer_cli.engine import train_state
+
+    small = ["dataset.shots=12", *(["target.dataset.shots=12"] if any(a.startswith("target=") for a in METHODS[method])
+                                   else [])]  # 120 images per domain: 8 steps an epoch
+    args = [*COMMON, *METHODS[method], *small, f"name={method}", f"output_dir={tmp_path}"]
+    train_in_process(tmp_path / "reference", *args)
+    save = train_state.save
+
+    def save_then_stop(folder, payload):
+        save(folder, payload)
+        if payload["next_epoch"] == 2:
+            raise _Stopped
+
+    monkeypatch.setattr(train_state, "save", save_then_stop)
+    with pytest.raises(_Stopped):
+        train_in_process(tmp_path / "killed", *args)
+    monkeypatch.setattr(train_state, "save", save)
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    summary = train_in_process(tmp_path / "resumed", *args, f"trainer.resume={tmp_path / 'killed'}")
+    assert summary["run_dir"] == str(tmp_path / "killed") and summary["epochs"] == 4
+
+    ref_weights, ref_metrics = final_state(tmp_path / "reference")
+    weights, metrics = final_state(tmp_path / "killed")
+    assert ref_weights.keys() == weights.keys()
+    assert all(torch.equal(ref_weights[k], weights[k]) for k in weights)
+    assert not metrics.duplicated(["epoch", "split"]).any()
+    pd.testing.assert_frame_equal(metrics, ref_metrics)
 
 
 def test_resume_auto_finds_the_unfinished_run_and_refuses_another_config(transfer, tmp_path):
