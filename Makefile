@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/transfer sweep experiment=digits_transfer sweep=methods trainer.progress=none
 
+# Two pytest workers (each test file stays on one, so its module fixtures are built once); every log ends
+# with the 25 slowest tests.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
+
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check transfer_cli tests bench

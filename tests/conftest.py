@@ -16,6 +16,12 @@ from transfer_cli.cli import conf_dir
 from transfer_cli.config import register_schemas
 
 REPO = Path(__file__).resolve().parent.parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the two cores: one thread each (and their children)
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 SHARED = REPO.parent / "shared"
 
 
