@@ -47,6 +47,16 @@ def train_in_process(run_dir: Path, *overrides: str) -> dict:
         GlobalHydra.instance().clear()
 
 
+@pytest.fixture(autouse=True)
+def _same_threads_for_every_test():
+    """trainer.threads=N sets the process's torch threads: give the next test the count it started with."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def compose_cfg():
     """Compose a config the way `transfer train` does, for in-process tests."""

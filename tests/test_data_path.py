@@ -33,7 +33,8 @@ SPEC = InputSpec(channels=3, size=40, mean=[0.5] * 3, std=[0.5] * 3, resize=46)
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    return make_photo_folder(tmp_path_factory.mktemp("photos"), {"train": 12, "val": 4}, sides=(41, 90))
+    # a test/ folder too: without one a test split is carved from train/, and train is no longer whole
+    return make_photo_folder(tmp_path_factory.mktemp("photos"), {"train": 12, "val": 4, "test": 2}, sides=(41, 90))
 
 
 def _held(root: Path, cache: Path, messages: list[str] | None = None, spec: InputSpec = SPEC, **cfg):
@@ -170,7 +171,7 @@ def test_files_that_decoded_are_not_checked_again_until_they_change(photos, tmp_
     monkeypatch.setattr(imagefolder, "check_image", lambda path: checked.append(path) or real_check(path))
     cfg = DatasetConfig(name="imagefolder", root=str(root), cache_dir=str(tmp_path / "cache"))
     first = build_data(cfg)
-    assert len(checked) == len(first.train) + len(first.val)
+    assert len(checked) == len(first.train) + len(first.val) + len(first.test)
     checked.clear()
     assert len(build_data(cfg).train) == len(first.train) and checked == []
     broken = sorted((root / "val" / "china").iterdir())[0]

@@ -19,10 +19,9 @@ from transfer_cli.files import atomic_write_text
 _DRAFT = (64, 64)  # JPEGs are checked at a reduced DCT scale: every byte is still read, far fewer pixels made
 
 
-def check_image(path: Path, refuse_bombs: bool = True) -> str | None:
+def check_image(path: Path) -> str | None:
     """None when ``path`` decodes completely as an image; otherwise why not. A header check alone passes
-    truncated JPEGs, which would then kill training mid-epoch; a decompression bomb in a dataset is refused
-    by name (``refuse_bombs``), else it is one more file that cannot be used."""
+    truncated JPEGs, which would then kill training mid-epoch; a decompression bomb is refused by name."""
     try:
         with Image.open(path) as img:
             if img.format == "JPEG":
@@ -30,8 +29,6 @@ def check_image(path: Path, refuse_bombs: bool = True) -> str | None:
             img.load()
         return None
     except Image.DecompressionBombError as err:
-        if not refuse_bombs:
-            return f"refused as a decompression bomb ({err})"
         raise UserError(f"{path} is refused as a decompression bomb ({err}). Remove it from the dataset folder, "
                         "or shrink it, if it is a real image.") from None
     except Exception as err:  # noqa: BLE001 - any file PIL cannot fully decode is not a usable image
@@ -46,6 +43,16 @@ def _fact(path: Path) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+def _problem(path: Path, refuse_bombs: bool) -> str | None:
+    """``check_image``; with ``refuse_bombs`` false a decompression bomb is one more unusable file (predict)."""
+    try:
+        return check_image(path)
+    except UserError as err:
+        if refuse_bombs:
+            raise
+        return str(err)
+
+
 def check_images(paths: list[Path], record: Path | None, refuse_bombs: bool = True) -> list[str | None]:
     """``check_image`` of every path, in threads. ``record`` (a JSON file) remembers the size and mtime of
     the files that decoded: those are not decoded again while both stay the same."""
@@ -58,7 +65,7 @@ def check_images(paths: list[Path], record: Path | None, refuse_bombs: bool = Tr
     todo = [i for i, (path, fact) in enumerate(zip(paths, facts, strict=True)) if fact is None or known.get(str(path)) != fact]
     problems: list[str | None] = [None] * len(paths)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        checked = pool.map(lambda path: check_image(path, refuse_bombs), [paths[i] for i in todo])
+        checked = pool.map(lambda path: _problem(path, refuse_bombs), [paths[i] for i in todo])
         for i, problem in zip(todo, checked, strict=True):
             problems[i] = problem
     if record is not None and todo:

@@ -149,7 +149,7 @@ def checkpoint_paths(value: Any, log: Callable[[str], None] | None = None) -> li
         best = sorted(folder.rglob("checkpoints/best.safetensors"))
         finished = [p for p in best if _finished(p.parent.parent)]
         if not finished:
-            raise UserError(f"checkpoint={path!r} is a folder without the checkpoints/best.safetensors of a finished "
+            raise UserError(f"checkpoint={path!r} is a folder without any checkpoints/best.safetensors of a finished "
                             "run below it. Pass a .safetensors file, a list of them, or a run or sweep folder.")
         if len(finished) < len(best) and log is not None:
             log(f"checkpoint={path}: {len(best) - len(finished)} run(s) below it did not finish and are left out: "
