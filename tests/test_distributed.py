@@ -100,10 +100,12 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
 ], ids=["gradual_unfreeze", "lora", "dann"])
 def test_methods_with_changing_or_extra_parameters_train_as_one_process(tmp_path, method):
     # LeNet-5 has no BatchNorm, whose batch statistics are per process under DDP (as in PyTorch's own DDP).
-    common = ["dataset=digits", "backbone=lenet", "optimizer=sgd", "optimizer.lr=0.02", "trainer.epochs=2", *method]
+    common = ["dataset=digits", "dataset.shots=30", "backbone=lenet", "optimizer=sgd", "optimizer.lr=0.02",
+              "trainer.epochs=2", *method]
 
     def batch(size: int) -> list[str]:
-        return [f"dataset.batch_size={size}", *([f"target.dataset.batch_size={size}"] if "method=dann" in method else [])]
+        target = [f"target.dataset.batch_size={size}", "target.dataset.shots=30"] if "method=dann" in method else []
+        return [f"dataset.batch_size={size}", *target]
 
     code, log = train([*common, *batch(32), "hydra.run.dir=one"], tmp_path)
     assert code == 0, log

@@ -80,6 +80,7 @@ def compose_once():
     GlobalHydra.instance().clear()
 
 
+@pytest.mark.slow  # 300 generated overrides
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(override=malformed)
 def test_malformed_overrides_are_refused_before_any_work(compose_once, override):

@@ -50,6 +50,7 @@ def final_state(run: Path) -> tuple[dict, pd.DataFrame]:
     return weights, metrics
 
 
+@pytest.mark.slow  # three interpreters, one killed with SIGKILL
 @pytest.mark.parametrize("method", ["finetune"])  # the other methods stop and resume in-process, below
 def test_killed_run_resumes_bit_identically(tmp_path, method):
     args = [*COMMON, *METHODS[method], f"name={method}"]

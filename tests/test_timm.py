@@ -41,6 +41,7 @@ def test_unknown_models_and_weights_are_refused_by_name(name, weights, message):
         build_backbone(name, weights, 3)
 
 
+@pytest.mark.slow  # resnet18 at 32 px
 def test_a_timm_run_trains_and_its_checkpoint_evaluates_the_same(transfer, tmp_path):
     import json
 
