@@ -26,6 +26,7 @@ from transfer_cli.config import register_schemas
 from transfer_cli.config_errors import composition_message
 from transfer_cli.errors import EXIT_DIVERGED, EXIT_USER_ERROR, UserError
 from transfer_cli.files import atomic_write_text, discard_if_only_hydra
+from transfer_cli.run_files import RunFiles
 
 USAGE = """usage: transfer COMMAND [OVERRIDES] [--cfg job] [--help]
 
@@ -91,7 +92,7 @@ def _record_failure(err: BaseException) -> str:
     message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
     if _run_dir().is_dir():  # absent when the config was refused before anything ran
         record = {"status": "failed", "error": message, "traceback": traceback.format_exc()}
-        atomic_write_text(_run_dir() / "error.json", json.dumps(record, indent=2))
+        atomic_write_text(RunFiles(_run_dir()).error, json.dumps(record, indent=2))
     return message
 
 
@@ -180,11 +181,11 @@ def _launch_processes(cfg: DictConfig) -> dict[str, Any]:
     try:
         run(args)
     except ChildFailedError as err:
-        summary = run_dir / "summary.json"
-        if summary.is_file() and json.loads(summary.read_text()).get("status") == "diverged":
+        summary = RunFiles(run_dir).read_summary()
+        if summary is not None and summary.get("status") == "diverged":
             from transfer_cli.engine.loop import Diverged
 
-            at = json.loads(summary.read_text())["diverged_at"]
+            at = summary["diverged_at"]
             raise Diverged(at["epoch"] - 1, at["batch"] - 1, at["step"], at["last_finite_loss"]) from None
         rank, first = err.get_first_failure()
         others = sorted(r for r in err.failures if r != rank)
@@ -193,7 +194,7 @@ def _launch_processes(cfg: DictConfig) -> dict[str, Any]:
                         f"{first.exitcode} first (what it printed is above){stopped}.") from None
     finally:
         os.environ["HYDRA_FULL_ERROR"] = hydra_setting or "1"
-    return json.loads((run_dir / "summary.json").read_text())
+    return RunFiles(run_dir).read_summary()
 
 
 def _scoring(module: str, function: str) -> Callable[[DictConfig], Any]:

@@ -21,10 +21,11 @@ from transfer_cli.reporting.sweep import (
     write_sweep_report,
 )
 from transfer_cli.reporting.tables import markdown_table, rich_record, rich_table, write_table
+from transfer_cli.run_files import RunFiles
 
 
 def is_run_dir(folder: Path) -> bool:
-    return (folder / "metrics.csv").is_file()
+    return RunFiles(folder).metrics.is_file()
 
 
 def read_metrics(path: Path) -> pd.DataFrame:
@@ -43,10 +44,10 @@ def read_metrics(path: Path) -> pd.DataFrame:
 def rebuild_run(folder: Path, console: Console) -> None:
     """Rebuild what is derived from a run's metrics.csv and summary.json (metrics.md, curves.png,
     summary.md); the CSV and JSON themselves are the record and are never rewritten."""
-    metrics = read_metrics(folder / "metrics.csv")
+    metrics = read_metrics(RunFiles(folder).metrics)
     atomic_write_text(folder / "metrics.md", markdown_table(metrics) + "\n")
     plot_curves(metrics, folder / "curves.png")
-    summary_file = folder / "summary.json"
+    summary_file = RunFiles(folder).summary
     if summary_file.is_file():  # an interrupted run has metrics but no summary yet
         summary = read_json(summary_file)
         table = summary_frame(summary)

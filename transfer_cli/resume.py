@@ -3,15 +3,14 @@ folder for sweep jobs. A run resumes only with the config it was started with.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from transfer_cli.engine.train_state import STATE_FILE
 from transfer_cli.errors import UserError
 from transfer_cli.files import discard_if_only_hydra
+from transfer_cli.run_files import STATE_FILE, RunFiles
 
 IGNORED = ("trainer.resume", "trainer.overwrite")  # may differ between the first start and the resume
 
@@ -33,17 +32,11 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 def status(folder: Path) -> str:
     """fresh (nothing to resume), resumable, finished (summary ok) or stopped (diverged or failed)."""
-    summary = folder / "summary.json"
-    if summary.is_file():
-        try:
-            return "finished" if json.loads(summary.read_text()).get("status", "ok") == "ok" else "stopped"
-        except json.JSONDecodeError:
-            return "stopped"
-    return "resumable" if (folder / "checkpoints" / STATE_FILE).is_file() else "fresh"
+    return RunFiles(folder).status().value
 
 
 def saved_config(folder: Path) -> dict[str, Any] | None:
-    path = folder / "config.yaml"
+    path = RunFiles(folder).config
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
@@ -89,7 +82,7 @@ def check_fresh(folder: Path, overwrite: bool) -> None:
     """A fresh run in ``folder`` (``hydra.run.dir`` given again) must not silently replace the checkpoints
     and tables a finished or interrupted run left there."""
     state = status(folder)
-    if state == "fresh" and not (folder / "checkpoints" / "best.safetensors").is_file() or overwrite:
+    if state == "fresh" and not RunFiles(folder).best.is_file() or overwrite:
         return
     what = {"finished": "a finished run", "resumable": "an unfinished run", "stopped": "a stopped run",
             "fresh": "checkpoints"}[state]

@@ -49,6 +49,7 @@ from transfer_cli.reporting.plots import plot_curves
 from transfer_cli.reporting.progress import ProgressHook
 from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary
 from transfer_cli.reporting.tables import MetricsWriter, metrics_frame, rich_record, write_table
+from transfer_cli.run_files import RunFiles
 from transfer_cli.scoring import HELD_OUT
 from transfer_cli.source import source_model
 
@@ -75,7 +76,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
             resume.check_same_config(run_dir, resolved)
             if job_state == "finished" and _same_data(run_dir, cfg):
                 console.print(f"{run_dir} already finished with this config: kept as it is.")
-                finished = json.loads((run_dir / "summary.json").read_text())
+                finished = RunFiles(run_dir).read_summary()
             elif job_state == "resumable":
                 payload = train_state.load(run_dir / "checkpoints")
         elif not sweep_job and (found := resume.choose(str(cfg.trainer.resume), run_dir, resolved)) is not None:
@@ -85,8 +86,8 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         if not sweep_job and payload is None:
             resume.check_fresh(run_dir, cfg.trainer.overwrite)
         if payload is None and finished is None:  # a fresh start: what an earlier attempt here left is stale
-            for stale in (run_dir / "summary.json", run_dir / "error.json",
-                          run_dir / "checkpoints" / train_state.STATE_FILE):
+            files = RunFiles(run_dir)
+            for stale in (files.summary, files.error, files.train_state):
                 stale.unlink(missing_ok=True)
         removed = remove_orphan_tmp(run_dir)
         if removed:
@@ -104,7 +105,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     configure_threads(cfg.trainer.threads)
     precision = Precision(str(cfg.trainer.precision), device)
     if dist.main:
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+        atomic_write_text(RunFiles(run_dir).config, OmegaConf.to_yaml(resolved))
 
     with dist.main_first():  # caches (a source model, checked image files) are built once, by process 0
         source = source_model(cfg, device, precision, console) if _uses_source(cfg, console) else None
@@ -218,7 +219,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         # label-free validators (trainer.select).
         *([EvalHook(make_target("test", False), device, precision, "target_test", weights),
            TargetValidators(make_target("train", False), device, precision, weights)] if target else []),
-        *([MetricsWriter(run_dir / "metrics.csv")] if dist.main else []),
+        *([MetricsWriter(RunFiles(run_dir).metrics)] if dist.main else []),
         *method.hooks(),  # before the checkpointer: the saved state includes what they change (unfrozen stages)
         checkpointer,
         *([ProgressHook(console, cfg.trainer.progress, cfg.trainer.log_every)] if dist.main else []),
@@ -239,7 +240,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     metrics = metrics_frame(state.history)
     picks = validator_picks(state.history, method.selectable_from + 1) if target else []
     if dist.main:
-        write_table(metrics, run_dir / "metrics.csv", markdown=True)
+        write_table(metrics, RunFiles(run_dir).metrics, markdown=True)
         if picks:  # what each label-free validator would have kept, next to the oracle
             write_table(pd.DataFrame(picks), run_dir / "validators.csv", markdown=True)
         if cfg.trainer.plots:
@@ -330,7 +331,7 @@ def _metrics(row: dict[str, Any]) -> dict[str, Any]:
 
 def _same_data(run_dir: Path, cfg: DictConfig) -> bool:
     """Whether a finished run's summary was computed from the data ``cfg`` reads now."""
-    recorded = json.loads((run_dir / "summary.json").read_text()).get("data_identity")
+    recorded = (RunFiles(run_dir).read_summary() or {}).get("data_identity")
     return recorded == data_identity(build_data(cfg.dataset))
 
 
@@ -342,5 +343,5 @@ def _write_diverged(run_dir: Path, cfg: DictConfig, state: State, err: Diverged,
                "batch": err.batch + 1, "step": err.step, "last_finite_loss": err.last_finite},
                "best": state.best or None, "wall_time_s": seconds, "versions": versions()}
     if state.history:
-        write_table(metrics_frame(state.history), run_dir / "metrics.csv", markdown=True)
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        write_table(metrics_frame(state.history), RunFiles(run_dir).metrics, markdown=True)
+    atomic_write_text(RunFiles(run_dir).summary, json.dumps(summary, indent=2, default=str) + "\n")

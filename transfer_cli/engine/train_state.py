@@ -20,8 +20,8 @@ import torch
 
 from transfer_cli.engine.loop import State
 from transfer_cli.files import atomic_write
+from transfer_cli.run_files import STATE_FILE
 
-STATE_FILE = "train_state.pt"
 VERSION = 1
 
 

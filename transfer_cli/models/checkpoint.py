@@ -22,6 +22,7 @@ from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write, atomic_write_text
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.models.recipe import FORMAT_VERSION, ModelRecipe
+from transfer_cli.run_files import RunFiles, RunStatus
 
 _HEADER_KEY = "transfer_cli.recipe"
 _SIDECAR_KEY = "transfer_cli.sidecar_sha256"  # the whole sidecar: its run config decides the held-out split
@@ -159,7 +160,4 @@ def checkpoint_paths(value: Any, log: Callable[[str], None] | None = None) -> li
 
 
 def _finished(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status") == "ok"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return RunFiles(run_dir).status() is RunStatus.FINISHED
