@@ -120,11 +120,12 @@ def test_help(tmp_path):
     (["eval", "checkpoint=missing.safetensors"], "checkpoint='missing.safetensors': no such file"),
     (["evaluate"], "unknown command 'evaluate'"),
 ])
-def test_bad_input_exits_2_with_one_clear_message(tmp_path, args, message):
-    result = run_cli(*args, "trainer.epochs=1" if args[0] == "train" else "split=test", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert message in " ".join(result.stderr.split())
-    assert "Traceback" not in result.stderr
+def test_bad_input_exits_2_with_one_clear_message(transfer, args, message):
+    # in-process through main(); test_help and test_full_error_shows_the_traceback run the real binary
+    code, _, err = transfer(*args, "trainer.epochs=1" if args[0] == "train" else "split=test")
+    assert code == 2, err
+    assert message in " ".join(err.split())
+    assert "Traceback" not in err
 
 
 def test_full_error_shows_the_traceback(tmp_path):

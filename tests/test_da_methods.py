@@ -269,10 +269,10 @@ def _mnist(*overrides: str) -> list[str]:
     (["backbone.in_channels=2"], "backbone.in_channels"),
     (_mnist("method=shot", "method.source_epochs=5", "trainer.epochs=5", "dataset.shots=5"), "leaves no epoch"),
 ])
-def test_bad_da_settings_exit_2_naming_the_key(overrides, message, tmp_path):
-    result = run_cli("train", *overrides, f"output_dir={tmp_path}", "trainer.progress=none", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert message in " ".join(result.stderr.split())
+def test_bad_da_settings_exit_2_naming_the_key(overrides, message, tmp_path, transfer):
+    code, _, err = transfer("train", *overrides, f"output_dir={tmp_path}", "trainer.progress=none")
+    assert code == 2, err
+    assert message in " ".join(err.split())
 
 
 def test_sweep_summary_flags_negative_transfer_against_source_only():

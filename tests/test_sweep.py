@@ -82,6 +82,7 @@ def test_report_on_a_folder_that_is_neither_run_nor_sweep_exits_2(tmp_path):
     assert result.returncode == 2 and "neither a run folder" in result.stderr
 
 
+@pytest.mark.slow  # a launcher / sweeper plugin in its own processes
 def test_joblib_launcher_runs_jobs_in_parallel_with_their_share_of_threads(tmp_path):
     result = run_cli("sweep", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", "trainer.epochs=1",
                      "trainer.progress=none", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
@@ -90,6 +91,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_with_their_share_of_threads(tmp_p
     assert "threads: 1" in (tmp_path / "s" / "0" / "config.yaml").read_text()
 
 
+@pytest.mark.slow  # a launcher / sweeper plugin in its own processes
 def test_optuna_search_preset_runs_trials_and_maximises_val_accuracy(tmp_path):
     result = run_cli("sweep", "sweep=search", "hydra.sweeper.n_trials=2", "trainer.epochs=1", "trainer.progress=none",
                      f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
@@ -99,6 +101,7 @@ def test_optuna_search_preset_runs_trials_and_maximises_val_accuracy(tmp_path):
     assert "Best value" in result.stdout + result.stderr
 
 
+@pytest.mark.slow  # a launcher / sweeper plugin in its own processes
 def test_submitit_local_executor_runs_a_job(tmp_path):
     result = run_cli("sweep", "hydra/launcher=submitit_local", "seed=0", "trainer.epochs=1", "trainer.progress=none",
                      f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)

@@ -127,6 +127,7 @@ def test_scoring_commands_validate_their_own_keys(transfer, folder_run, command,
     assert f"{key}='{value}' is not allowed" in err or f"there is no option '{key}'" in err
 
 
+@pytest.mark.slow  # three interpreters with different PYTHONHASHSEED
 def test_text_labels_are_ordered_as_strings_whatever_the_hash_seed(tmp_path):
     """'1' and '1.0' compare equal as numbers; their order (and so every class id and the stratified split)
     used to follow the set's hash order, which changes with PYTHONHASHSEED between processes."""
