@@ -50,6 +50,16 @@ def final_state(run: Path) -> tuple[dict, pd.DataFrame]:
     return weights, metrics
 
 
+def assert_same_end(reference: Path, resumed: Path) -> None:
+    """Bit-identical final weights, and the same metrics rows (wall-clock columns aside), none twice."""
+    ref_weights, ref_metrics = final_state(reference)
+    weights, metrics = final_state(resumed)
+    assert ref_weights.keys() == weights.keys()
+    assert all(torch.equal(ref_weights[k], weights[k]) for k in weights)
+    assert not metrics.duplicated(["epoch", "split"]).any()
+    pd.testing.assert_frame_equal(metrics, ref_metrics)
+
+
 @pytest.mark.slow  # three interpreters, one killed with SIGKILL
 @pytest.mark.parametrize("method", ["finetune"])  # the other methods stop and resume in-process, below
 def test_killed_run_resumes_bit_identically(tmp_path, method):
@@ -66,12 +76,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, method):
     assert "resuming killed at epoch" in log
     assert not (tmp_path / "resumed").exists()  # the run went on in its own folder
 
-    ref_weights, ref_metrics = final_state(tmp_path / "reference")
-    weights, metrics = final_state(tmp_path / "killed")
-    assert ref_weights.keys() == weights.keys()
-    assert all(torch.equal(ref_weights[k], weights[k]) for k in weights)
-    assert not metrics.duplicated(["epoch", "split"]).any()
-    pd.testing.assert_frame_equal(metrics, ref_metrics)
+    assert_same_end(tmp_path / "reference", tmp_path / "killed")
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["epochs"] == 4
 
@@ -115,12 +120,7 @@ def test_a_run_stopped_after_an_epoch_resumes_bit_identically(tmp_path, monkeypa
     summary = train_in_process(tmp_path / "resumed", *args, f"trainer.resume={tmp_path / 'killed'}")
     assert summary["run_dir"] == str(tmp_path / "killed") and summary["epochs"] == 4
 
-    ref_weights, ref_metrics = final_state(tmp_path / "reference")
-    weights, metrics = final_state(tmp_path / "killed")
-    assert ref_weights.keys() == weights.keys()
-    assert all(torch.equal(ref_weights[k], weights[k]) for k in weights)
-    assert not metrics.duplicated(["epoch", "split"]).any()
-    pd.testing.assert_frame_equal(metrics, ref_metrics)
+    assert_same_end(tmp_path / "reference", tmp_path / "killed")
 
 
 def test_resume_auto_finds_the_unfinished_run_and_refuses_another_config(transfer, tmp_path):
