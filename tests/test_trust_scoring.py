@@ -88,6 +88,9 @@ def test_a_re_ordered_text_table_is_refused(transfer, tmp_path):
     assert transfer("train", "dataset=csv_text", f"dataset.root={table}", "backbone=tfidf", "method=linear_probe",
                     "method.l2=0.01", "trainer.epochs=1", *QUICK)[0] == 0
     (run,) = run_folders(tmp_path)
+    # metamorphic: random labels score chance (24 test rows, two classes)
+    assert transfer("eval", f"checkpoint={run / 'checkpoints' / 'best.safetensors'}", "hydra.run.dir=chance")[0] == 0
+    assert 20 <= pd.read_csv(tmp_path / "chance" / "eval.csv").iloc[0]["acc1"] <= 80
     pd.DataFrame(rows[::-1]).to_csv(table, index=False)
     code, _, err = transfer("eval", f"checkpoint={run / 'checkpoints' / 'best.safetensors'}")
     assert code == 2 and "rows re-ordered" in " ".join(err.split())
