@@ -269,3 +269,16 @@ def test_token_ids_follow_the_tokenizer_files_not_their_folder(tmp_path):
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     second, hit = token_ids(texts, spec, tmp_path / "cache")
     assert not hit and not torch.equal(first, second)
+
+
+def test_an_image_copied_from_train_into_val_is_counted(tmp_path):
+    data = digit_folder(tmp_path / "d", per_class=8, classes=(1, 2))
+    cfg = DatasetConfig(name="imagefolder", root=str(data), cache_dir=str(tmp_path / "cache"))
+    before = build_data(cfg)
+    assert not any("duplicates:" in note for note in before.notes)
+    source = before.train.dataset.samples[before.train.indices[0]][0]  # carving depends on train/ alone
+    shutil.copy(source, data / "val" / source.parent.name / "copy.png")  # same bytes as a train image
+    splits = build_data(cfg)
+    assert any(f"1 of {len(splits.val)} val" in note for note in splits.notes)
+    dropped = build_data(DatasetConfig(**{**cfg.__dict__, "drop_duplicates": True}))
+    assert len(dropped.val) == len(splits.val) - 1

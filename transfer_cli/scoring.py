@@ -9,8 +9,9 @@ Data the checkpoint never recorded (another dataset, another root) is scored as 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +62,16 @@ class Opened:
     splits: DataSplits
     order: list[int] | None  # model output index of each dataset class, when the dataset orders them otherwise
     new_data: bool  # no member recorded these samples: scored as data the models never saw
+    prepared: dict[str, DataSplits] = field(default_factory=dict, repr=False)  # per preprocessing, made once
 
     def loader(self, member: Member, split: str, device: torch.device, batch_size: int | None,
                log: Callable[[str], None]) -> Batches:
         """Unaugmented batches of ``split`` as ``member`` reads them (its own preprocessing)."""
-        held = prepare_splits(self.splits, member.model.spec, self.data, log)
-        return make_loader(held.split(split), member.model.spec, self.data, False, device, batch_size=batch_size)
+        spec = member.model.spec
+        key = json.dumps(spec.to_dict(), sort_keys=True, default=str)
+        if key not in self.prepared:
+            self.prepared[key] = prepare_splits(self.splits, spec, self.data, log)
+        return make_loader(self.prepared[key].split(split), spec, self.data, False, device, batch_size=batch_size)
 
 
 def open_checkpoints(paths: list[str], scored: set[str], dataset: Any = None,

@@ -26,17 +26,12 @@ def _rows(dataset: Dataset) -> tuple[Dataset, np.ndarray]:
     return dataset, (np.arange(len(dataset)) if rows is None else rows)
 
 
-class _Contents:
-    """A digest of the content of each base sample, computed once per sample."""
-
-    def __init__(self) -> None:
-        self.known: dict[tuple[int, int], bytes] = {}
-
-    def of(self, base: Dataset, row: int) -> bytes | None:
-        key = (id(base), row)
-        if key not in self.known:
-            self.known[key] = _content(base, row)
-        return self.known[key]
+def _quick(base: Dataset, row: int) -> bytes | int | None:
+    """A cheap key that equal samples share: a file's size (files are read only when sizes collide, so an
+    image folder is not read twice over), else the content digest itself."""
+    if hasattr(base, "samples") and not hasattr(base, "texts"):
+        return Path(base.samples[row][0]).stat().st_size
+    return _content(base, row)
 
 
 def _content(base: Dataset, row: int) -> bytes | None:
@@ -51,13 +46,17 @@ def _content(base: Dataset, row: int) -> bytes | None:
 
 def shared_with_train(splits: DataSplits) -> dict[str, list[int]]:
     """For val and test: the positions of their samples whose content equals a train sample's."""
-    contents = _Contents()
-    base, rows = _rows(splits.train)
-    train = {contents.of(base, int(r)) for r in rows} - {None}
+    sides = {name: _rows(splits.split(name)) for name in ("train", "val", "test")}
+    quick = {name: [_quick(base, int(r)) for r in rows] for name, (base, rows) in sides.items()}
+    held = set(quick["val"]) | set(quick["test"])
+    train_quick = set(quick["train"]) - {None}
+    base, rows = sides["train"]
+    train = {_content(base, int(r)) for r, q in zip(rows, quick["train"], strict=True) if q in held} - {None}
     shared = {}
     for name in ("val", "test"):
-        base, rows = _rows(splits.split(name))
-        shared[name] = [i for i, r in enumerate(rows) if (c := contents.of(base, int(r))) is not None and c in train]
+        base, rows = sides[name]
+        shared[name] = [i for i, (r, q) in enumerate(zip(rows, quick[name], strict=True))
+                        if q in train_quick and _content(base, int(r)) in train]
     return shared
 
 
