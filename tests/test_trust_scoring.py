@@ -145,7 +145,7 @@ def test_text_labels_are_ordered_as_strings_whatever_the_hash_seed(tmp_path):
     assert len(seen) == 1 and "['1', '1.0', '2', 'nan']" in seen.pop()
 
 
-def _digit_png(tmp_path):
+def _digit_png():
     from sklearn.datasets import load_digits
 
     image = (load_digits().images[0] * 255 / 16).astype(np.uint8)
@@ -153,7 +153,7 @@ def _digit_png(tmp_path):
 
 
 def test_16_bit_exif_rotated_and_alpha_images_decode_as_their_8_bit_originals(tmp_path):
-    grey = _digit_png(tmp_path)
+    grey = _digit_png()
     plain = tmp_path / "plain.png"
     Image.fromarray(grey).save(plain)
     expected = np.asarray(open_rgb(plain))

@@ -14,6 +14,7 @@ from transfer_cli.engine.device import Precision, resolve_device
 from transfer_cli.errors import UserError, bad_value
 from transfer_cli.pipeline import build_data, prepare_splits, sample_loader
 from transfer_cli.reporting.alignment import analyze_alignment
+from transfer_cli.reporting.progress import plain_log
 from transfer_cli.reporting.tables import rich_table
 from transfer_cli.scoring import open_checkpoints, stored_dataset
 from transfer_cli.validation import check_dataset
@@ -26,8 +27,7 @@ def run_analyze(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
     if cfg.samples < 10:
         raise bad_value("samples", cfg.samples, "an integer >= 10 (images per domain)")
 
-    def log(message: str) -> None:
-        console.print(message, highlight=False, soft_wrap=True)
+    log = plain_log(console)
 
     opened = open_checkpoints([str(cfg.checkpoint)], {cfg.split}, cfg.dataset, cfg.dataset_changes, log)
     member = opened.members[0]

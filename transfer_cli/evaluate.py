@@ -24,6 +24,7 @@ from transfer_cli.models.checkpoint import checkpoint_paths, save_model
 from transfer_cli.models.ensemble import ENSEMBLES, check_ensemble
 from transfer_cli.models.fusion import WEIGHT_FUSIONS
 from transfer_cli.reporting.plots import plot_confusion, plot_wise
+from transfer_cli.reporting.progress import plain_log
 from transfer_cli.reporting.tables import rich_table, write_table
 from transfer_cli.scoring import HELD_OUT, Member, Opened, open_checkpoints
 
@@ -51,8 +52,7 @@ def run_eval(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     if cfg.split not in SPLITS:
         raise bad_value("split", cfg.split, SPLITS)
 
-    def log(message: str) -> None:
-        console.print(message, highlight=False, soft_wrap=True)
+    log = plain_log(console)
 
     paths = checkpoint_paths(cfg.checkpoint, log)
     fusion = cfg.fusion.name

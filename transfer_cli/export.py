@@ -30,6 +30,7 @@ from transfer_cli.models.exported import (
     torch_predictor,
     torchscript_predictor,
 )
+from transfer_cli.reporting.progress import plain_log
 from transfer_cli.reporting.tables import rich_table, write_table
 from transfer_cli.scoring import Opened, open_checkpoints
 
@@ -86,7 +87,7 @@ def run_export(cfg: DictConfig, out_dir: Path, console: Console | None = None) -
     console = console or Console()
     _check(cfg)
     opened = open_checkpoints([str(cfg.checkpoint)], {"test"}, cfg.dataset, cfg.dataset_changes,
-                              lambda message: console.print(message, highlight=False, soft_wrap=True))
+                              plain_log(console))
     model, dataset = opened.members[0].model, opened.data.name
     recipe = model.recipe
     if recipe.text is not None:

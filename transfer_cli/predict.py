@@ -19,13 +19,14 @@ from transfer_cli.errors import UserError
 from transfer_cli.models.checkpoint import checkpoint_paths
 from transfer_cli.models.ensemble import ENSEMBLES, check_ensemble, check_same_classes
 from transfer_cli.models.exported import Predictor, load_predictor
+from transfer_cli.reporting.progress import plain_log
 from transfer_cli.reporting.tables import rich_table, write_table
 
 
 def _members(cfg: DictConfig, console: Console) -> list[Predictor]:
     device = resolve_device(cfg.device)
     precision = Precision(str(cfg.precision), device)
-    paths = checkpoint_paths(cfg.checkpoint, lambda message: console.print(message, highlight=False, soft_wrap=True))
+    paths = checkpoint_paths(cfg.checkpoint, plain_log(console))
     members = [load_predictor(p, device, precision) for p in paths]
     check_same_classes(members)
     return members

@@ -46,7 +46,7 @@ from transfer_cli.pipeline import (
 )
 from transfer_cli.reporting.alignment import analyze_alignment
 from transfer_cli.reporting.plots import plot_curves
-from transfer_cli.reporting.progress import ProgressHook
+from transfer_cli.reporting.progress import ProgressHook, plain_log
 from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary
 from transfer_cli.reporting.tables import MetricsWriter, metrics_frame, rich_record, write_table
 from transfer_cli.run_files import RunFiles
@@ -123,8 +123,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     for note in [*splits.notes, *model.notes]:
         console.print(note, highlight=False, soft_wrap=True)
 
-    def log(message: str) -> None:
-        console.print(message, highlight=False, soft_wrap=True)
+    log = plain_log(console)
 
     with dist.main_first():  # decoded images and token ids are cached by process 0, then read by the others
         splits = prepare_splits(splits, model.spec, cfg.dataset, log)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -65,3 +66,12 @@ class ProgressHook(Hook):
     def after_fit(self, state: State) -> None:
         if self.progress:
             self.progress.stop()
+
+
+def plain_log(console: Console) -> Callable[[str], None]:
+    """A one-line logger on ``console`` that prints messages as written (paths, [a, b] lists: no markup colours)."""
+
+    def log(message: str) -> None:
+        console.print(message, highlight=False, soft_wrap=True)
+
+    return log
