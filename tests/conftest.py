@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,18 +37,61 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-def train_in_process(run_dir: Path, *overrides: str) -> dict:
-    """`transfer train overrides` into ``run_dir`` without a subprocess (for module-scoped fixtures)."""
-    from transfer_cli.train import run_train
+# The preset every test training starts from (conf/trainer/debug.yaml: 2 epochs, no per-step output, no
+# plots, a checkpoint every epoch, deterministic kernels); a test adds only the overrides it is about.
+DEBUG = "trainer=debug"
 
-    register_schemas()
-    GlobalHydra.instance().clear()
+
+@dataclass
+class Result:
+    """What a command run through the entry point ended with, as a subprocess would report it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def invoke(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Result:
+    """`transfer ARGS` run in this process by the real entry point (no interpreter start-up), from ``cwd``:
+    the one way tests run a command, at any fixture scope. ``run_cli`` starts the real binary instead, for
+    tests where the process boundary is the point (exit codes of the installed command, kill -9, torchrun)."""
+    from transfer_cli.cli import main
+
+    saved_argv, saved_cwd = sys.argv[:], os.getcwd()
+    saved_env = {k: os.environ.get(k) for k in ["COLUMNS", *(env or {})]}
+    os.environ.update({"COLUMNS": "200", **(env or {})})
+    out, err = io.StringIO(), io.StringIO()
+    os.chdir(cwd)
     try:
-        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=list(overrides))
-        return run_train(cfg, run_dir, Console(file=io.StringIO()))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            except Exception:  # HYDRA_FULL_ERROR=1 lets the error through, as the binary would print it
+                traceback.print_exc()
+                code = 1
     finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         GlobalHydra.instance().clear()
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def train_in_process(run_dir: Path, *overrides: str) -> dict:
+    """`transfer train trainer=debug OVERRIDES` into ``run_dir`` (or the run that ``trainer.resume=PATH``
+    continues); returns its summary and fails the test when the run fails."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = invoke("train", DEBUG, *overrides, f"hydra.run.dir={run_dir}", cwd=run_dir)
+    assert result.returncode == 0, result.stderr
+    resumed = [o.split("=", 1)[1] for o in overrides if o.startswith("trainer.resume=/")]
+    return json.loads((Path(resumed[-1]) if resumed else run_dir).joinpath("summary.json").read_text())
 
 
 @pytest.fixture(autouse=True)
@@ -109,24 +156,13 @@ def classifier(backbone, num_classes: int, spec):
 
 
 @pytest.fixture
-def transfer(monkeypatch, capsys, tmp_path):
-    """The real CLI entry point, run in this process (no interpreter start-up) inside ``tmp_path``:
+def transfer(tmp_path):
+    """The real CLI entry point, run in this process inside ``tmp_path``:
     ``transfer("train", ...)`` -> (exit code, stdout, stderr)."""
-    from transfer_cli.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "200")
 
     def _run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["transfer", *args])
-        capsys.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-        out, err = capsys.readouterr()
-        return code, out, err
+        result = invoke(*args, cwd=tmp_path)
+        return result.returncode, result.stdout, result.stderr
 
     return _run
 

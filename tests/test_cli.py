@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_cli, shared_path
+from conftest import invoke, run_cli, shared_path
 
 METRIC_COLUMNS = ["epoch", "split", "loss", "acc1", "acc5", "lr", "seconds", "samples_per_s"]
 
@@ -13,7 +13,7 @@ METRIC_COLUMNS = ["epoch", "split", "loss", "acc1", "acc5", "lr", "seconds", "sa
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
-    result = run_cli("train", "trainer.epochs=3", f"hydra.run.dir={root / 'run'}", cwd=root)
+    result = invoke("train", "trainer.epochs=3", f"hydra.run.dir={root / 'run'}", cwd=root)
     assert result.returncode == 0, result.stderr
     assert "epoch 3/3" in result.stdout and "test_acc1" in result.stdout
     return root / "run"
@@ -52,7 +52,7 @@ def test_train_writes_every_output(trained):
 
 def test_eval_rebuilds_the_model_and_reproduces_the_test_accuracy(trained, tmp_path):
     out = tmp_path / "eval"
-    result = run_cli("eval", f"checkpoint={trained / 'checkpoints' / 'best.safetensors'}",
+    result = invoke("eval", f"checkpoint={trained / 'checkpoints' / 'best.safetensors'}",
                      f"hydra.run.dir={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "per class" in result.stdout
@@ -69,7 +69,7 @@ def test_eval_rebuilds_the_model_and_reproduces_the_test_accuracy(trained, tmp_p
 
 
 def test_eval_on_another_split(trained, tmp_path):
-    result = run_cli("eval", f"checkpoint={trained / 'checkpoints' / 'last.safetensors'}", "split=val",
+    result = invoke("eval", f"checkpoint={trained / 'checkpoints' / 'last.safetensors'}", "split=val",
                      f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert pd.read_csv(tmp_path / "eval.csv").iloc[0]["n"] == 180
@@ -82,14 +82,14 @@ def test_checkpoint_that_does_not_fit_its_architecture_exits_2_and_is_left_intac
     sidecar["recipe"]["backbone"] = "lenet"
     (tmp_path / "best.json").write_text(json.dumps(sidecar))
     before = weights.read_bytes()
-    result = run_cli("eval", f"checkpoint={weights}", cwd=tmp_path)
+    result = invoke("eval", f"checkpoint={weights}", cwd=tmp_path)
     assert result.returncode == 2
     assert "the sidecar does not describe these weights (backbone is 'lenet' in the sidecar but 'small_cnn'" in result.stderr
     assert "Traceback" not in result.stderr and weights.read_bytes() == before
 
 
 def test_cfg_job_prints_the_config_and_runs_nothing(tmp_path):
-    result = run_cli("train", "--cfg", "job", "trainer.epochs=7", "backbone=resnet18", cwd=tmp_path)
+    result = invoke("train", "--cfg", "job", "trainer.epochs=7", "backbone=resnet18", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "epochs: 7" in result.stdout and "name: resnet18" in result.stdout
     assert not (tmp_path / "outputs").exists()
@@ -134,7 +134,7 @@ def test_full_error_shows_the_traceback(tmp_path):
 
 
 def test_sweep_runs_every_job(tmp_path):
-    result = run_cli("sweep", "seed=0,1", "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    result = invoke("sweep", "seed=0,1", "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
     assert len(summaries) == 2
@@ -143,7 +143,7 @@ def test_sweep_runs_every_job(tmp_path):
 
 def test_usps_from_shared_files_trains_end_to_end(tmp_path):
     root = shared_path("datasets", "usps")
-    result = run_cli("train", "dataset=usps", f"dataset.root={root}", "trainer.epochs=1",
+    result = invoke("train", "dataset=usps", f"dataset.root={root}", "trainer.epochs=1",
                      f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli, shared_path
+from conftest import invoke, shared_path
 
 from transfer_cli.data.augment import affine_batch, strong_colour_batch
 from transfer_cli.data.color_digits import blend_digits, make_color_digits
@@ -118,7 +118,7 @@ def test_pseudo_label_loss_counts_only_confident_weak_predictions_over_the_whole
 
 
 def test_fixmatch_da_refuses_a_text_model(tmp_path):
-    result = run_cli("train", "dataset=sms_spam", f"dataset.root={shared_path('datasets', 'sms_spam')}", "backbone=tfidf",
+    result = invoke("train", "dataset=sms_spam", f"dataset.root={shared_path('datasets', 'sms_spam')}", "backbone=tfidf",
                      "method=fixmatch_da", "target=usps", "target.dataset.name=rt_polarity",
                      f"target.dataset.root={shared_path('datasets', 'rt_polarity')}", f"output_dir={tmp_path}",
                      f"hydra.run.dir={tmp_path / 'run'}", "trainer.progress=none", cwd=tmp_path)
@@ -229,7 +229,7 @@ def color_digits(tmp_path_factory):
 @pytest.mark.slow  # the real-data DA run through the binary
 def test_rgb_model_from_a_grayscale_source_adapts_to_colour_digits_and_analyzes(color_digits, tmp_path):
     run = tmp_path / "run"
-    result = run_cli("train", "experiment=mnist_usps", "method=cdan_e", f"output_dir={tmp_path}",
+    result = invoke("train", "experiment=mnist_usps", "method=cdan_e", f"output_dir={tmp_path}",
                      f"hydra.run.dir={run}", "dataset.root=" + str(shared_path("datasets", "mnist")),
                      "dataset.shots=20", "target=usps", "target.dataset.name=imagefolder",
                      f"target.dataset.root={color_digits}", "target.dataset.augment=none", "target.dataset.shots=null",
@@ -248,7 +248,7 @@ def test_rgb_model_from_a_grayscale_source_adapts_to_colour_digits_and_analyzes(
     assert -2.0 <= alignment["proxy_a_distance"][0] <= 2.0 and (run / "features.png").stat().st_size > 10_000
 
     analysis = tmp_path / "analysis"
-    result = run_cli("analyze", f"checkpoint={run}/checkpoints/best.safetensors", "samples=300",
+    result = invoke("analyze", f"checkpoint={run}/checkpoints/best.safetensors", "samples=300",
                      f"hydra.run.dir={analysis}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(analysis / "alignment.csv")

@@ -97,7 +97,7 @@ def test_a_run_stopped_after_an_epoch_resumes_bit_identically(tmp_path, monkeypa
     """Every method's resumable state (its own extra state, averages, target iterators, phase switches) is
     complete: a run stopped after its second epoch and resumed from disk ends bit-identical to one never
     stopped. In-process; the SIGKILL itself is tested above, through the real binary."""
-    from conftest import train_in_process
+    from conftest import DEBUG, invoke, train_in_process
 
     from transfer_cli.engine import train_state
 
@@ -113,8 +113,8 @@ def test_a_run_stopped_after_an_epoch_resumes_bit_identically(tmp_path, monkeypa
             raise _Stopped
 
     monkeypatch.setattr(train_state, "save", save_then_stop)
-    with pytest.raises(_Stopped):
-        train_in_process(tmp_path / "killed", *args)
+    stopped = invoke("train", DEBUG, *args, f"hydra.run.dir={tmp_path / 'killed'}", cwd=tmp_path)
+    assert stopped.returncode == 1 and "_Stopped" in stopped.stderr
     monkeypatch.setattr(train_state, "save", save)
     assert not (tmp_path / "killed" / "summary.json").exists()
     summary = train_in_process(tmp_path / "resumed", *args, f"trainer.resume={tmp_path / 'killed'}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import invoke, run_cli
 
 from transfer_cli.reporting.sweep import group_over_seed
 
@@ -15,7 +15,7 @@ from transfer_cli.reporting.sweep import group_over_seed
 def failing_sweep(tmp_path_factory) -> tuple[Path, object]:
     """4 jobs on digits, 1 epoch each; the two with method.freeze=5 fail (small_cnn has 3 stages)."""
     root = tmp_path_factory.mktemp("sweep")
-    result = run_cli("sweep", "method.freeze=0,5", "seed=0,1", "trainer.epochs=1", "trainer.progress=none",
+    result = invoke("sweep", "method.freeze=0,5", "seed=0,1", "trainer.epochs=1", "trainer.progress=none",
                      f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
     return root / "sweep", result
 
@@ -60,10 +60,10 @@ def test_report_rebuilds_the_same_tables_and_marks_interrupted_jobs(failing_swee
     expected = (copy / "sweep.csv").read_text()
     for name in ("sweep.csv", "sweep.md", "summary.csv", "summary.md", "sweep.png"):
         (copy / name).unlink()
-    assert run_cli("report", str(copy), cwd=tmp_path).returncode == 0
+    assert invoke("report", str(copy), cwd=tmp_path).returncode == 0
     assert (copy / "sweep.csv").read_text() == expected and (copy / "sweep.png").is_file()
     (copy / "1" / "summary.json").unlink()  # as if job 1 had been killed mid-run
-    assert run_cli("report", str(copy), cwd=tmp_path).returncode == 0
+    assert invoke("report", str(copy), cwd=tmp_path).returncode == 0
     assert pd.read_csv(copy / "sweep.csv")["status"].tolist() == ["ok", "incomplete", "failed", "failed"]
 
 
@@ -71,14 +71,14 @@ def test_report_compares_two_sweeps(failing_sweep, tmp_path):
     folder, _ = failing_sweep
     other = tmp_path / "other"
     shutil.copytree(folder, other)
-    result = run_cli("report", str(folder), str(other), cwd=tmp_path)
+    result = invoke("report", str(folder), str(other), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     comparison = pd.read_csv(next((tmp_path / "outputs" / "reports").glob("*/comparison.csv")))
     assert comparison["sweep"].tolist() == ["sweep", "other"] and (comparison["n"] == 2).all()
 
 
 def test_report_on_a_folder_that_is_neither_run_nor_sweep_exits_2(tmp_path):
-    result = run_cli("report", str(tmp_path), cwd=tmp_path)
+    result = invoke("report", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and "neither a run folder" in result.stderr
 
 
@@ -131,7 +131,7 @@ def test_planned_jobs_include_the_preset_sweeper_params(tmp_path):
 
 def test_a_sweep_without_validation_split_writes_every_table_and_exits_0(tmp_path):
     """dataset.val_fraction=0 leaves val_acc1 empty in every job: nothing is picked, but no table is lost."""
-    result = run_cli("sweep", "dataset.val_fraction=0", "method.freeze=0,1", "trainer.epochs=1", "trainer.progress=none",
+    result = invoke("sweep", "dataset.val_fraction=0", "method.freeze=0,1", "trainer.epochs=1", "trainer.progress=none",
                      f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "raised" not in result.stderr and "no validation split: no run picked" in " ".join(result.stdout.split())

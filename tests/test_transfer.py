@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import run_cli, shared_path
+from conftest import invoke, shared_path
 
 from transfer_cli.errors import UserError
 from transfer_cli.models.backbone import BACKBONES
@@ -42,7 +42,7 @@ def two_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ens")
     paths = []
     for name, backbone in (("a", "small_cnn"), ("b", "lenet")):
-        result = run_cli("train", f"backbone={backbone}", "trainer.epochs=2", "trainer.progress=none",
+        result = invoke("train", f"backbone={backbone}", "trainer.epochs=2", "trainer.progress=none",
                          f"hydra.run.dir={root / name}", cwd=root)
         assert result.returncode == 0, result.stderr
         paths.append(root / name / "checkpoints" / "best.safetensors")
@@ -53,7 +53,7 @@ def two_checkpoints(tmp_path_factory):
 def test_ensemble_table_has_every_member_and_the_fused_row(two_checkpoints, tmp_path, fusion):
     root, (a, b) = two_checkpoints
     extra = ["ensemble.weights=[0.7,0.3]"] if fusion == "weighted" else []
-    result = run_cli("eval", f"checkpoint=[{a},{b}]", f"ensemble={fusion}", *extra, f"hydra.run.dir={tmp_path}",
+    result = invoke("eval", f"checkpoint=[{a},{b}]", f"ensemble={fusion}", *extra, f"hydra.run.dir={tmp_path}",
                      cwd=root)
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(tmp_path / "eval.csv")
@@ -67,7 +67,7 @@ def test_ensemble_table_has_every_member_and_the_fused_row(two_checkpoints, tmp_
 
 def test_weighted_ensemble_without_weights_exits_2(two_checkpoints, tmp_path):
     root, (a, b) = two_checkpoints
-    result = run_cli("eval", f"checkpoint=[{a},{b}]", "ensemble=weighted", cwd=tmp_path)
+    result = invoke("eval", f"checkpoint=[{a},{b}]", "ensemble=weighted", cwd=tmp_path)
     assert result.returncode == 2 and "ensemble=weighted needs ensemble.weights" in result.stderr
 
 
