@@ -88,7 +88,8 @@ def train_in_process(run_dir: Path, *overrides: str) -> dict:
     """`transfer train trainer=debug OVERRIDES` into ``run_dir`` (or the run that ``trainer.resume=PATH``
     continues); returns its summary and fails the test when the run fails."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    result = invoke("train", DEBUG, *overrides, f"hydra.run.dir={run_dir}", cwd=run_dir)
+    preset = [] if any(o.startswith("trainer=") for o in overrides) else [DEBUG]
+    result = invoke("train", *preset, *overrides, f"hydra.run.dir={run_dir}", cwd=run_dir)
     assert result.returncode == 0, result.stderr
     resumed = [o.split("=", 1)[1] for o in overrides if o.startswith("trainer.resume=/")]
     return json.loads((Path(resumed[-1]) if resumed else run_dir).joinpath("summary.json").read_text())

@@ -4,11 +4,11 @@ cold, not on what ran earlier in the process, not on PYTHONHASHSEED."""
 import json
 
 import torch
-from conftest import run_folders
+from conftest import DEBUG, run_folders
 
 from transfer_cli.engine.device import seed_stage, stage_seed
 
-QUICK = ("trainer.progress=none", "trainer.plots=false", "trainer.epochs=3", "source.epochs=2")
+QUICK = (DEBUG, "trainer.epochs=3", "source.epochs=2")
 
 
 def _latest_summary(root):

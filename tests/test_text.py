@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_folders, shared_path
+from conftest import DEBUG, run_folders, shared_path
 from safetensors.torch import load_file
 
 from transfer_cli.config import BackboneConfig, DatasetConfig, HeadConfig, TfidfConfig
@@ -19,7 +19,7 @@ from transfer_cli.models.backbone import Classifier
 from transfer_cli.models.checkpoint import load_model
 from transfer_cli.pipeline import build_data, build_text_model, make_loader, prepare_splits
 
-QUICK = ("trainer.progress=none", "trainer.plots=false")
+QUICK = (DEBUG,)
 CPU = torch.device("cpu")
 
 

@@ -2,12 +2,13 @@
 real CLI entry point (in-process) on real small data and checks the outcome and what is on disk."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_folders
+from conftest import DEBUG, run_folders, train_in_process
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
@@ -17,7 +18,7 @@ from transfer_cli.data.identity import data_identity
 from transfer_cli.errors import UserError
 from transfer_cli.pipeline import build_data
 
-QUICK = ("trainer.progress=none", "trainer.plots=false")
+QUICK = (DEBUG,)
 
 
 def digit_folder(root, per_class=12, classes=range(10), black=False):
@@ -89,11 +90,19 @@ def test_zero_std_is_refused_before_training(transfer, tmp_path):
 
 
 # 3-5. checkpoints, classes, ensembles --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_5to9(tmp_path_factory):
+    run = tmp_path_factory.mktemp("digits_5to9") / "run"
+    train_in_process(run, "dataset.classes=[5,6,7,8,9]", "trainer.epochs=4")
+    return run / "checkpoints"
+
+
 @pytest.fixture
-def digits_5to9(transfer, tmp_path):
-    assert transfer("train", "dataset.classes=[5,6,7,8,9]", "trainer.epochs=4", *QUICK)[0] == 0
-    folder, _ = summary_of(tmp_path)
-    return folder / "checkpoints" / "best.safetensors"
+def digits_5to9(trained_5to9, tmp_path):
+    """A copy of the module's trained checkpoint (weights + sidecar): tests edit it."""
+    for name in ("best.safetensors", "best.json"):
+        shutil.copy2(trained_5to9 / name, tmp_path / name)
+    return tmp_path / "best.safetensors"
 
 
 def test_eval_refuses_other_classes_and_maps_a_reordering_by_name(transfer, tmp_path, digits_5to9):

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, run_folders, train_in_process
+from conftest import DEBUG, REPO, run_folders, train_in_process
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -23,7 +23,7 @@ from transfer_cli.config import DatasetConfig
 from transfer_cli.data.images import open_rgb
 from transfer_cli.pipeline import build_data
 
-QUICK = ("trainer.progress=none", "trainer.plots=false")
+QUICK = (DEBUG,)
 
 
 def _summary(folder):

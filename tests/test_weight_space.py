@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import DEBUG, train_in_process
 from safetensors.torch import load_file
 
-from tests.conftest import train_in_process
 from transfer_cli.config import DatasetConfig, HeadConfig
 from transfer_cli.engine.averaging import WeightAverage
 from transfer_cli.engine.device import Precision
@@ -21,7 +21,7 @@ from transfer_cli.models.fusion import weighted_average
 from transfer_cli.pipeline import build_data, build_model, make_loader
 
 CPU = torch.device("cpu")
-FAST = ["trainer.epochs=3", "trainer.progress=none", "trainer.plots=false", "dataset.image_size=16"]
+FAST = [DEBUG, "trainer.epochs=3", "dataset.image_size=16"]
 
 
 def digits_model(backbone: str = "small_cnn", size: int = 16):
