@@ -6,7 +6,7 @@ import json
 import torch
 from conftest import DEBUG, run_folders
 
-from transfer_cli.engine.device import seed_stage, stage_seed
+from transfer_cli.engine.device import deterministic_algorithms, seed_stage, stage_seed
 
 QUICK = (DEBUG, "trainer.epochs=3", "source.epochs=2")
 
@@ -83,3 +83,17 @@ def test_a_linear_probe_gives_the_same_numbers_with_one_or_two_threads(transfer,
         torch.set_num_threads(before)
     assert runs[0]["l2_val_acc1"] == runs[1]["l2_val_acc1"]
     assert _numbers(runs[0]["test"]) == _numbers(runs[1]["test"])
+
+
+def test_trainer_deterministic_is_set_both_ways_in_one_process():
+    """A run with trainer.deterministic=false after one with true, in the same process, gets the fast
+    kernels back (the setting is per run, not sticky)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        deterministic_algorithms(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        deterministic_algorithms(False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=True)

@@ -78,12 +78,12 @@ def seed_stage(seed: int, stage: str) -> None:
 
 
 def deterministic_algorithms(deterministic: bool) -> None:
+    """``trainer.deterministic`` for this process, set both ways: a run after a deterministic one in the same
+    process (tests, notebooks, sweeps run in-process) gets the fast kernels back."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic and torch.cuda.is_available()
 
 
 def configure_threads(threads: int | None) -> None:
