@@ -119,7 +119,7 @@ def probe_sklearn(shared: Path, out: Path) -> pd.DataFrame:
     from transfer_cli.config import DatasetConfig, HeadConfig
     from transfer_cli.engine.device import Precision
     from transfer_cli.engine.loop import infer
-    from transfer_cli.pipeline import build_data, build_model, make_loader
+    from transfer_cli.pipeline import build_data, build_image_model, make_loader
 
     weights = shared / "weights" / "imagenet_mobilenet_v2" / "mobilenet_v2_imagenet1k_dequantized_fp32.safetensors"
     cpu = torch.device("cpu")
@@ -127,7 +127,7 @@ def probe_sklearn(shared: Path, out: Path) -> pd.DataFrame:
     for shots in (20, None):
         cfg = DatasetConfig(name="usps", root=str(shared / "datasets" / "usps"), shots=shots, image_size=96)
         splits = build_data(cfg)
-        model = build_model(cfg, splits, "mobilenet_v2", str(weights), HeadConfig()).eval()
+        model = build_image_model(cfg, splits, "mobilenet_v2", str(weights), HeadConfig()).eval()
         feats = {s: infer(model.features, make_loader(splits.split(s), model.spec, cfg, False, cpu), cpu,
                           Precision("32", cpu)) for s in ("train", "val", "test")}
         (x, y), (vx, vy), (tx, ty) = [(f.numpy(), t.numpy()) for f, t in feats.values()]

@@ -29,12 +29,12 @@ from rich.console import Console
 from transfer_cli.cli import conf_dir
 from transfer_cli.config import register_schemas
 from transfer_cli.data.augment import BatchAugment
-from transfer_cli.data.decoded import DecodedImages, hold_in_memory
+from transfer_cli.data.decoded import DecodedImages
 from transfer_cli.data.splits import tensor_view
 from transfer_cli.engine.device import Precision, resolve_device
 from transfer_cli.engine.loop import evaluate
-from transfer_cli.methods.base import METHODS
-from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader
+from transfer_cli.pipeline import build_data
+from transfer_cli.run import build_run
 from transfer_cli.train import run_train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -82,23 +82,15 @@ def minimal(cfg: DictConfig, epochs: int) -> float:
     precision, memory format and compile setting of ``cfg.trainer``."""
     device = resolve_device(cfg.trainer.device)
     precision = Precision(str(cfg.trainer.precision), device)
-    splits = build_data(cfg.dataset)
-    model = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head)
-    splits = hold_in_memory(splits, model.spec, cfg.dataset, print)
-    method = METHODS.build(cfg.method, model=model).to(device)
-    if cfg.trainer.channels_last:
-        method.to(memory_format=torch.channels_last)
-    if cfg.trainer.compile:
-        method.model.compile()
-    images, labels = (t.to(device) for t in _tensors(splits.train))
-    decoded = isinstance(tensor_view(splits.train)[0], DecodedImages)
-    crop = BatchAugment("none", model.spec.size, decoded=decoded)  # decoded photos: centre crop to the input
-    if cfg.target:
-        target_splits = hold_in_memory(build_data(cfg.target.dataset), model.spec, cfg.target.dataset, print)
-        target = _tensors(target_splits.train)[0].to(device)
+    run = build_run(cfg, device, precision)  # the model, method and in-memory data `transfer train` builds
+    method, optimizer = run.method, run.optimizer
+    images, labels = (t.to(device) for t in _tensors(run.splits.train))
+    decoded = isinstance(tensor_view(run.splits.train)[0], DecodedImages)
+    crop = BatchAugment("none", run.model.spec.size, decoded=decoded)  # decoded photos: centre crop to the input
+    if run.target:
+        target = _tensors(run.target.train)[0].to(device)
     batch = cfg.dataset.batch_size
     steps = len(labels) // batch
-    optimizer, _ = build_optimization(method, cfg.optimizer, cfg.scheduler, steps, epochs)
     method.train()
     rates = []
     for _ in range(epochs):
@@ -107,7 +99,7 @@ def minimal(cfg: DictConfig, epochs: int) -> float:
         for i in range(steps):
             index = order[i * batch:(i + 1) * batch]
             step = (crop(images[index]), labels[index])
-            if cfg.target:
+            if run.target:
                 step = (*step, target[torch.randint(len(target), (batch,), device=device)])
             with precision.autocast():
                 out = method.training_step(step)
@@ -122,17 +114,15 @@ def minimal(cfg: DictConfig, epochs: int) -> float:
 
 def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
     base, rows, labels = tensor_view(dataset)
-    return base.images[rows], labels
+    return base.tensor[rows], labels
 
 
 def eval_rates(cfg: DictConfig, repeats: int) -> tuple[float, float]:
     """Best test-set pass of `transfer eval`'s inference (loader + ``evaluate``) and of a bare
     ``inference_mode`` loop over the same model, alternating, after one warm-up pass each."""
-    splits = build_data(cfg.dataset)
-    model = build_model(cfg.dataset, splits, cfg.backbone.name, cfg.backbone.weights, cfg.head)
-    method = METHODS.build(cfg.method, model=model).eval()
-    loader = make_loader(splits.test, model.spec, cfg.dataset, False, CPU)
-    images, _ = _tensors(splits.test)
+    run = build_run(cfg, CPU, Precision("32", CPU))
+    method, loader = run.method.eval(), run.loader("test", False)
+    images, _ = _tensors(run.splits.test)
 
     def bare() -> float:
         start = time.perf_counter()

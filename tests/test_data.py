@@ -169,7 +169,7 @@ def test_weights_bring_their_preprocessing_a_sidecar_and_backbone_preprocess_ove
     from safetensors.torch import save_file
 
     from transfer_cli.config import HeadConfig
-    from transfer_cli.pipeline import build_model
+    from transfer_cli.pipeline import build_image_model
 
     _image_folder(tmp_path / "data", "train", 4)
     data_cfg = DatasetConfig(name="imagefolder", root=str(tmp_path / "data"), val_fraction=0.5,
@@ -179,7 +179,7 @@ def test_weights_bring_their_preprocessing_a_sidecar_and_backbone_preprocess_ove
     save_file(torchvision.models.resnet18().state_dict(), str(weights))
 
     def spec(**preprocess):
-        return build_model(data_cfg, splits, "resnet18", str(weights), HeadConfig(), preprocess=preprocess).spec
+        return build_image_model(data_cfg, splits, "resnet18", str(weights), HeadConfig(), preprocess=preprocess).spec
 
     plain = spec()  # torchvision's resnet18 recipe: resize 256, crop 224, ImageNet statistics
     assert (plain.size, plain.resize, plain.mean, plain.interpolation) == (224, 256, [0.485, 0.456, 0.406], "bilinear")

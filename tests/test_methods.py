@@ -8,12 +8,12 @@ from conftest import build_method, entry
 from torch import nn
 
 from transfer_cli.config import DatasetConfig, HeadConfig
-from transfer_cli.data.identity import split_identities
+from transfer_cli.data.identity import input_identities
 from transfer_cli.engine.device import Precision
 from transfer_cli.engine.loop import State
 from transfer_cli.methods.base import METHODS, DataContext
 from transfer_cli.optim import OPTIMIZERS, SCHEDULERS, optimizer_entry
-from transfer_cli.pipeline import build_data, build_model, make_loader
+from transfer_cli.pipeline import build_data, build_image_model, make_loader
 
 CPU = torch.device("cpu")
 # Settings each method is tested with. A newly registered method without an entry fails
@@ -47,7 +47,7 @@ def setup(name: str, **settings):
     torch.manual_seed(0)
     data_cfg = DatasetConfig(name="digits", batch_size=32)
     splits = build_data(data_cfg)
-    model = build_model(data_cfg, splits, "small_cnn", "none", HeadConfig())
+    model = build_image_model(data_cfg, splits, "small_cnn", "none", HeadConfig())
     method = build_method(name, model, **settings)
 
     def make(split, train):
@@ -55,8 +55,7 @@ def setup(name: str, **settings):
 
     # The digits themselves serve as the "target domain" of the adaptation methods here: this test is
     # about mechanics; test_domain.py adapts MNIST to USPS.
-    identity = {split: {"input": model.spec.to_dict(), "samples": digest}
-                for split, digest in split_identities(splits).items()}
+    identity = input_identities(splits, model.spec)
     context = DataContext(CPU, Precision("32", CPU), identity, target=make)
     return method, method.loaders(make, context)
 
@@ -186,7 +185,7 @@ def probe_with_counter(cache_dir, image_size=None, seed=0):
     torch.manual_seed(seed)
     data_cfg = DatasetConfig(name="digits", batch_size=64, image_size=image_size)
     splits = build_data(data_cfg)
-    model = build_model(data_cfg, splits, "small_cnn", "none", HeadConfig())
+    model = build_image_model(data_cfg, splits, "small_cnn", "none", HeadConfig())
     method = build_method("linear_probe", model, solver="lbfgs", cache_dir=str(cache_dir))
     counter = CountingBody(method.model.body)
     method.model.body = counter
@@ -194,8 +193,7 @@ def probe_with_counter(cache_dir, image_size=None, seed=0):
     def make(split, train):
         return make_loader(splits.split(split), model.spec, data_cfg, train, CPU)
 
-    identity = {split: {"input": model.spec.to_dict(), "samples": digest}
-                for split, digest in split_identities(splits).items()}
+    identity = input_identities(splits, model.spec)
     loaders = method.loaders(make, DataContext(CPU, Precision("32", CPU), identity))
     torch.manual_seed(1)
     method.model.head.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)

@@ -18,7 +18,7 @@ from transfer_cli.errors import UserError
 from transfer_cli.methods.base import METHODS
 from transfer_cli.models.checkpoint import load_model
 from transfer_cli.models.fusion import weighted_average
-from transfer_cli.pipeline import build_data, build_model, make_loader
+from transfer_cli.pipeline import build_data, build_image_model, make_loader
 
 CPU = torch.device("cpu")
 FAST = [DEBUG, "trainer.epochs=3", "dataset.image_size=16"]
@@ -28,7 +28,7 @@ def digits_model(backbone: str = "small_cnn", size: int = 16):
     torch.manual_seed(0)
     cfg = DatasetConfig(name="digits", batch_size=32, image_size=size)
     splits = build_data(cfg)
-    return cfg, splits, build_model(cfg, splits, backbone, "none", HeadConfig())
+    return cfg, splits, build_image_model(cfg, splits, backbone, "none", HeadConfig())
 
 
 def lora(model, **settings):
@@ -55,7 +55,7 @@ def test_lora_trains_only_adapters_and_head_and_its_merged_weights_compute_the_s
     method.eval()
     with torch.no_grad():
         adapted = method.model(x)
-        plain = build_model(cfg, splits, "mobilenet_v2", "none", HeadConfig()).eval()
+        plain = build_image_model(cfg, splits, "mobilenet_v2", "none", HeadConfig()).eval()
         plain.load_state_dict(method.plain_state())
         assert torch.allclose(plain(x), adapted, atol=1e-4)
         method.load_plain_state(method.plain_state())  # bases take the merge, updates restart at zero
@@ -65,7 +65,7 @@ def test_lora_trains_only_adapters_and_head_and_its_merged_weights_compute_the_s
 
 def test_lora_auto_targets_every_attention_and_mlp_projection_of_a_timm_vit():
     cfg = DatasetConfig(name="digits", image_size=224)
-    model = build_model(cfg, build_data(cfg), "timm/vit_tiny_patch16_224", "none", HeadConfig())
+    model = build_image_model(cfg, build_data(cfg), "timm/vit_tiny_patch16_224", "none", HeadConfig())
     method = lora(model, rank=4)
     assert len(method.targets) == 12 * 4  # 12 blocks x (qkv, proj, fc1, fc2)
     assert {t.split(".", 2)[2] for t in method.targets} == {"attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"}

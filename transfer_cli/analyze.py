@@ -16,7 +16,7 @@ from transfer_cli.pipeline import build_data, prepare_splits, sample_loader
 from transfer_cli.reporting.alignment import analyze_alignment
 from transfer_cli.reporting.progress import plain_log
 from transfer_cli.reporting.tables import rich_table
-from transfer_cli.scoring import open_checkpoints, stored_dataset
+from transfer_cli.scoring import Member, open_checkpoints, stored_dataset
 from transfer_cli.validation import check_dataset
 
 
@@ -32,7 +32,7 @@ def run_analyze(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
     opened = open_checkpoints([str(cfg.checkpoint)], {cfg.split}, cfg.dataset, cfg.dataset_changes, log)
     member = opened.members[0]
     model = member.model
-    target_cfg = _target_config(cfg, member.meta)
+    target_cfg = _target_config(cfg, member)
     target = prepare_splits(build_data(target_cfg), model.spec, target_cfg, log)
     if len(target.classes) != len(model.recipe.classes):
         raise UserError(f"target dataset={target_cfg.name} has {len(target.classes)} classes but checkpoint="
@@ -50,13 +50,13 @@ def run_analyze(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
     return table
 
 
-def _target_config(cfg: DictConfig, meta: dict) -> DatasetConfig:
+def _target_config(cfg: DictConfig, member: Member) -> DatasetConfig:
     if cfg.target is not None:
         target = OmegaConf.to_object(cfg.target.dataset)
         check_dataset(target)
         return target
-    stored = (meta.get("config") or {}).get("target") if isinstance(meta.get("config"), dict) else None
-    if not isinstance(stored, dict) or not isinstance(stored.get("dataset"), dict):
+    stored = member.trained("target", "dataset")
+    if not stored:
         raise UserError(f"checkpoint={cfg.checkpoint!r} was not trained with a target domain: name the domain to "
                         "compare with, e.g. target=usps target.dataset.root=DIR.")
-    return stored_dataset(stored["dataset"])
+    return stored_dataset(stored)

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from transfer_cli.config import register_schemas
 from transfer_cli.config_errors import composition_message
 from transfer_cli.errors import EXIT_DIVERGED, EXIT_USER_ERROR, UserError
 from transfer_cli.files import atomic_write_text, discard_if_only_hydra
-from transfer_cli.run_files import RunFiles
+from transfer_cli.run_folder import RunFolder
 
 USAGE = """usage: transfer COMMAND [OVERRIDES] [--cfg job] [--help]
 
@@ -92,7 +93,7 @@ def _record_failure(err: BaseException) -> str:
     message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
     if _run_dir().is_dir():  # absent when the config was refused before anything ran
         record = {"status": "failed", "error": message, "traceback": traceback.format_exc()}
-        atomic_write_text(RunFiles(_run_dir()).error, json.dumps(record, indent=2))
+        atomic_write_text(RunFolder(_run_dir()).error, json.dumps(record, indent=2))
     return message
 
 
@@ -135,7 +136,7 @@ def _job_threads(cfg: DictConfig) -> int | None:
 @_job
 def _train(cfg: DictConfig) -> float:
     from transfer_cli.engine import distributed
-    from transfer_cli.engine.validators import VALIDATORS
+    from transfer_cli.engine.selection import selection
     from transfer_cli.train import run_train
     from transfer_cli.validation import validate
 
@@ -152,11 +153,7 @@ def _train(cfg: DictConfig) -> float:
             summary = run_train(cfg, _run_dir(), sweep_job=_in_multirun())
         finally:
             distributed.shutdown()
-    best = summary["best"]
-    if not best or best["split"] == "last":
-        return float("nan")
-    # What Optuna maximises: the selection score of the kept epoch, negated where lower is better (entropy).
-    return float(best["value"]) * (1 if VALIDATORS.get(cfg.trainer.select, ("", "", True))[2] else -1)
+    return selection(cfg.trainer.select).objective(summary["best"])  # what a sweeper (Optuna) maximises
 
 
 def _launch_processes(cfg: DictConfig) -> dict[str, Any]:
@@ -165,28 +162,23 @@ def _launch_processes(cfg: DictConfig) -> dict[str, Any]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from transfer_cli import resume
+    from transfer_cli.engine.loop import Diverged
+    from transfer_cli.run_folder import choose_resume
 
-    run_dir = _run_dir()
+    folder = RunFolder(_run_dir())
     if not _in_multirun():  # resuming: the processes go straight to the run they continue
-        found = resume.choose(str(cfg.trainer.resume), run_dir, OmegaConf.to_container(cfg, resolve=True))
-        if found is not None:
-            discard_if_only_hydra(run_dir)
-            run_dir = found
+        folder = choose_resume(str(cfg.trainer.resume), folder.path, OmegaConf.to_container(cfg, resolve=True)) or folder
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.run.dir=")]
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={cfg.trainer.devices}", "--module",
-                                         "transfer_cli", "train", *overrides, f"hydra.run.dir={run_dir}"])
+                                         "transfer_cli", "train", *overrides, f"hydra.run.dir={folder.path}"])
     hydra_setting = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = os.environ.get(_USER_FULL_ERROR, "0")  # the processes see the user's setting
     try:
         run(args)
     except ChildFailedError as err:
-        summary = RunFiles(run_dir).read_summary()
+        summary = folder.read_summary()
         if summary is not None and summary.get("status") == "diverged":
-            from transfer_cli.engine.loop import Diverged
-
-            at = summary["diverged_at"]
-            raise Diverged(at["epoch"] - 1, at["batch"] - 1, at["step"], at["last_finite_loss"]) from None
+            raise Diverged.from_facts(summary["diverged_at"]) from None
         rank, first = err.get_first_failure()
         others = sorted(r for r in err.failures if r != rank)
         stopped = f"; torchrun then stopped process(es) {', '.join(map(str, others))}" if others else ""
@@ -194,7 +186,7 @@ def _launch_processes(cfg: DictConfig) -> dict[str, Any]:
                         f"{first.exitcode} first (what it printed is above){stopped}.") from None
     finally:
         os.environ["HYDRA_FULL_ERROR"] = hydra_setting or "1"
-    return RunFiles(run_dir).read_summary()
+    return folder.read_summary()
 
 
 def _scoring(module: str, function: str) -> Callable[[DictConfig], Any]:
@@ -210,16 +202,6 @@ def _scoring(module: str, function: str) -> Callable[[DictConfig], Any]:
         getattr(importlib.import_module(f"transfer_cli.{module}"), function)(cfg, _run_dir())
 
     return run
-
-
-COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], bool]] = {
-    "train": ("config", _train, False),
-    "sweep": ("config", _train, True),
-    "eval": ("eval", _scoring("evaluate", "run_eval"), False),
-    "predict": ("predict", _scoring("predict", "run_predict"), False),
-    "export": ("export", _scoring("export", "run_export"), False),
-    "analyze": ("analyze", _scoring("analyze", "run_analyze"), False),
-}
 
 
 def _checkpoint_dataset_changes(args: list[str]) -> list[str]:
@@ -263,6 +245,32 @@ def _sweep_resume(args: list[str]) -> list[str]:
     return [*rest, f"hydra.sweep.dir={found}"]
 
 
+def _default_experiment(args: list[str]) -> list[str]:
+    """Bare `transfer train`: the default transfer."""
+    return args if any("=" in a and not a.startswith("-") for a in args) else [*args, f"experiment={DEFAULT_EXPERIMENT}"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A Hydra command: its config (conf/<config>.yaml), the task Hydra runs per job, whether it sweeps, and
+    what its overrides need before Hydra reads them."""
+
+    config: str
+    task: Callable[[DictConfig], Any]
+    multirun: bool = False
+    prepare: Callable[[list[str]], list[str]] = list
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("config", _train, prepare=_default_experiment),
+    "sweep": Command("config", _train, multirun=True, prepare=_sweep_resume),
+    "eval": Command("eval", _scoring("evaluate", "run_eval"), prepare=_checkpoint_dataset_changes),
+    "predict": Command("predict", _scoring("predict", "run_predict")),
+    "export": Command("export", _scoring("export", "run_export"), prepare=_checkpoint_dataset_changes),
+    "analyze": Command("analyze", _scoring("analyze", "run_analyze"), prepare=_checkpoint_dataset_changes),
+}
+
+
 def _report(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # [a, b] is text
 
@@ -302,29 +310,29 @@ def _report_command(args: list[str]) -> None:
         sys.exit(EXIT_USER_ERROR)
 
 
+PLAIN_COMMANDS: dict[str, Callable[[list[str]], None]] = {"report": _report_command}  # no Hydra config
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if argv else EXIT_USER_ERROR)
     command, rest = argv[0], argv[1:]
-    if command == "report":
-        _report_command(rest)
+    if command in PLAIN_COMMANDS:
+        PLAIN_COMMANDS[command](rest)
         return
     if command not in COMMANDS:
-        _report(f"unknown command {command!r}. Commands: {', '.join(COMMANDS)}. See `transfer --help`.")
+        _report(f"unknown command {command!r}. Commands: {', '.join([*COMMANDS, *PLAIN_COMMANDS])}. "
+                "See `transfer --help`.")
         sys.exit(EXIT_USER_ERROR)
-    config_name, task, multirun = COMMANDS[command]
-    if command in ("eval", "export", "analyze"):
-        rest = _checkpoint_dataset_changes(rest)
-    if command == "train" and not any("=" in a and not a.startswith("-") for a in rest):
-        rest = [*rest, f"experiment={DEFAULT_EXPERIMENT}"]  # bare `transfer train`: the default transfer
-    if command == "sweep":
-        try:
-            rest = _sweep_resume(rest)
-        except UserError as err:
-            _report(str(err))
-            sys.exit(EXIT_USER_ERROR)
+    spec = COMMANDS[command]
+    config_name, multirun = spec.config, spec.multirun
+    try:
+        rest = spec.prepare(rest)
+    except UserError as err:
+        _report(str(err))
+        sys.exit(EXIT_USER_ERROR)
     register_schemas()
     # Hydra refuses --multirun next to --cfg/--info/--help; those only inspect the config anyway.
     inspect_only = any(a.split("=")[0] in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in rest)
@@ -333,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     if multirun:
         rest = [*rest, f"hydra.callbacks.sweep_report.status_file={status_file}"]
     sys.argv = [f"transfer {command}", *(["--multirun"] if multirun else []), *rest]
-    app = hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(task)
+    app = hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(spec.task)
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     if any(a in ("--help", "-h") for a in rest):
         app = partial(print_help, config_name, overrides)

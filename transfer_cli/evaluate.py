@@ -39,9 +39,8 @@ def member_labels(members: list[Member]) -> list[str]:
     """Short names for tables: method and seed from each sidecar's run config, else the run folder."""
     labels = []
     for m in members:
-        config = m.meta.get("config") if isinstance(m.meta.get("config"), dict) else {}
-        method = (config.get("method") or {}).get("name") if isinstance(config.get("method"), dict) else None
-        labels.append(f"{method} seed={config.get('seed')}" if method else "/".join(Path(m.path).parts[-4:-2]))
+        method = m.trained("method").get("name")
+        labels.append(f"{method} seed={m.trained().get('seed')}" if method else "/".join(Path(m.path).parts[-4:-2]))
     if len(set(labels)) < len(labels):
         labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
     return labels

@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf, ValidationError
 from torch.utils.data import Dataset, Subset
 
 from transfer_cli.config import BackboneConfig, DatasetConfig, HeadConfig
@@ -20,7 +19,7 @@ from transfer_cli.data.tasks import make_task
 from transfer_cli.data.tokens import PAD, TextSpec, tokenize_splits, train_texts
 from transfer_cli.data.transforms import InputSpec, WeightsMeta, resolve_input, sample_transform
 from transfer_cli.engine.distributed import SINGLE, Dist
-from transfer_cli.errors import UserError, choices
+from transfer_cli.errors import UserError
 from transfer_cli.methods.base import Method
 from transfer_cli.models.backbone import BACKBONES, Classifier, PretrainedBody, build_backbone, takes_text
 from transfer_cli.models.recipe import ModelRecipe
@@ -58,7 +57,7 @@ def build_text_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: Back
     return Classifier(bb, recipe)
 
 
-def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weights: str,
+def build_image_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weights: str,
                 head: HeadConfig, pretrained: PretrainedBody | None = None,
                 preprocess: Mapping[str, Any] | None = None, in_channels: int | None = None) -> Classifier:
     """The classifier of an image backbone for ``splits``; with ``pretrained``, its body starts from those
@@ -92,14 +91,14 @@ def build_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weig
     return Classifier(bb, recipe)
 
 
-def build_any_model(cfg: Any, splits: DataSplits, pretrained: PretrainedBody | None = None,
+def build_model(cfg: Any, splits: DataSplits, pretrained: PretrainedBody | None = None,
                     weights: str | None = None) -> Classifier:
     """The classifier a run config (``cfg.backbone``, ``cfg.head``) describes for ``splits``, text or images;
     ``weights`` replaces ``cfg.backbone.weights``."""
     if splits.text or takes_text(cfg.backbone.name):
         _check_kind(splits, cfg.dataset, cfg.backbone.name)
         return build_text_model(cfg.dataset, splits, cfg.backbone, cfg.head)
-    return build_model(cfg.dataset, splits, cfg.backbone.name, weights or cfg.backbone.weights, cfg.head, pretrained,
+    return build_image_model(cfg.dataset, splits, cfg.backbone.name, weights or cfg.backbone.weights, cfg.head, pretrained,
                        preprocess=cfg.backbone.preprocess, in_channels=cfg.backbone.in_channels)
 
 
@@ -125,10 +124,10 @@ def make_loader(dataset: Dataset, spec: InputSpec | TextSpec, cfg: DatasetConfig
     if view is not None:
         base, rows, labels = view
         if isinstance(spec, TextSpec):
-            lengths = (base.images[rows] != PAD).sum(1) if train and cfg.group_by_length else None
-            return Batches(Rows(base.images, rows, labels), size, train, drop_last, seed, device, lengths=lengths,
+            lengths = (base.tensor[rows] != PAD).sum(1) if train and cfg.group_by_length else None
+            return Batches(Rows(base.tensor, rows, labels), size, train, drop_last, seed, device, lengths=lengths,
                            dist=dist)
-        return Batches(Rows(base.images, rows, labels), size, train, drop_last, seed, device,
+        return Batches(Rows(base.tensor, rows, labels), size, train, drop_last, seed, device,
                        BatchAugment(augment, spec.size, decoded=isinstance(base, DecodedImages)), dist=dist)
     return Batches(Transformed(dataset, sample_transform(spec, augment)), size, train, drop_last, seed, device,
                    workers=resolve_workers(cfg.num_workers), dist=dist)
@@ -155,26 +154,3 @@ def build_optimization(method: Method, optimizer_cfg: Mapping[str, Any], schedul
     steps = math.ceil(batches_per_epoch / accumulate)
     scheduler = SCHEDULERS.build(scheduler_cfg, optimizer=optimizer, total_steps=steps * epochs, steps_per_epoch=steps)
     return optimizer, scheduler
-
-
-def trained_dataset_config(override: Any, meta: dict[str, Any], path: str,
-                           changes: Mapping[str, Any] | None = None) -> DatasetConfig:
-    """``override`` (a dataset= config) when given, else the dataset the checkpoint at ``path`` was trained
-    on, as its sidecar ``meta`` records it, with ``changes`` (``dataset.KEY=VALUE`` without dataset=NAME,
-    e.g. a new dataset.root) applied over it."""
-    if override is not None:
-        return OmegaConf.to_object(override)
-    stored = meta.get("config", {}).get("dataset") if isinstance(meta.get("config"), dict) else None
-    if not isinstance(stored, dict):
-        raise UserError(f"checkpoint={path!r}: its sidecar does not record the dataset it was trained on; "
-                        "pass dataset=NAME (and dataset.root=...) to say what to evaluate on.")
-    merged = OmegaConf.merge(OmegaConf.structured(DatasetConfig), stored)
-    fields = list(merged.keys())
-    for key, value in (changes or {}).items():
-        if key not in fields:
-            raise UserError(f"dataset.{key}: there is no option {key!r}. Keys under dataset: {choices(fields)}.")
-        try:
-            merged[key] = value
-        except ValidationError as err:
-            raise UserError(f"dataset.{key}={value!r} does not fit the key's type ({err.msg}).") from None
-    return OmegaConf.to_object(merged)

@@ -21,11 +21,11 @@ from transfer_cli.reporting.sweep import (
     write_sweep_report,
 )
 from transfer_cli.reporting.tables import markdown_table, rich_record, rich_table, write_table
-from transfer_cli.run_files import RunFiles
+from transfer_cli.run_folder import RunFolder
 
 
 def is_run_dir(folder: Path) -> bool:
-    return RunFiles(folder).metrics.is_file()
+    return RunFolder(folder).metrics.is_file()
 
 
 def read_metrics(path: Path) -> pd.DataFrame:
@@ -44,14 +44,14 @@ def read_metrics(path: Path) -> pd.DataFrame:
 def rebuild_run(folder: Path, console: Console) -> None:
     """Rebuild what is derived from a run's metrics.csv and summary.json (metrics.md, curves.png,
     summary.md); the CSV and JSON themselves are the record and are never rewritten."""
-    metrics = read_metrics(RunFiles(folder).metrics)
-    atomic_write_text(folder / "metrics.md", markdown_table(metrics) + "\n")
-    plot_curves(metrics, folder / "curves.png")
-    summary_file = RunFiles(folder).summary
-    if summary_file.is_file():  # an interrupted run has metrics but no summary yet
-        summary = read_json(summary_file)
+    run = RunFolder(folder)
+    metrics = read_metrics(run.metrics)
+    atomic_write_text(run.metrics.with_suffix(".md"), markdown_table(metrics) + "\n")
+    plot_curves(metrics, run.curves)
+    if run.summary.is_file():  # an interrupted run has metrics but no summary yet
+        summary = read_json(run.summary)
         table = summary_frame(summary)
-        write_summary(folder, summary, {"Result": table, "Metrics per epoch": metrics})
+        write_summary(run, summary, {"Result": table, "Metrics per epoch": metrics})
         console.print(rich_record(table.iloc[0].to_dict(), title=str(folder)))
     else:
         console.print(rich_table(metrics.tail(6), title=f"{folder} (no summary.json: the run did not finish)"))

@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, ValidationError
 
 from transfer_cli.config import DatasetConfig
 from transfer_cli.data.batches import Batches
 from transfer_cli.data.identity import split_identities
 from transfer_cli.data.splits import DataSplits
-from transfer_cli.errors import UserError
+from transfer_cli.errors import UserError, choices
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.models.checkpoint import load_model
 from transfer_cli.models.ensemble import check_same_classes
 from transfer_cli.models.recipe import ModelRecipe
-from transfer_cli.pipeline import build_data, make_loader, prepare_splits, trained_dataset_config
+from transfer_cli.pipeline import build_data, make_loader, prepare_splits
 from transfer_cli.validation import check_dataset
 
 HELD_OUT = "held_out"  # sidecar key: the digest of each split's samples in the training run
@@ -45,12 +45,18 @@ class Member:
     def recipe(self) -> ModelRecipe:
         return self.model.recipe
 
+    def trained(self, *keys: str) -> dict[str, Any]:
+        """A group of the training run's config as the sidecar records it (``trained("target", "dataset")``);
+        {} where it records none: the one reader of that untyped record."""
+        group: Any = self.meta.get("config")
+        for key in keys:
+            group = group.get(key) if isinstance(group, dict) else None
+        return group if isinstance(group, dict) else {}
+
     @property
     def trained_on(self) -> dict[str, Any]:
-        """The training run's dataset config as its sidecar records it ({} when it records none)."""
-        config = self.meta.get("config")
-        dataset = config.get("dataset") if isinstance(config, dict) else None
-        return dataset if isinstance(dataset, dict) else {}
+        """The training run's dataset config ({} when the sidecar records none)."""
+        return self.trained("dataset")
 
 
 @dataclass
@@ -80,7 +86,7 @@ def open_checkpoints(paths: list[str], scored: set[str], dataset: Any = None,
     dataset= config) when given, else the first checkpoint's own, with ``changes`` (dataset.KEY=VALUE)."""
     members = [Member(path, *load_model(path)) for path in paths]
     check_same_classes(members)
-    data = trained_dataset_config(dataset, members[0].meta, paths[0], changes)
+    data = dataset_to_score(dataset, members[0], changes)
     check_dataset(data)
     own = [m for m in members if _same_source(data, m.trained_on)]
     for member in own:
@@ -101,6 +107,26 @@ def open_checkpoints(paths: list[str], scored: set[str], dataset: Any = None,
     if order is not None:
         log("the dataset lists the model's classes in another order: predictions are matched by name.")
     return Opened(members, data, splits, order, new_data=not own)
+
+
+def dataset_to_score(override: Any, member: Member, changes: Mapping[str, Any] | None = None) -> DatasetConfig:
+    """``override`` (a dataset= config) when given, else the dataset ``member`` was trained on, as its sidecar
+    records it, with ``changes`` (``dataset.KEY=VALUE`` without dataset=NAME, e.g. a new dataset.root) over it."""
+    if override is not None:
+        return OmegaConf.to_object(override)
+    if not member.trained_on:
+        raise UserError(f"checkpoint={member.path!r}: its sidecar does not record the dataset it was trained on; "
+                        "pass dataset=NAME (and dataset.root=...) to say what to evaluate on.")
+    merged = OmegaConf.merge(OmegaConf.structured(DatasetConfig), member.trained_on)
+    fields = list(merged.keys())
+    for key, value in (changes or {}).items():
+        if key not in fields:
+            raise UserError(f"dataset.{key}: there is no option {key!r}. Keys under dataset: {choices(fields)}.")
+        try:
+            merged[key] = value
+        except ValidationError as err:
+            raise UserError(f"dataset.{key}={value!r} does not fit the key's type ({err.msg}).") from None
+    return OmegaConf.to_object(merged)
 
 
 def _same_source(data: DatasetConfig, trained: dict[str, Any]) -> bool:

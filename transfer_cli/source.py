@@ -28,7 +28,13 @@ from transfer_cli.files import atomic_write_text
 from transfer_cli.methods.base import Method
 from transfer_cli.models.backbone import PretrainedBody
 from transfer_cli.models.checkpoint import load_model, save_model
-from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader, prepare_splits
+from transfer_cli.pipeline import (
+    build_data,
+    build_image_model,
+    build_optimization,
+    make_loader,
+    prepare_splits,
+)
 from transfer_cli.reporting.progress import ProgressHook
 
 
@@ -50,7 +56,7 @@ def source_key(source: DictConfig, backbone: str, data_identity: str) -> str:
 def _pretrain(source: DictConfig, splits: DataSplits, backbone: str, folder: Path, device: torch.device,
               precision: Precision, console: Console, progress: str) -> None:
     seed_stage(source.seed, "source")
-    model = build_model(source.dataset, splits, backbone, "none", HeadConfig())
+    model = build_image_model(source.dataset, splits, backbone, "none", HeadConfig())
     method = Method(model).to(device)  # plain cross-entropy, every layer trains
     splits = prepare_splits(splits, model.spec, source.dataset, lambda message: console.print(message, highlight=False, soft_wrap=True))
     train = make_loader(splits.train, model.spec, source.dataset, True, device, source.seed)

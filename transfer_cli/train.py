@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +12,8 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
-from transfer_cli import resume
-from transfer_cli.data.identity import data_identity, split_identities
+from transfer_cli.data.identity import data_identity
 from transfer_cli.engine import distributed, train_state
 from transfer_cli.engine.averaging import WeightAverage
 from transfer_cli.engine.device import (
@@ -28,30 +23,24 @@ from transfer_cli.engine.device import (
     resolve_device,
     seed_stage,
 )
-from transfer_cli.engine.distributed import SINGLE
+from transfer_cli.engine.distributed import SINGLE, Dist
 from transfer_cli.engine.hooks import Checkpointer, EvalHook, training_weights
-from transfer_cli.engine.loop import Diverged, State, evaluate, fit
-from transfer_cli.engine.validators import VALIDATORS, TargetValidators, validator_picks
+from transfer_cli.engine.loop import Diverged, Hook, State, evaluate, fit
+from transfer_cli.engine.selection import selection
+from transfer_cli.engine.validators import TargetValidators, validator_picks
 from transfer_cli.errors import UserError
-from transfer_cli.files import atomic_write_text, discard_if_only_hydra, remove_orphan_tmp
-from transfer_cli.methods.base import METHODS, DataContext, Method
+from transfer_cli.files import atomic_write_text, discard_if_only_hydra
+from transfer_cli.methods.base import METHODS
 from transfer_cli.models.checkpoint import save_model
-from transfer_cli.pipeline import (
-    build_any_model,
-    build_data,
-    build_optimization,
-    make_loader,
-    prepare_splits,
-    sample_loader,
-)
+from transfer_cli.pipeline import build_data, sample_loader
 from transfer_cli.reporting.alignment import analyze_alignment
 from transfer_cli.reporting.plots import plot_curves
-from transfer_cli.reporting.progress import ProgressHook, plain_log
+from transfer_cli.reporting.progress import ProgressHook
 from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary
 from transfer_cli.reporting.tables import MetricsWriter, metrics_frame, rich_record, write_table
-from transfer_cli.run_files import RunFiles
+from transfer_cli.run import Run, build_run
+from transfer_cli.run_folder import RunFolder, RunStatus, choose_resume
 from transfer_cli.scoring import HELD_OUT
-from transfer_cli.source import source_model
 
 
 def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sweep_job: bool = False) -> dict[str, Any]:
@@ -60,214 +49,209 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     console = console or Console()
     started = time.perf_counter()
     dist, device = distributed.init(resolve_device(cfg.trainer.device))
-    if dist.active and not METHODS.get(cfg.method.name).trains_body:
-        # Cached features and a head fitted on them need no data parallelism: process 0 runs it alone.
-        if not dist.main:
-            return {"status": "left to process 0", "best": None}
-        console.print(f"method={cfg.method.name} trains a head on cached features: process 0 runs it alone.")
-        dist = SINGLE
+    dist = _processes(cfg, dist, console)
+    if dist is None:
+        return {"status": "left to process 0", "best": None}
     if not dist.main:  # the others train and evaluate but write and print nothing
         console = Console(file=io.StringIO())
     resolved = OmegaConf.to_container(cfg, resolve=True)  # once: every checkpoint sidecar embeds it
-    own_dir, payload, finished = run_dir, None, None
-    if dist.main:  # process 0 decides where the run lives and whether it resumes; the others follow
-        job_state = resume.status(run_dir) if sweep_job else None
-        if job_state in ("finished", "resumable"):
-            resume.check_same_config(run_dir, resolved)
-            if job_state == "finished" and _same_data(run_dir, cfg):
-                console.print(f"{run_dir} already finished with this config: kept as it is.")
-                finished = RunFiles(run_dir).read_summary()
-            elif job_state == "resumable":
-                payload = train_state.load(run_dir / "checkpoints")
-        elif not sweep_job and (found := resume.choose(str(cfg.trainer.resume), run_dir, resolved)) is not None:
-            run_dir, payload = found, train_state.load(found / "checkpoints")
-        elif not sweep_job and cfg.trainer.resume == "auto":
-            console.print("trainer.resume=auto: no unfinished run with this config; starting a new one.")
-        if not sweep_job and payload is None:
-            resume.check_fresh(run_dir, cfg.trainer.overwrite)
-        if payload is None and finished is None:  # a fresh start: what an earlier attempt here left is stale
-            files = RunFiles(run_dir)
-            for stale in (files.summary, files.error, files.train_state):
-                stale.unlink(missing_ok=True)
-        removed = remove_orphan_tmp(run_dir)
-        if removed:
-            console.print(f"removed {len(removed)} temporary file(s) a killed write left behind.")
-    run_dir, resuming, finished = dist.broadcast((run_dir, payload is not None, finished))
+    folder, payload, finished = _start(cfg, run_dir, resolved, sweep_job, dist, console)
     if finished is not None:
         return finished
-    if run_dir != own_dir:  # torchrun started every process with its own Hydra folder: only process 0's is used
-        discard_if_only_hydra(own_dir)
-    if resuming and payload is None:
-        payload = train_state.load(run_dir / "checkpoints")
     if payload is not None:  # the run's wall time includes the time before it was stopped
         started -= float(payload.get("wall_time_s", 0.0))
     deterministic_algorithms(cfg.trainer.deterministic)
     configure_threads(cfg.trainer.threads)
     precision = Precision(str(cfg.trainer.precision), device)
     if dist.main:
-        atomic_write_text(RunFiles(run_dir).config, OmegaConf.to_yaml(resolved))
+        atomic_write_text(folder.config, OmegaConf.to_yaml(resolved))
 
-    with dist.main_first():  # caches (a source model, checked image files) are built once, by process 0
-        source = source_model(cfg, device, precision, console) if _uses_source(cfg, console) else None
-        splits = build_data(cfg.dataset)
-    if len(splits.test) == 0:
-        raise UserError(f"dataset={cfg.dataset.name} has no test samples (dataset.root={cfg.dataset.root!r}), so "
-                        "the run could report nothing: add a test/ (or val/) folder, or use a dataset with a test split.")
-    target = build_data(cfg.target.dataset) if cfg.target else None
-    if target and len(target.classes) != len(splits.classes):  # names may differ ("0 - zero" vs "0")
-        raise UserError(f"target.dataset={cfg.target.dataset.name} has {len(target.classes)} classes but "
-                        f"dataset={cfg.dataset.name} has {len(splits.classes)}: domains must share their classes.")
-    seed_stage(cfg.seed, "init")  # every random stream from here on depends on the seed and its stage only
-    model = build_any_model(cfg, splits, source.body if source else None,
-                            weights="none" if cfg.backbone.weights == "source" and not source else None)
-    for note in [*splits.notes, *model.notes]:
-        console.print(note, highlight=False, soft_wrap=True)
+    run = build_run(cfg, device, precision, dist, console, resumed_data=payload["data"] if payload else None)
+    _describe(run, console)
+    averaging = _weight_average(run)
+    state = State(run.method, run.optimizer, run.scheduler, run.epochs, run.steps_per_epoch)
+    hooks: list[Hook] = []  # filled below; every write of a checkpoint saves their state with it
+    checkpointer = _checkpointer(run, folder, resolved, averaging, started, hooks)
+    hooks += _hooks(run, folder, averaging, checkpointer, console)
+    if payload is not None:
+        train_state.restore(state, payload, run.loaders["train"], precision.scaler, hooks, dist.rank, dist.world)
+        console.print(f"resuming {folder.path} at epoch {state.epoch + 1}/{run.epochs} (optimizer step {state.step})",
+                      highlight=False)
+    else:
+        state.history.extend(run.source.history if run.source else [])  # the source's curve opens the table
+        seed_stage(cfg.seed, "train")  # dropout, augmentation and every other draw of the loop
+    try:
+        fit(state, run.loaders["train"], device, precision, hooks, cfg.trainer.accumulate, cfg.trainer.grad_clip)
+    except Diverged as err:
+        if dist.main:
+            _write_diverged(folder, cfg, state, err, time.perf_counter() - started)
+        raise
+    return _finish(run, state, checkpointer, folder, averaging, started, console)
 
-    log = plain_log(console)
 
-    with dist.main_first():  # decoded images and token ids are cached by process 0, then read by the others
-        splits = prepare_splits(splits, model.spec, cfg.dataset, log)
-        target = prepare_splits(target, model.spec, cfg.target.dataset, log) if target else None
-    seed_stage(cfg.seed, "method")
-    method = METHODS.build(cfg.method, model=model).to(device)
-    if method.trains_body and not any(True for _ in model.body.parameters()):
-        raise UserError(f"method={cfg.method.name} trains the backbone, but backbone={cfg.backbone.name} has no "
-                        "trainable weights (a fitted TF-IDF vectoriser). Use method=linear_probe: a logistic "
-                        "regression on its features.")
-    if cfg.trainer.channels_last:
-        method.to(memory_format=torch.channels_last)
+def _processes(cfg: DictConfig, dist: Dist, console: Console) -> Dist | None:
+    """The processes that run this method: all of them, or process 0 alone (None for the others) where
+    data parallelism has nothing to split (a head fitted on cached features)."""
+    if not dist.active or METHODS.get(cfg.method.name).trains_body:
+        return dist
+    if not dist.main:
+        return None
+    console.print(f"method={cfg.method.name} trains a head on cached features: process 0 runs it alone.")
+    return SINGLE
 
-    def make(split: str, train: bool, sharded: bool = True) -> DataLoader:
-        return make_loader(splits.split(split), model.spec, cfg.dataset, train, device, cfg.seed,
-                           dist=dist if sharded else SINGLE)
 
-    def make_target(split: str, train: bool) -> DataLoader:
-        return make_loader(target.split(split), model.spec, cfg.target.dataset, train, device, cfg.seed + 1, dist=dist)
+def _start(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any], sweep_job: bool, dist: Dist,
+           console: Console) -> tuple[RunFolder, dict[str, Any] | None, dict[str, Any] | None]:
+    """Where the run lives, the training state it resumes from (or None) and, for a sweep job that already
+    finished with this config and data, its summary. Process 0 decides; the others follow."""
+    folder, payload, finished = RunFolder(run_dir), None, None
+    if dist.main:
+        folder, payload, finished = _choose_start(cfg, folder, resolved, sweep_job, console)
+    path, resuming, finished = dist.broadcast((folder.path, payload is not None, finished))
+    if path != run_dir:  # torchrun started every process with its own Hydra folder: only process 0's is used
+        discard_if_only_hydra(run_dir)
+    folder = RunFolder(path)
+    if resuming and payload is None:
+        payload = train_state.load(folder.train_state)
+    return folder, payload, finished
 
-    data = data_identity(splits)
-    if payload is not None and payload["data"] != data:
-        raise UserError(f"cannot resume {run_dir}: the data of dataset={cfg.dataset.name} changed since the run "
-                        "started (files added, removed or modified). Start a new run.")
-    identity = {split: {"input": model.spec.to_dict(), "samples": digest}
-                for split, digest in split_identities(splits).items()}
-    context = DataContext(device, precision, identity, make_target if target else None)
-    seed_stage(cfg.seed, "features")
-    with dist.main_first():  # cached features (LP-FT's probe) are computed once, by process 0
-        loaders = method.loaders(make, context)
-    steps_per_epoch = len(loaders["train"])
-    epochs = cfg.trainer.epochs
-    if cfg.trainer.steps:
-        epochs = max(1, math.ceil(cfg.trainer.steps * cfg.trainer.accumulate / steps_per_epoch))
-    optimizer, scheduler = build_optimization(method, cfg.optimizer, cfg.scheduler, steps_per_epoch, epochs,
-                                              cfg.trainer.accumulate, dist.world)
-    if cfg.trainer.compile:
-        method.model.compile()
 
-    about = method.describe()
+def _choose_start(cfg: DictConfig, folder: RunFolder, resolved: dict[str, Any], sweep_job: bool,
+                  console: Console) -> tuple[RunFolder, dict[str, Any] | None, dict[str, Any] | None]:
+    payload, finished = None, None
+    status = folder.status() if sweep_job else None
+    if status in (RunStatus.FINISHED, RunStatus.RESUMABLE):
+        folder.check_same_config(resolved)
+        if status is RunStatus.FINISHED and _same_data(folder, cfg):
+            console.print(f"{folder.path} already finished with this config: kept as it is.")
+            finished = folder.read_summary()
+        elif status is RunStatus.RESUMABLE:
+            payload = train_state.load(folder.train_state)
+    elif not sweep_job and (found := choose_resume(str(cfg.trainer.resume), folder.path, resolved)) is not None:
+        folder, payload = found, train_state.load(found.train_state)
+    elif not sweep_job and cfg.trainer.resume == "auto":
+        console.print("trainer.resume=auto: no unfinished run with this config; starting a new one.")
+    if not sweep_job and payload is None:
+        folder.check_fresh(cfg.trainer.overwrite)
+    if payload is None and finished is None:  # a fresh start: what an earlier attempt here left is stale
+        folder.clear_stale()
+    removed = folder.remove_orphan_tmp()
+    if removed:
+        console.print(f"removed {len(removed)} temporary file(s) a killed write left behind.")
+    return folder, payload, finished
+
+
+def _describe(run: Run, console: Console) -> None:
+    cfg, splits, about = run.cfg, run.splits, run.method.describe()
     unit = "rows" if splits.text else "files"
     console.print(
         f"[bold]{cfg.dataset.name}[/] ({len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
         f"{len(splits.classes)} classes{f', {splits.skipped} unusable {unit} skipped' if splits.skipped else ''}) "
-        f"-> [bold]{cfg.backbone.name}[/] weights={cfg.backbone.weights} {model.spec.describe()} "
+        f"-> [bold]{cfg.backbone.name}[/] weights={cfg.backbone.weights} {run.model.spec.describe()} "
         f"-> [bold]{cfg.method.name}[/]: {about['params_trainable']:,}/{about['params_total']:,} "
-        f"parameters trainable, on {device} ({precision.name})",
+        f"parameters trainable, on {run.device} ({run.precision.name})",
         highlight=False,
         soft_wrap=True,
     )
+    if len(splits.val) == 0:
+        console.print("no validation split (dataset.val_fraction=0): the last epoch's weights are kept and tested.")
 
-    held_out = split_identities(splits, labels=False)  # eval/export refuse a test split other than this one
+
+def _checkpointer(run: Run, folder: RunFolder, resolved: dict[str, Any], averaging: WeightAverage | None,
+                  started: float, hooks: list[Hook]) -> Checkpointer:
+    """Keeps the epoch ``trainer.select`` chooses; each write also saves the resumable training state (the
+    loop's and that of the run's ``hooks``)."""
+    dist = run.dist
 
     def describe_epoch(state: State) -> dict[str, Any]:
-        return {"epoch": state.epoch + 1, "metrics": state.epoch_metrics, "config": resolved, HELD_OUT: held_out}
+        return {"epoch": state.epoch + 1, "metrics": state.epoch_metrics, "config": resolved, HELD_OUT: run.held_out}
 
     def save(path: Path, weights: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:
         if dist.main:
-            save_model(path, weights, model.recipe, **facts)
-
-    averaging = _weight_average(cfg, method, make, device, precision, epochs)
-    weights = averaging.applied if averaging else training_weights
-
-    has_val = len(splits.val) > 0
-    if not has_val:
-        console.print("no validation split (dataset.val_fraction=0): the last epoch's weights are kept and tested.")
-    checkpoints = run_dir / "checkpoints"
+            save_model(path, weights, run.model.recipe, **facts)
 
     def save_train_state(state: State) -> None:
-        payload = train_state.capture(state, loaders["train"], precision.scaler, data, averaging)
+        payload = train_state.capture(state, run.loaders["train"], run.precision.scaler, run.data, hooks)
         payload["rng_per_process"] = dist.gather(payload["rng"])  # each process's dropout / augmentation draws
         payload["wall_time_s"] = time.perf_counter() - started
         if dist.main:
-            train_state.save(checkpoints, payload)
+            train_state.save(folder.train_state, payload)
 
-    split, metric, higher = VALIDATORS.get(cfg.trainer.select, ("last", "epoch", True))
-    checkpointer = Checkpointer(checkpoints, save, describe_epoch, split, metric, cfg.trainer.save_every_s,
-                                save_train_state, weights, higher, method.selectable_from, dist.broadcast)
-    state = State(method, optimizer, scheduler, epochs, steps_per_epoch)
-    if payload is not None:
-        train_state.restore(state, payload, loaders["train"], precision.scaler, averaging, dist.rank, dist.world)
-        if state.best:  # none yet when the run was killed before its first selectable epoch (SHOT's source phase)
-            checkpointer.best_state = load_file(str(checkpoints / "best.safetensors"))
-        console.print(f"resuming {run_dir} at epoch {state.epoch + 1}/{epochs} (optimizer step {state.step})",
-                      highlight=False)
-    elif source:  # the source model's own learning curve opens the run's table
-        state.history.extend(source.history)
-    hooks = [
+    return Checkpointer(folder, save, describe_epoch, selection(run.cfg.trainer.select),
+                                save_every_s=run.cfg.trainer.save_every_s, after_write=save_train_state,
+                                weights=averaging.applied if averaging else training_weights,
+                                first_epoch=run.method.selectable_from, agree=dist.broadcast)
+
+
+def _hooks(run: Run, folder: RunFolder, averaging: WeightAverage | None, checkpointer: Checkpointer,
+           console: Console) -> list[Hook]:
+    trainer, dist = run.cfg.trainer, run.dist
+    weights = averaging.applied if averaging else training_weights
+    return [
         *([averaging] if averaging else []),  # first: the average includes this epoch before it is evaluated
-        *([EvalHook(loaders["val"], device, precision, "val", weights)] if has_val else []),
+        *([EvalHook(run.loaders["val"], run.device, run.precision, "val", weights)] if len(run.splits.val) else []),
         # Target labels are only ever used here, to measure; checkpoints are chosen on source val or on the
         # label-free validators (trainer.select).
-        *([EvalHook(make_target("test", False), device, precision, "target_test", weights),
-           TargetValidators(make_target("train", False), device, precision, weights)] if target else []),
-        *([MetricsWriter(RunFiles(run_dir).metrics)] if dist.main else []),
-        *method.hooks(),  # before the checkpointer: the saved state includes what they change (unfrozen stages)
+        *([EvalHook(run.target_loader("test", False), run.device, run.precision, "target_test", weights),
+           TargetValidators(run.target_loader("train", False), run.device, run.precision, weights)]
+          if run.target else []),
+        *([MetricsWriter(folder.metrics)] if dist.main else []),
+        *run.method.hooks(),  # before the checkpointer: the saved state includes what they change (unfrozen stages)
         checkpointer,
-        *([ProgressHook(console, cfg.trainer.progress, cfg.trainer.log_every)] if dist.main else []),
+        *([ProgressHook(console, trainer.progress, trainer.log_every)] if dist.main else []),
     ]
-    if payload is None:  # a resumed run continues the random streams its training state recorded
-        seed_stage(cfg.seed, "train")  # dropout, augmentation and every other draw of the loop
-    try:
-        fit(state, loaders["train"], device, precision, hooks, cfg.trainer.accumulate, cfg.trainer.grad_clip)
-    except Diverged as err:
-        if dist.main:
-            _write_diverged(run_dir, cfg, state, err, time.perf_counter() - started)
-        raise
 
-    # Report the test split once, with the weights that were best on validation.
-    method.load_plain_state(checkpointer.best_state)
-    test = evaluate(method, loaders["test"], device, precision)
+
+def _finish(run: Run, state: State, checkpointer: Checkpointer, folder: RunFolder, averaging: WeightAverage | None,
+            started: float, console: Console) -> dict[str, Any]:
+    """Scores the test split once, with the kept weights, and writes the run's tables, plots and summary."""
+    cfg, dist = run.cfg, run.dist
+    run.method.load_plain_state(checkpointer.best_state)
+    test = evaluate(run.method, run.loaders["test"], run.device, run.precision)
     state.history.append({"epoch": state.best["epoch"], "split": "test", **test})
     metrics = metrics_frame(state.history)
-    picks = validator_picks(state.history, method.selectable_from + 1) if target else []
+    picks = validator_picks(state.history, run.method.selectable_from + 1) if run.target else []
     if dist.main:
-        write_table(metrics, RunFiles(run_dir).metrics, markdown=True)
+        write_table(metrics, folder.metrics, markdown=True)
         if picks:  # what each label-free validator would have kept, next to the oracle
-            write_table(pd.DataFrame(picks), run_dir / "validators.csv", markdown=True)
+            write_table(pd.DataFrame(picks), folder.validators, markdown=True)
         if cfg.trainer.plots:
-            plot_curves(metrics, run_dir / "curves.png")
+            plot_curves(metrics, folder.curves)
     if cfg.trainer.analyze and dist.main:  # the kept weights' features on 1,000 test images of each domain
         analyze_alignment(
-            method.model,
-            (cfg.dataset.name, sample_loader(splits.test, model.spec, cfg.dataset, device, 1000, cfg.seed)),
-            (cfg.target.dataset.name, sample_loader(target.test, model.spec, cfg.target.dataset, device, 1000, cfg.seed)),
-            list(splits.classes), device, precision, run_dir, cfg.seed)
+            run.method.model,
+            (cfg.dataset.name, sample_loader(run.splits.test, run.model.spec, cfg.dataset, run.device, 1000, cfg.seed)),
+            (cfg.target.dataset.name, sample_loader(run.target.test, run.model.spec, cfg.target.dataset, run.device,
+                                                    1000, cfg.seed)),
+            list(run.splits.classes), run.device, run.precision, folder.path, cfg.seed)
+    summary = _summary(run, state, folder, test, picks, averaging, time.perf_counter() - started)
+    table = summary_frame(summary)
+    if dist.main:
+        write_summary(folder, summary, {"Result": table, "Metrics per epoch": metrics})
+    console.print(rich_record(table.iloc[0].to_dict(), title=f"{cfg.name}  ->  {folder.path}"), soft_wrap=True)
+    return summary
 
-    summary = {
+
+def _summary(run: Run, state: State, folder: RunFolder, test: dict[str, float], picks: list[dict[str, Any]],
+             averaging: WeightAverage | None, seconds: float) -> dict[str, Any]:
+    cfg, splits = run.cfg, run.splits
+    return {
         "name": cfg.name,
         "status": "ok",
-        "run_dir": str(run_dir),
+        "run_dir": str(folder.path),
         "command": command_line(),
         "dataset": cfg.dataset.name,
         "backbone": cfg.backbone.name,
-        "weights": str(source.path) if source else cfg.backbone.weights,
+        "weights": str(run.source.path) if run.source else cfg.backbone.weights,
         "method": cfg.method.name,
         "seed": cfg.seed,
         "classes": len(splits.classes),
-        "input": model.spec.brief(),  # the preprocessing used: size, resize, mean, std / the tokenizer
+        "input": run.model.spec.brief(),  # the preprocessing used: size, resize, mean, std / the tokenizer
         "samples": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "skipped_files": splits.skipped,
-        "data_identity": data,
+        "data_identity": run.data,
         "data_notes": splits.notes,
-        "target": cfg.target.dataset.name if target else None,
+        "target": cfg.target.dataset.name if run.target else None,
         "select": cfg.trainer.select,
         # Every split's metrics at the epoch whose weights were kept (the target test of the checkpoint).
         "at_best": {r["split"]: _metrics(r) for r in state.history if r["epoch"] == state.best["epoch"]
@@ -278,25 +262,20 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         "best": state.best,
         "test": test,
         "final": dict(state.epoch_metrics),
-        **method.describe(),  # after training: gradual unfreezing changes what trains
+        **run.method.describe(),  # after training: gradual unfreezing changes what trains
         **(averaging.describe() if averaging else {}),
-        "wall_time_s": time.perf_counter() - started,
-        "processes": dist.world,  # dataset.batch_size is per process
-        "global_batch": cfg.dataset.batch_size * dist.world * cfg.trainer.accumulate,
-        "device": str(device),
-        "precision": precision.name,
+        "wall_time_s": seconds,
+        "processes": run.dist.world,  # dataset.batch_size is per process
+        "global_batch": cfg.dataset.batch_size * run.dist.world * cfg.trainer.accumulate,
+        "device": str(run.device),
+        "precision": run.precision.name,
         "versions": versions(),
     }
-    table = summary_frame(summary)
-    if dist.main:
-        write_summary(run_dir, summary, {"Result": table, "Metrics per epoch": metrics})
-    console.print(rich_record(table.iloc[0].to_dict(), title=f"{cfg.name}  ->  {run_dir}"), soft_wrap=True)
-    return summary
 
 
-def _weight_average(cfg: DictConfig, method: Method, make: Callable[..., DataLoader], device: torch.device,
-                    precision: Precision, epochs: int) -> WeightAverage | None:
+def _weight_average(run: Run) -> WeightAverage | None:
     """The EMA / SWA hook the trainer settings ask for, or None."""
+    cfg, method, epochs = run.cfg, run.method, run.epochs
     ema, swa = cfg.trainer.ema_decay, cfg.trainer.swa_start
     if ema is None and swa is None:
         return None
@@ -308,39 +287,26 @@ def _weight_average(cfg: DictConfig, method: Method, make: Callable[..., DataLoa
                         f"gradient-descent path, but method={cfg.method.name} fits its weights in one solve "
                         "(solver=lbfgs): there is nothing to average. Set them to null, or use solver=sgd.")
     # plain train images, as test time sees them; every process measures the same statistics on all of them
-    bn_loader = make("train", False, False) if swa is not None else None
-    return WeightAverage(method.model, ema, swa, bn_loader, device, precision, method.frozen_norms)
-
-
-def _uses_source(cfg: DictConfig, console: Console) -> bool:
-    """Whether the run starts from a source-pretrained body: a method that re-initialises every layer is
-    not made to pretrain (or read) one it would throw away."""
-    if cfg.backbone.weights != "source":
-        return False
-    if not METHODS.get(cfg.method.name).uses_pretrained_weights:
-        console.print(f"method={cfg.method.name} re-initialises every layer: backbone.weights=source is not built.",
-                      highlight=False)
-        return False
-    return True
+    bn_loader = run.loader("train", False, sharded=False) if swa is not None else None
+    return WeightAverage(method.model, ema, swa, bn_loader, run.device, run.precision, method.frozen_norms)
 
 
 def _metrics(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in ("epoch", "split")}
 
 
-def _same_data(run_dir: Path, cfg: DictConfig) -> bool:
+def _same_data(folder: RunFolder, cfg: DictConfig) -> bool:
     """Whether a finished run's summary was computed from the data ``cfg`` reads now."""
-    recorded = (RunFiles(run_dir).read_summary() or {}).get("data_identity")
+    recorded = (folder.read_summary() or {}).get("data_identity")
     return recorded == data_identity(build_data(cfg.dataset))
 
 
-def _write_diverged(run_dir: Path, cfg: DictConfig, state: State, err: Diverged, seconds: float) -> None:
+def _write_diverged(folder: RunFolder, cfg: DictConfig, state: State, err: Diverged, seconds: float) -> None:
     """The summary of a run stopped by a non-finite loss: what happened, where, and the epochs before it."""
-    summary = {"name": cfg.name, "status": "diverged", "error": str(err), "run_dir": str(run_dir),
+    summary = {"name": cfg.name, "status": "diverged", "error": str(err), "run_dir": str(folder.path),
                "command": command_line(), "dataset": cfg.dataset.name, "backbone": cfg.backbone.name,
-               "method": cfg.method.name, "epochs": state.epoch, "diverged_at": {"epoch": err.epoch + 1,
-               "batch": err.batch + 1, "step": err.step, "last_finite_loss": err.last_finite},
+               "method": cfg.method.name, "epochs": state.epoch, "diverged_at": err.facts(),
                "best": state.best or None, "wall_time_s": seconds, "versions": versions()}
     if state.history:
-        write_table(metrics_frame(state.history), RunFiles(run_dir).metrics, markdown=True)
-    atomic_write_text(RunFiles(run_dir).summary, json.dumps(summary, indent=2, default=str) + "\n")
+        write_table(metrics_frame(state.history), folder.metrics, markdown=True)
+    atomic_write_text(folder.summary, json.dumps(summary, indent=2, default=str) + "\n")

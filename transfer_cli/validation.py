@@ -13,7 +13,7 @@ from transfer_cli.config import AUGMENTS, PROGRESS, DatasetConfig
 from transfer_cli.data.splits import DATASETS
 from transfer_cli.data.transforms import INTERPOLATIONS
 from transfer_cli.engine.device import AMP_DTYPES, DEVICES
-from transfer_cli.engine.validators import SELECTIONS
+from transfer_cli.engine.selection import SELECTIONS
 from transfer_cli.errors import UserError, bad_value, choices
 from transfer_cli.methods.base import METHODS
 from transfer_cli.models.backbone import BACKBONES

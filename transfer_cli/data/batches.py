@@ -21,21 +21,21 @@ _DEVICE_SHARE = 0.25
 
 
 class Rows(Dataset):
-    """Samples of an in-memory uint8 tensor, indexed by a list of positions: returns (images, labels) of all
-    of them at once."""
+    """Samples of an in-memory tensor (images or token ids), indexed by a list of positions: returns
+    (samples, labels) of all of them at once."""
 
-    def __init__(self, images: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.rows, self.labels = images, rows, labels
+    def __init__(self, tensor: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> None:
+        self.tensor, self.rows, self.labels = tensor, rows, labels
 
     def to(self, device: torch.device) -> None:
-        self.images, self.rows = self.images.to(device), self.rows.to(device)
+        self.tensor, self.rows = self.tensor.to(device), self.rows.to(device)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         at = torch.as_tensor(positions, dtype=torch.long)
-        return torch.index_select(self.images, 0, self.rows[at.to(self.rows.device)]), self.labels[at]
+        return torch.index_select(self.tensor, 0, self.rows[at.to(self.rows.device)]), self.labels[at]
 
 
 class EpochShuffle(Sampler[int]):
@@ -102,9 +102,9 @@ class Batches:
             order = Shard(order, dist, even=shuffle)
         pin = device.type == "cuda"
         if isinstance(dataset, Rows):
-            if pin and dataset.images.nbytes < _DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]:
+            if pin and dataset.tensor.nbytes < _DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]:
                 dataset.to(device)
-            pin = pin and dataset.images.device.type == "cpu"
+            pin = pin and dataset.tensor.device.type == "cpu"
             self.loader = DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last), batch_size=None,
                                      pin_memory=pin)
         else:

@@ -33,7 +33,7 @@ from transfer_cli.config import DatasetConfig
 from transfer_cli.data.augment import centre_anchor
 from transfer_cli.data.batches import usable_cores
 from transfer_cli.data.identity import base_digest
-from transfer_cli.data.splits import DataSplits, TensorImages, base_of, targets_of, with_base
+from transfer_cli.data.splits import DataSplits, InMemory, TensorImages, base_of, targets_of, with_base
 from transfer_cli.data.transforms import InputSpec
 from transfer_cli.files import atomic_write
 
@@ -99,7 +99,7 @@ def decoded_copy(dataset: Dataset, spec: InputSpec, cache_dir: Path | None) -> t
 def hold_in_memory(splits: DataSplits, spec: InputSpec, cfg: DatasetConfig, log: Callable[[str], None]) -> DataSplits:
     """``splits`` with its image files replaced by their decoded copies when ``dataset.in_memory`` says so."""
     mode = str(cfg.in_memory).lower()
-    bases = {id(b): b for b in map(base_of, (splits.train, splits.val, splits.test)) if not isinstance(b, TensorImages)}
+    bases = {id(b): b for b in map(base_of, (splits.train, splits.val, splits.test)) if not isinstance(b, InMemory)}
     if splits.size is not None or mode == "false" or not bases:
         return splits
     side = _side(spec)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from transfer_cli.data.splits import DataSplits, TensorImages
+from transfer_cli.data.splits import DataSplits, InMemory
 
 
 def _rows(dataset: Dataset) -> tuple[Dataset, np.ndarray]:
@@ -35,8 +35,8 @@ def _quick(base: Dataset, row: int) -> bytes | int | None:
 
 
 def _content(base: Dataset, row: int) -> bytes | None:
-    if isinstance(base, TensorImages):
-        return hashlib.sha256(base.images[row].contiguous().numpy().tobytes()).digest()
+    if isinstance(base, InMemory):
+        return hashlib.sha256(base.tensor[row].contiguous().numpy().tobytes()).digest()
     if hasattr(base, "texts"):
         return hashlib.sha256(base.texts[row].encode("utf-8", "surrogatepass")).digest()
     if hasattr(base, "samples"):  # image files

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from transfer_cli.data.splits import DataSplits, TensorImages
+from transfer_cli.data.splits import DataSplits, InMemory
 
 
 def _file_fact(path: Path) -> str:
@@ -32,8 +32,8 @@ def base_digest(dataset: Dataset, memo: dict[int, str] | None = None) -> str:
     if key in memo:
         return memo[key]
     digest = hashlib.sha256(type(dataset).__name__.encode())
-    if isinstance(dataset, TensorImages):
-        digest.update(dataset.images.contiguous().numpy().tobytes())
+    if isinstance(dataset, InMemory):
+        digest.update(dataset.tensor.contiguous().numpy().tobytes())
         digest.update(dataset.targets.numpy().tobytes())
     elif hasattr(dataset, "texts"):  # TextSamples
         for text in dataset.texts:
@@ -79,3 +79,9 @@ def split_identities(splits: DataSplits, labels: bool = True) -> dict[str, str]:
     samples a split holds, whatever the class numbering (a checkpoint records this of its held-out splits)."""
     memo: dict[int, str] = {}
     return {name: _dataset_digest(splits.split(name), memo, labels)[:32] for name in ("train", "val", "test")}
+
+
+def input_identities(splits: DataSplits, spec: Any) -> dict[str, dict[str, Any]]:
+    """Per split, what identifies the model input it gives: its samples' digest and the preprocessing
+    (``spec``, an InputSpec or TextSpec); the key of a split's cached features."""
+    return {split: {"input": spec.to_dict(), "samples": digest} for split, digest in split_identities(splits).items()}

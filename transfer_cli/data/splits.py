@@ -14,20 +14,32 @@ from torch.utils.data import Dataset, Subset
 from transfer_cli.registry import Registry
 
 
-class TensorImages(Dataset):
-    """Images held in memory as one uint8 tensor [N, C, H, W]; the fast path for small datasets."""
+class InMemory(Dataset):
+    """Samples held in memory as one tensor (``tensor``, a row per sample) with their labels: what every
+    in-memory path (batches cut by index, feature caches, identity digests) reads, images or token ids."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | Sequence[int]) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"expected uint8 [N, C, H, W] images, got {images.dtype} {tuple(images.shape)}")
-        self.images = images
+    def __init__(self, tensor: torch.Tensor, labels: torch.Tensor | Sequence[int]) -> None:
+        self.tensor = tensor
         self.targets = torch.as_tensor(labels, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.targets[index])
+        return self.tensor[index], int(self.targets[index])
+
+
+class TensorImages(InMemory):
+    """Images held in memory as one uint8 tensor [N, C, H, W]; the fast path for small datasets."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | Sequence[int]) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 [N, C, H, W] images, got {images.dtype} {tuple(images.shape)}")
+        super().__init__(images, labels)
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.tensor
 
 
 @dataclass
@@ -86,11 +98,11 @@ def with_base(dataset: Dataset, replace: Callable[[Dataset], Dataset]) -> Datase
     return outer
 
 
-def tensor_view(dataset: Dataset) -> tuple[TensorImages, torch.Tensor, torch.Tensor] | None:
-    """(in-memory base, its row of every sample, every sample's label) for a ``TensorImages`` seen through
+def tensor_view(dataset: Dataset) -> tuple[InMemory, torch.Tensor, torch.Tensor] | None:
+    """(in-memory base, its row of every sample, every sample's label) for an ``InMemory`` dataset seen through
     any chain of subsets (class subsets, few-shot draws, carved splits); None for other datasets."""
     base = base_of(dataset)
-    if not isinstance(base, TensorImages):
+    if not isinstance(base, InMemory):
         return None
     rows, outer = None, dataset
     while isinstance(outer, Subset):

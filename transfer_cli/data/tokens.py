@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from transfer_cli.config import DatasetConfig, TfidfConfig
 from transfer_cli.data.identity import base_digest
-from transfer_cli.data.splits import DataSplits, TensorImages, base_of, with_base
+from transfer_cli.data.splits import DataSplits, InMemory, base_of, with_base
 from transfer_cli.data.text import TextSamples
 from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write
@@ -66,14 +66,19 @@ class TextSpec:
         return f"text ({self.source} tokenizer, <= {self.max_length} tokens{pooled})"
 
 
-class TokenIds(TensorImages):
-    """Token ids [N, L] (int32, padded with PAD) of ``source``'s texts. They sit in ``images``, the tensor
-    every in-memory path reads, so text batches are cut exactly as image batches are."""
+class TokenIds(InMemory):
+    """Token ids [N, L] (int32, padded with PAD) of ``source``'s texts, in memory: text batches are cut
+    exactly as image batches are."""
 
     def __init__(self, ids: torch.Tensor, labels: torch.Tensor, source: Dataset) -> None:
         if ids.dtype != torch.int32 or ids.ndim != 2:
             raise ValueError(f"expected int32 [N, L] token ids, got {ids.dtype} {tuple(ids.shape)}")
-        self.images, self.targets, self.source = ids, torch.as_tensor(labels, dtype=torch.long), source
+        super().__init__(ids, labels)
+        self.source = source
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.tensor
 
 
 @contextlib.contextmanager
@@ -240,7 +245,7 @@ def tokenize_splits(splits: DataSplits, spec: TextSpec, cfg: DatasetConfig, log:
         ids[key] = TokenIds(tokens, torch.as_tensor(base.targets), base)
         cached.append(hit)
     count = sum(len(b) for b in bases.values())
-    lengths = np.concatenate([(t.images != PAD).sum(1).numpy() for t in ids.values()])
+    lengths = np.concatenate([(t.ids != PAD).sum(1).numpy() for t in ids.values()])
     truncated = int((lengths >= spec.max_length).sum()) if spec.tokenizer == "hf" else 0
     log(f"{count:,} texts {'read from the cache' if all(cached) else 'tokenized'} ({spec.describe()}; "
         f"{np.mean(lengths):.1f} tokens on average{f', {truncated:,} cut at max_length' if truncated else ''}; "

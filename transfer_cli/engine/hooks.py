@@ -10,9 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from transfer_cli.engine.device import Precision
 from transfer_cli.engine.loop import Hook, State, evaluate
+from transfer_cli.engine.selection import LAST, VALIDATORS, Selection
+from transfer_cli.run_folder import RunFolder
+
+VAL_ACC1 = VALIDATORS["val_acc1"]
 
 # (path, weights, facts about the epoch they come from) -> writes one checkpoint
 SaveWeights = Callable[[Path, dict[str, torch.Tensor], dict[str, Any]], None]
@@ -41,20 +46,19 @@ class EvalHook(Hook):
 
 
 class Checkpointer(Hook):
-    """Keeps the best weights (by ``metric`` on ``split``, higher or lower being better as ``higher`` says;
-    without that split, the latest epoch) among the epochs from ``first_epoch`` (0-based) on, in memory
-    and writes last.safetensors and best.safetensors after the first epoch, then whenever ``save_every_s``
-    seconds have passed since the previous write, and at the end. Short epochs thus do not pay for a disk
-    write each, and a killed run loses at most ``save_every_s`` seconds of training. ``after_write`` runs
-    after each write (the resumable training state is saved there, consistent with the weights)."""
+    """Keeps the best weights (by ``selection``; without its split, the latest epoch) among the epochs from
+    ``first_epoch`` (0-based) on, in memory, and writes the run folder's last and best checkpoints after the
+    first epoch, then whenever ``save_every_s`` seconds have passed since the previous write, and at the end.
+    Short epochs thus do not pay for a disk write each, and a killed run loses at most ``save_every_s``
+    seconds of training. ``after_write`` runs after each write (the resumable training state is saved there,
+    consistent with the weights)."""
 
-    def __init__(self, folder: Path, save: SaveWeights, describe: Callable[[State], dict[str, Any]],
-                 split: str = "val", metric: str = "acc1", save_every_s: float = 60.0,
+    def __init__(self, folder: RunFolder, save: SaveWeights, describe: Callable[[State], dict[str, Any]],
+                 selection: Selection = VAL_ACC1, *, save_every_s: float = 60.0,
                  after_write: Callable[[State], None] | None = None, weights: Weights = training_weights,
-                 higher: bool = True, first_epoch: int = 0, agree: Callable[[bool], bool] = bool) -> None:
+                 first_epoch: int = 0, agree: Callable[[bool], bool] = bool) -> None:
         self.folder, self.save, self.describe, self.weights = folder, save, describe, weights
-        self.split, self.metric, self.save_every_s = split, metric, save_every_s
-        self.higher, self.first_epoch = higher, first_epoch
+        self.selection, self.save_every_s, self.first_epoch = selection, save_every_s, first_epoch
         self.after_write = after_write
         self.agree = agree  # several processes: process 0's decision to write, so all take part in the write
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -62,14 +66,21 @@ class Checkpointer(Hook):
         self.best_written = True
         self.last_write = -math.inf
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"has_best": self.best_state is not None}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """The best weights so far are the best checkpoint written with this state (none yet when the run
+        stopped before its first selectable epoch, e.g. in SHOT's source phase)."""
+        if saved["has_best"]:
+            self.best_state = load_file(str(self.folder.best))
+
     def after_epoch(self, state: State) -> None:
-        monitored = self.split in state.epoch_metrics
-        value = state.epoch_metrics[self.split][self.metric] if monitored else float(state.epoch + 1)
-        better = not state.best or not monitored or (
-            value > state.best["value"] if self.higher else value < state.best["value"])
+        rule = self.selection if self.selection.split in state.epoch_metrics else LAST
+        value = state.epoch_metrics[rule.split][rule.metric] if rule is not LAST else float(state.epoch + 1)
+        better = not state.best or rule is LAST or rule.better(value, state.best["value"])
         if state.epoch >= self.first_epoch and better:
-            state.best = {"epoch": state.epoch + 1, "split": self.split if monitored else "last",
-                          "metric": self.metric if monitored else "epoch", "value": value}
+            state.best = {"epoch": state.epoch + 1, "split": rule.split, "metric": rule.metric, "value": value}
             self.best_state = self.checkpoint_weights(state)
             self.best_facts, self.best_written = self.describe(state), False
         if self.agree(time.monotonic() - self.last_write >= self.save_every_s):
@@ -85,9 +96,9 @@ class Checkpointer(Hook):
 
     def write(self, state: State) -> None:
         if not self.best_written:
-            self.save(self.folder / "best.safetensors", self.best_state, self.best_facts)
+            self.save(self.folder.best, self.best_state, self.best_facts)
             self.best_written = True
-        self.save(self.folder / "last.safetensors", self.checkpoint_weights(state), self.describe(state))
+        self.save(self.folder.last, self.checkpoint_weights(state), self.describe(state))
         if self.after_write:
             self.after_write(state)
         self.last_write = time.monotonic()

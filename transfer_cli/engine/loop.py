@@ -28,6 +28,16 @@ class Diverged(Exception):
         )
         self.epoch, self.batch, self.step, self.last_finite = epoch, batch, step, last_finite
 
+    def facts(self) -> dict[str, Any]:
+        """Where it happened, 1-based, as a run summary records it (``diverged_at``)."""
+        return {"epoch": self.epoch + 1, "batch": self.batch + 1, "step": self.step,
+                "last_finite_loss": self.last_finite}
+
+    @classmethod
+    def from_facts(cls, facts: dict[str, Any]) -> Diverged:
+        """The error again, from a summary's ``diverged_at`` (a process that only reads the run folder)."""
+        return cls(facts["epoch"] - 1, facts["batch"] - 1, facts["step"], facts["last_finite_loss"])
+
 
 @dataclass
 class State:
@@ -120,6 +130,15 @@ class Synced:
 
 
 class Hook:
+    """Runs at the loop's events. A hook with state of its own (an average, the best weights so far) returns
+    it from ``state_dict`` and takes it back in ``load_state_dict``, so a resumed run continues it; the
+    resumable training state is the loop's state plus every hook's."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None: ...
+
     def before_fit(self, state: State) -> None: ...
     def before_epoch(self, state: State) -> None: ...
     def after_step(self, state: State) -> None: ...

@@ -6,23 +6,25 @@ save resumes from the last epoch boundary and, on a deterministic CPU run, finis
 weights and metrics as a run that was never stopped: model, optimizer, schedule, grad scaler, epoch,
 step, metrics rows, best epoch (its weights are best.safetensors), the data's identity, every RNG (torch, CUDA, NumPy, Python, each loader's
 shuffling generator and where the endless target iterator of a domain-adaptation run stands) and the
-method's own state (e.g. stages unfrozen so far) are all in it.
+method's own state (e.g. stages unfrozen so far) and every hook's own state (an EMA / SWA average, whether a
+best checkpoint exists) are all in it.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from transfer_cli.engine.loop import State
+from transfer_cli.engine.loop import Hook, State
+from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write
-from transfer_cli.run_files import STATE_FILE
 
-VERSION = 1
+VERSION = 2  # 2: hooks keep their own state (1 kept the weight average alone)
 
 
 def rng_states() -> dict[str, Any]:
@@ -61,11 +63,16 @@ def load_loader_state(loader: Any, saved: dict[str, Any]) -> None:
         loader.generator.set_state(saved["generator"])
 
 
-def capture(state: State, loader: Any, scaler: Any, data: str, averaging: Any = None) -> dict[str, Any]:
+def _hook_states(hooks: Sequence[Hook]) -> dict[str, Any]:
+    """Each stateful hook's state, by its class name (a run has at most one hook of a stateful kind)."""
+    states = {type(hook).__name__: hook.state_dict() for hook in hooks}
+    return {name: saved for name, saved in states.items() if saved is not None}
+
+
+def capture(state: State, loader: Any, scaler: Any, data: str, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     """The state after the epoch ``state.epoch`` finished. The best weights are not in it: the checkpointer
-    writes best.safetensors just before, and a resumed run reads them from there. ``data`` is the data's
-    identity (data/identity.py), so a run never resumes on changed data. ``averaging``: the EMA / SWA hook,
-    whose average is part of the state (the weights saved are the training weights, not the average)."""
+    writes best.safetensors just before, and reads them back from there on resume. ``data`` is the data's
+    identity (data/identity.py), so a run never resumes on changed data."""
     return {
         "version": VERSION,
         "data": data,
@@ -81,25 +88,33 @@ def capture(state: State, loader: Any, scaler: Any, data: str, averaging: Any = 
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "loader": loader_state(loader),
         "rng": rng_states(),
-        "averaging": averaging.state_dict() if averaging is not None else None,
+        "hooks": _hook_states(hooks),
     }
 
 
-def save(folder: Path, payload: dict[str, Any]) -> None:
-    atomic_write(folder / STATE_FILE, lambda tmp: torch.save(payload, tmp))
+def save(path: Path, payload: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load(folder: Path) -> dict[str, Any]:
-    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+def load(path: Path) -> dict[str, Any]:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("version") != VERSION:
+        raise UserError(f"{path} holds a training state of format {payload.get('version')}, and this version of "
+                        f"transfer_cli resumes format {VERSION} only: finish it with the version that started it, "
+                        "or start a new run.")
+    return payload
 
 
-def restore(state: State, payload: dict[str, Any], loader: Any, scaler: Any, averaging: Any = None,
+def restore(state: State, payload: dict[str, Any], loader: Any, scaler: Any, hooks: Sequence[Hook] = (),
             rank: int = 0, world: int = 1) -> None:
     """Put ``payload`` back into a freshly built run (process ``rank`` of ``world`` gets its own RNG states)."""
-    if (averaging is None) != (payload.get("averaging") is None):
-        raise ValueError("the saved run and this one differ in trainer.ema_decay / trainer.swa_start")
-    if averaging is not None:
-        averaging.load_state_dict(payload["averaging"])
+    saved = payload["hooks"]
+    if set(saved) != set(_hook_states(hooks)):
+        raise ValueError(f"the saved run's stateful hooks ({sorted(saved)}) differ from this run's "
+                         f"({sorted(_hook_states(hooks))}): its trainer settings changed")
+    for hook in hooks:
+        if type(hook).__name__ in saved:
+            hook.load_state_dict(saved[type(hook).__name__])
     state.method.load_extra_state(payload["method_extra"], state)  # first: it may add optimizer groups
     state.method.load_state_dict(payload["method"])
     if state.optimizer is not None:

@@ -19,6 +19,7 @@ import torch
 from transfer_cli.engine.device import Precision
 from transfer_cli.engine.hooks import Weights, training_weights
 from transfer_cli.engine.loop import Hook, State, infer
+from transfer_cli.engine.selection import VALIDATORS
 
 SND_SAMPLES = 4096  # SND compares every pair: a fixed (first-N, unshuffled) subset keeps it O(N^2) small
 SND_TEMPERATURE = 0.05
@@ -48,17 +49,6 @@ def validator_scores(logits: torch.Tensor) -> dict[str, float]:
             "snd": soft_neighborhood_density(probs[:SND_SAMPLES]).item()}
 
 
-# validator name -> (split of metrics.csv, column, True when higher is better). ``val_acc1`` is the only one
-# that uses labels: the source domain's validation split.
-VALIDATORS: dict[str, tuple[str, str, bool]] = {
-    "val_acc1": ("val", "acc1", True),
-    "target_entropy": ("target_train", "entropy", False),
-    "target_im": ("target_train", "im", True),
-    "target_snd": ("target_train", "snd", True),
-}
-SELECTIONS = (*VALIDATORS, "last")  # trainer.select: a validator, or simply the last epoch
-
-
 class TargetValidators(Hook):
     """After every epoch: the label-free validators on the target's train images (unaugmented, in a fixed
     order; their labels are never read), as the ``target_train`` row of the epoch."""
@@ -82,11 +72,12 @@ def validator_picks(history: list[dict[str, Any]], first_epoch: int = 1) -> list
     rows = {(r["epoch"], r["split"]): r for r in history}
     epochs = sorted(e for e, split in rows if split == "target_test" and e >= first_epoch)
     picks = []
-    for name, (split, metric, higher) in VALIDATORS.items():
+    for name, rule in VALIDATORS.items():
+        split, metric = rule.split, rule.metric
         scored = [(rows[(e, split)][metric], e) for e in epochs
                   if isinstance(rows.get((e, split), {}).get(metric), float) and math.isfinite(rows[(e, split)][metric])]
         if scored:
-            sign = 1 if higher else -1
+            sign = 1 if rule.higher else -1
             score, epoch = max(scored, key=lambda pair: (sign * pair[0], -pair[1]))
             picks.append({"validator": name, "epoch": epoch, "score": score,
                           "target_test_acc1": rows[(epoch, "target_test")]["acc1"]})

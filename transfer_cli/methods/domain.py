@@ -190,9 +190,11 @@ class DANN(DomainAdaptation):
                  mcc_weight: NonNegative, label_smoothing: Fraction) -> None:
         super().__init__(model, weight=weight, mcc_weight=mcc_weight, label_smoothing=label_smoothing)
         self.gamma = gamma
-        self.discriminator = DomainDiscriminator(self.discriminator_input(), hidden)
+        self.discriminator = DomainDiscriminator(self.build_domain_input(), hidden)
 
-    def discriminator_input(self) -> int:
+    def build_domain_input(self) -> int:
+        """Builds whatever turns features into the discriminator's input (before the discriminator, so its
+        random initialisation comes first) and returns the input's width."""
         return self.model.feature_dim
 
     def param_groups(self, lr, weight_decay, params=None):
@@ -230,7 +232,7 @@ class CDAN(DANN):
         super().__init__(model, weight=weight, gamma=gamma, hidden=hidden, mcc_weight=mcc_weight,
                          label_smoothing=label_smoothing)
 
-    def discriminator_input(self) -> int:
+    def build_domain_input(self) -> int:
         self.conditional = ConditionalMap(self.model.feature_dim, _classes(self.model), self.random_dim)
         return self.conditional.out_features
 

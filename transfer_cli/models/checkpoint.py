@@ -22,7 +22,7 @@ from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write, atomic_write_text
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.models.recipe import FORMAT_VERSION, ModelRecipe
-from transfer_cli.run_files import RunFiles, RunStatus
+from transfer_cli.run_folder import RunFolder, RunStatus
 
 _HEADER_KEY = "transfer_cli.recipe"
 _SIDECAR_KEY = "transfer_cli.sidecar_sha256"  # the whole sidecar: its run config decides the held-out split
@@ -160,4 +160,4 @@ def checkpoint_paths(value: Any, log: Callable[[str], None] | None = None) -> li
 
 
 def _finished(run_dir: Path) -> bool:
-    return RunFiles(run_dir).status() is RunStatus.FINISHED
+    return RunFolder(run_dir).status() is RunStatus.FINISHED

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -15,7 +14,7 @@ import torchvision
 from transfer_cli import __version__
 from transfer_cli.files import atomic_write_text
 from transfer_cli.reporting.tables import markdown_table
-from transfer_cli.run_files import RunFiles
+from transfer_cli.run_folder import RunFolder
 
 
 def versions() -> dict[str, str]:
@@ -28,12 +27,12 @@ def command_line() -> str:
     return " ".join(sys.argv)
 
 
-def write_summary(folder: Path, summary: dict[str, Any], tables: dict[str, pd.DataFrame]) -> None:
-    atomic_write_text(RunFiles(folder).summary, json.dumps(summary, indent=2, default=str) + "\n")
+def write_summary(folder: RunFolder, summary: dict[str, Any], tables: dict[str, pd.DataFrame]) -> None:
+    atomic_write_text(folder.summary, json.dumps(summary, indent=2, default=str) + "\n")
     lines = [f"# {summary.get('name', 'run')}", "", f"`{summary.get('command', '')}`", ""]
     for title, df in tables.items():
         lines += [f"## {title}", "", markdown_table(df), ""]
-    atomic_write_text(RunFiles(folder).summary_md, "\n".join(lines))
+    atomic_write_text(folder.summary_md, "\n".join(lines))
 
 
 def summary_row(summary: dict[str, Any]) -> dict[str, Any]:

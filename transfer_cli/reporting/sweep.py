@@ -21,7 +21,7 @@ from transfer_cli.files import atomic_write_text
 from transfer_cli.reporting.published import add_published
 from transfer_cli.reporting.summary import summary_row
 from transfer_cli.reporting.tables import rich_table, write_table
-from transfer_cli.run_files import RunFiles
+from transfer_cli.run_folder import RunFolder
 
 GROUP_METRICS = ["val_acc1", "test_acc1", "target_test_acc1", "test_loss", "best_epoch", "seconds"]
 
@@ -78,7 +78,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def read_job(job: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"job": job.name, **_overrides(job)}
-    summary, error = RunFiles(job).summary, RunFiles(job).error
+    summary, error = RunFolder(job).summary, RunFolder(job).error
     if summary.is_file():
         facts = summary_row(read_json(summary))
         row.update({k: v for k, v in facts.items() if k not in row and k not in ("dataset", "backbone", "method")})

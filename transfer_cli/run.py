@@ -1,0 +1,142 @@
+"""A run's pieces built from its config, in one place: data, model, method, loaders, optimizer, schedule.
+
+`build_run` is the wiring that `transfer train`, the tests and the benchmarks share; everything that needs
+the built data to be checked (a test split to report, domains that share classes, a body to train, a
+resumed run's data) is checked here. The order of the seeded stages (init, method, features) is the order
+in which the pieces are built, so a run's numbers depend on its seed only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+
+from transfer_cli.data.batches import Batches
+from transfer_cli.data.identity import data_identity, input_identities, split_identities
+from transfer_cli.data.splits import DataSplits
+from transfer_cli.engine.device import Precision, seed_stage
+from transfer_cli.engine.distributed import SINGLE, Dist
+from transfer_cli.errors import UserError
+from transfer_cli.methods.base import METHODS, DataContext, Method
+from transfer_cli.models.backbone import Classifier
+from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader, prepare_splits
+from transfer_cli.reporting.progress import plain_log
+from transfer_cli.source import SourceModel, source_model
+
+
+@dataclass
+class Run:
+    """Everything one training run is made of, built and checked."""
+
+    cfg: DictConfig
+    device: torch.device
+    precision: Precision
+    dist: Dist
+    source: SourceModel | None  # the source-pretrained body the model started from
+    splits: DataSplits  # as the model reads them (token ids, decoded images)
+    target: DataSplits | None  # the unlabelled target domain of a domain-adaptation run
+    model: Classifier
+    method: Method
+    loaders: dict[str, Any]  # train / val / test, as the method wants them
+    optimizer: Any
+    scheduler: Any
+    epochs: int
+    steps_per_epoch: int
+    data: str  # the data's identity (data/identity.py): a run resumes only on the data it started on
+    held_out: dict[str, Any]  # the identity of each split's samples: eval refuses a test split other than this
+
+    def loader(self, split: str, train: bool, sharded: bool = True) -> Batches:
+        """Batches of one split of the dataset; ``sharded``: each process takes its share."""
+        return make_loader(self.splits.split(split), self.model.spec, self.cfg.dataset, train, self.device,
+                           self.cfg.seed, dist=self.dist if sharded else SINGLE)
+
+    def target_loader(self, split: str, train: bool) -> Batches:
+        return make_loader(self.target.split(split), self.model.spec, self.cfg.target.dataset, train, self.device,
+                           self.cfg.seed + 1, dist=self.dist)
+
+
+def build_run(cfg: DictConfig, device: torch.device, precision: Precision, dist: Dist = SINGLE,
+              console: Console | None = None, resumed_data: str | None = None) -> Run:
+    """The run ``cfg`` describes. ``resumed_data``: the data identity a resumed run started on (refused if the
+    data changed since). Caches (a source model, decoded images, features) are built by process 0 first."""
+    console = console or Console(quiet=True)
+    with dist.main_first():
+        source = source_model(cfg, device, precision, console) if uses_source(cfg, console) else None
+        splits = build_data(cfg.dataset)
+    target = _target_data(cfg, splits)
+    seed_stage(cfg.seed, "init")  # every random stream from here on depends on the seed and its stage only
+    model = build_model(cfg, splits, source.body if source else None,
+                        weights="none" if cfg.backbone.weights == "source" and not source else None)
+    for note in [*splits.notes, *model.notes]:
+        console.print(note, highlight=False, soft_wrap=True)
+    with dist.main_first():
+        splits = prepare_splits(splits, model.spec, cfg.dataset, plain_log(console))
+        target = prepare_splits(target, model.spec, cfg.target.dataset, plain_log(console)) if target else None
+    seed_stage(cfg.seed, "method")
+    method = _build_method(cfg, model, device)
+    data = data_identity(splits)
+    if resumed_data is not None and resumed_data != data:
+        raise UserError(f"cannot resume: the data of dataset={cfg.dataset.name} (dataset.root={cfg.dataset.root!r}) "
+                        "changed since the run started (files added, removed or modified). Start a new run.")
+    run = Run(cfg, device, precision, dist, source, splits, target, model, method, {}, None, None,
+              cfg.trainer.epochs, 0, data, split_identities(splits, labels=False))
+    identity = input_identities(splits, model.spec)
+    seed_stage(cfg.seed, "features")
+    with dist.main_first():  # cached features (LP-FT's probe) are computed once, by process 0
+        run.loaders = method.loaders(run.loader, DataContext(device, precision, identity,
+                                                             run.target_loader if target else None))
+    _build_optimization(run)
+    return run
+
+
+def _target_data(cfg: DictConfig, splits: DataSplits) -> DataSplits | None:
+    if len(splits.test) == 0:
+        raise UserError(f"dataset={cfg.dataset.name} has no test samples (dataset.root={cfg.dataset.root!r}), so "
+                        "the run could report nothing: add a test/ (or val/) folder, or use a dataset with a test split.")
+    target = build_data(cfg.target.dataset) if cfg.target else None
+    if target and len(target.classes) != len(splits.classes):  # names may differ ("0 - zero" vs "0")
+        raise UserError(f"target.dataset={cfg.target.dataset.name} has {len(target.classes)} classes but "
+                        f"dataset={cfg.dataset.name} has {len(splits.classes)}: domains must share their classes.")
+    return target
+
+
+def _build_method(cfg: DictConfig, model: Classifier, device: torch.device) -> Method:
+    method = METHODS.build(cfg.method, model=model).to(device)
+    if method.trains_body and not any(True for _ in model.body.parameters()):
+        raise UserError(f"method={cfg.method.name} trains the backbone, but backbone={cfg.backbone.name} has no "
+                        "trainable weights (a fitted TF-IDF vectoriser). Use method=linear_probe: a logistic "
+                        "regression on its features.")
+    if cfg.trainer.channels_last:
+        method.to(memory_format=torch.channels_last)
+    return method
+
+
+def _build_optimization(run: Run) -> None:
+    """The optimizer and schedule over the run's epochs (``trainer.steps`` sets them from the train loader)."""
+    trainer = run.cfg.trainer
+    run.steps_per_epoch = len(run.loaders["train"])
+    if trainer.steps:
+        run.epochs = max(1, math.ceil(trainer.steps * trainer.accumulate / run.steps_per_epoch))
+    run.optimizer, run.scheduler = build_optimization(run.method, run.cfg.optimizer, run.cfg.scheduler,
+                                                      run.steps_per_epoch, run.epochs, trainer.accumulate,
+                                                      run.dist.world)
+    if trainer.compile:
+        run.method.model.compile()
+
+
+def uses_source(cfg: DictConfig, console: Console) -> bool:
+    """Whether the run starts from a source-pretrained body: a method that re-initialises every layer is
+    not made to pretrain (or read) one it would throw away."""
+    if cfg.backbone.weights != "source":
+        return False
+    if not METHODS.get(cfg.method.name).uses_pretrained_weights:
+        console.print(f"method={cfg.method.name} re-initialises every layer: backbone.weights=source is not built.",
+                      highlight=False)
+        return False
+    return True
+
