@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import DEBUG, train_in_process
+from conftest import DEBUG, invoke, train_in_process
 from safetensors.torch import load_file
 
 from transfer_cli.config import DatasetConfig, HeadConfig
@@ -136,13 +136,22 @@ def test_averaged_weights_are_swapped_in_only_while_evaluated():
     assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
 
 
+AVERAGED = [*FAST, "trainer.epochs=4", "trainer.deterministic=true", "trainer.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def plain_metrics(tmp_path_factory) -> pd.DataFrame:
+    """The metrics of the run the averaged runs are compared with: the same settings, no average."""
+    folder = tmp_path_factory.mktemp("plain")
+    assert invoke("train", *AVERAGED, "hydra.run.dir=plain", cwd=folder).returncode == 0
+    return pd.read_csv(folder / "plain" / "metrics.csv")
+
+
 @pytest.mark.parametrize("setting", ["trainer.ema_decay=0.8", "trainer.swa_start=2"])
-def test_averaging_leaves_training_untouched_and_checkpoints_the_average(transfer, tmp_path, setting):
-    args = [*FAST, "trainer.epochs=4", "trainer.deterministic=true", "trainer.threads=1"]
-    assert transfer("train", *args, "hydra.run.dir=plain")[0] == 0
-    code, _, err = transfer("train", *args, setting, "hydra.run.dir=avg")
+def test_averaging_leaves_training_untouched_and_checkpoints_the_average(transfer, tmp_path, setting, plain_metrics):
+    code, _, err = transfer("train", *AVERAGED, setting, "hydra.run.dir=avg")
     assert code == 0, err
-    plain, avg = (pd.read_csv(tmp_path / run / "metrics.csv") for run in ("plain", "avg"))
+    plain, avg = plain_metrics, pd.read_csv(tmp_path / "avg" / "metrics.csv")
     train = ["epoch", "loss", "acc1"]
     pd.testing.assert_frame_equal(plain[plain.split == "train"][train], avg[avg.split == "train"][train])
     assert not plain[plain.split == "val"]["acc1"].equals(avg[avg.split == "val"]["acc1"])

@@ -177,8 +177,8 @@ def _launch_processes(cfg: DictConfig) -> dict[str, Any]:
         run(args)
     except ChildFailedError as err:
         summary = folder.read_summary()
-        if summary is not None and summary.get("status") == "diverged":
-            raise Diverged.from_facts(summary["diverged_at"]) from None
+        if summary is not None and summary.status == "diverged":
+            raise Diverged.from_facts(summary.diverged_at) from None
         rank, first = err.get_first_failure()
         others = sorted(r for r in err.failures if r != rank)
         stopped = f"; torchrun then stopped process(es) {', '.join(map(str, others))}" if others else ""
@@ -186,7 +186,7 @@ def _launch_processes(cfg: DictConfig) -> dict[str, Any]:
                         f"{first.exitcode} first (what it printed is above){stopped}.") from None
     finally:
         os.environ["HYDRA_FULL_ERROR"] = hydra_setting or "1"
-    return folder.read_summary()
+    return folder.read_summary().to_json()
 
 
 def _scoring(module: str, function: str) -> Callable[[DictConfig], Any]:
@@ -219,7 +219,7 @@ def _sweep_resume(args: list[str]) -> list[str]:
     """``sweep.resume=PATH|auto`` -> run the sweep again into that folder (``hydra.sweep.dir``): finished
     jobs are kept, unfinished ones resume from their checkpoint, failed and missing ones run (run_train
     decides per job folder). Hydra's own multirun has no resume; this is ours."""
-    from transfer_cli.reporting.sweep import sweep_overrides
+    from transfer_cli.reporting.sweep import SWEEP_CONFIG, is_sweep_folder, sweep_folders, sweep_overrides
 
     given = [a for a in args if a.startswith("sweep.resume=")]
     if not given:
@@ -229,15 +229,15 @@ def _sweep_resume(args: list[str]) -> list[str]:
     wanted = [a for a in rest if "=" in a and not a.startswith(("-", "hydra."))]
     if value == "auto":
         output_dir = next((a.split("=", 1)[1] for a in rest if a.startswith("output_dir=")), "outputs")
-        candidates = sorted(Path(output_dir, "sweeps").glob("*/multirun.yaml"), reverse=True)
-        found = next((c.parent for c in candidates if sorted(sweep_overrides(c.parent)) == sorted(wanted)), None)
+        found = next((f for f in sweep_folders(Path(output_dir, "sweeps")) if sorted(sweep_overrides(f)) == sorted(wanted)),
+                     None)
         if found is None:
             raise UserError(f"sweep.resume=auto: no sweep under {output_dir}/sweeps was started with these "
                             f"overrides ({' '.join(wanted)}). Give its folder: sweep.resume=PATH.")
     else:
         found = Path(value).expanduser()
-        if not (found / "multirun.yaml").is_file():
-            raise UserError(f"sweep.resume={value!r} is not a sweep folder (it has no multirun.yaml).")
+        if not is_sweep_folder(found):
+            raise UserError(f"sweep.resume={value!r} is not a sweep folder (it has no {SWEEP_CONFIG}).")
         if sorted(sweep_overrides(found)) != sorted(wanted):  # the same sweep, whatever the order of its overrides
             raise UserError(f"sweep.resume={value!r} was started with the overrides {' '.join(sweep_overrides(found))}, "
                             f"not {' '.join(wanted)}: resume it with the same ones.")

@@ -11,7 +11,7 @@ from rich.console import Console
 from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write_text
 from transfer_cli.reporting.plots import plot_curves
-from transfer_cli.reporting.summary import summary_frame, write_summary
+from transfer_cli.reporting.summary import summary_frame, write_summary_md
 from transfer_cli.reporting.sweep import (
     group_over_seed,
     job_dirs,
@@ -21,7 +21,7 @@ from transfer_cli.reporting.sweep import (
     write_sweep_report,
 )
 from transfer_cli.reporting.tables import markdown_table, rich_record, rich_table, write_table
-from transfer_cli.run_folder import RunFolder
+from transfer_cli.run_folder import RunFolder, RunSummary
 
 
 def is_run_dir(folder: Path) -> bool:
@@ -49,9 +49,9 @@ def rebuild_run(folder: Path, console: Console) -> None:
     atomic_write_text(run.metrics.with_suffix(".md"), markdown_table(metrics) + "\n")
     plot_curves(metrics, run.curves)
     if run.summary.is_file():  # an interrupted run has metrics but no summary yet
-        summary = read_json(run.summary)
+        summary = RunSummary.from_json(read_json(run.summary))
         table = summary_frame(summary)
-        write_summary(run, summary, {"Result": table, "Metrics per epoch": metrics})
+        write_summary_md(run, summary, {"Result": table, "Metrics per epoch": metrics})
         console.print(rich_record(table.iloc[0].to_dict(), title=str(folder)))
     else:
         console.print(rich_table(metrics.tail(6), title=f"{folder} (no summary.json: the run did not finish)"))

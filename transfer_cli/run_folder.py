@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from transfer_cli.errors import UserError
-from transfer_cli.files import discard_if_only_hydra, remove_orphan_tmp
+from transfer_cli.files import atomic_write_text, discard_if_only_hydra, remove_orphan_tmp
 
 IGNORED = ("trainer.resume", "trainer.overwrite")  # may differ between the first start and the resume
 
@@ -28,6 +28,69 @@ class RunStatus(str, enum.Enum):
     RESUMABLE = "resumable"  # a training state, no summary yet
     FINISHED = "finished"  # summary.json with status ok
     STOPPED = "stopped"  # diverged or failed
+
+
+@dataclass
+class RunSummary:
+    """What a run achieved, with what, on what: built once where the run ends (finished or diverged), written
+    as summary.json, and read back through this type by sweeps, reports and resumes. Every field is optional
+    on reading: a summary written by an older version, or by hand, still reads."""
+
+    name: str | None = None
+    status: str = "ok"  # ok | diverged
+    run_dir: str | None = None
+    command: str | None = None
+    dataset: str | None = None
+    backbone: str | None = None
+    method: str | None = None
+    epochs: int | None = None  # epochs trained
+    best: dict[str, Any] | None = None  # the kept epoch: epoch, split, metric, value
+    wall_time_s: float | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    # a finished run
+    weights: str | None = None
+    seed: int | None = None
+    classes: int | None = None
+    input: dict[str, Any] | None = None  # the preprocessing used: size, resize, mean, std / the tokenizer
+    samples: dict[str, int] | None = None
+    skipped_files: int | None = None
+    data_identity: str | None = None
+    data_notes: list[str] | None = None
+    target: str | None = None
+    select: str | None = None
+    at_best: dict[str, Any] | None = None  # every split's metrics at the kept epoch
+    target_test: dict[str, Any] | None = None  # the last epoch's target test metrics
+    selection: list[dict[str, Any]] | None = None  # what each label-free validator would have kept
+    test: dict[str, Any] | None = None
+    final: dict[str, Any] | None = None  # every split's metrics at the last epoch
+    processes: int | None = None
+    global_batch: int | None = None
+    device: str | None = None
+    precision: str | None = None
+    # what the method and the weight average say of themselves (params_trainable, weight_average ...): top-level
+    # keys of summary.json
+    facts: dict[str, Any] = field(default_factory=dict)
+    # a diverged run
+    error: str | None = None
+    diverged_at: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """summary.json's object: a finished run's fields (None included), or a diverged run's."""
+        skipped = ("facts", *(_FINISHED_ONLY if self.status == "diverged" else _DIVERGED_ONLY))
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
+        return {**out, **self.facts}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSummary:
+        names = {f.name for f in fields(cls)} - {"facts"}
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   facts={k: v for k, v in data.items() if k not in names})
+
+
+_DIVERGED_ONLY = ("error", "diverged_at")
+_FINISHED_ONLY = ("weights", "seed", "classes", "input", "samples", "skipped_files", "data_identity", "data_notes",
+                  "target", "select", "at_best", "target_test", "selection", "test", "final", "processes",
+                  "global_batch", "device", "precision")
 
 
 @dataclass(frozen=True)
@@ -78,18 +141,21 @@ class RunFolder:
     def train_state(self) -> Path:
         return self.checkpoints / "train_state.pt"
 
-    def read_summary(self) -> dict[str, Any] | None:
-        """summary.json as written, or None when it is absent or unreadable."""
+    def read_summary(self) -> RunSummary | None:
+        """summary.json, or None when it is absent or unreadable."""
         try:
             summary = json.loads(self.summary.read_text())
         except (OSError, ValueError):
             return None
-        return summary if isinstance(summary, dict) else None
+        return RunSummary.from_json(summary) if isinstance(summary, dict) else None
+
+    def write_summary(self, summary: RunSummary) -> None:
+        atomic_write_text(self.summary, json.dumps(summary.to_json(), indent=2, default=str) + "\n")
 
     def status(self) -> RunStatus:
         if self.summary.is_file():
             summary = self.read_summary()
-            return RunStatus.FINISHED if summary is not None and summary.get("status", "ok") == "ok" else RunStatus.STOPPED
+            return RunStatus.FINISHED if summary is not None and summary.status == "ok" else RunStatus.STOPPED
         return RunStatus.RESUMABLE if self.train_state.is_file() else RunStatus.FRESH
 
     def saved_config(self) -> dict[str, Any] | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,10 @@ from transfer_cli.pipeline import build_data, sample_loader
 from transfer_cli.reporting.alignment import analyze_alignment
 from transfer_cli.reporting.plots import plot_curves
 from transfer_cli.reporting.progress import ProgressHook
-from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary
+from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary_md
 from transfer_cli.reporting.tables import MetricsWriter, metrics_frame, rich_record, write_table
 from transfer_cli.run import Run, build_run
-from transfer_cli.run_folder import RunFolder, RunStatus, choose_resume
+from transfer_cli.run_folder import RunFolder, RunStatus, RunSummary, choose_resume
 from transfer_cli.scoring import HELD_OUT
 
 
@@ -124,7 +123,7 @@ def _choose_start(cfg: DictConfig, folder: RunFolder, resolved: dict[str, Any], 
         folder.check_same_config(resolved)
         if status is RunStatus.FINISHED and _same_data(folder, cfg):
             console.print(f"{folder.path} already finished with this config: kept as it is.")
-            finished = folder.read_summary()
+            finished = folder.read_summary().to_json()
         elif status is RunStatus.RESUMABLE:
             payload = train_state.load(folder.train_state)
     elif not sweep_job and (found := choose_resume(str(cfg.trainer.resume), folder.path, resolved)) is not None:
@@ -227,50 +226,34 @@ def _finish(run: Run, state: State, checkpointer: Checkpointer, folder: RunFolde
     summary = _summary(run, state, folder, test, picks, averaging, time.perf_counter() - started)
     table = summary_frame(summary)
     if dist.main:
-        write_summary(folder, summary, {"Result": table, "Metrics per epoch": metrics})
+        folder.write_summary(summary)
+        write_summary_md(folder, summary, {"Result": table, "Metrics per epoch": metrics})
     console.print(rich_record(table.iloc[0].to_dict(), title=f"{cfg.name}  ->  {folder.path}"), soft_wrap=True)
-    return summary
+    return summary.to_json()
 
 
 def _summary(run: Run, state: State, folder: RunFolder, test: dict[str, float], picks: list[dict[str, Any]],
-             averaging: WeightAverage | None, seconds: float) -> dict[str, Any]:
+             averaging: WeightAverage | None, seconds: float) -> RunSummary:
     cfg, splits = run.cfg, run.splits
-    return {
-        "name": cfg.name,
-        "status": "ok",
-        "run_dir": str(folder.path),
-        "command": command_line(),
-        "dataset": cfg.dataset.name,
-        "backbone": cfg.backbone.name,
-        "weights": str(run.source.path) if run.source else cfg.backbone.weights,
-        "method": cfg.method.name,
-        "seed": cfg.seed,
-        "classes": len(splits.classes),
-        "input": run.model.spec.brief(),  # the preprocessing used: size, resize, mean, std / the tokenizer
-        "samples": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
-        "skipped_files": splits.skipped,
-        "data_identity": run.data,
-        "data_notes": splits.notes,
-        "target": cfg.target.dataset.name if run.target else None,
-        "select": cfg.trainer.select,
-        # Every split's metrics at the epoch whose weights were kept (the target test of the checkpoint).
-        "at_best": {r["split"]: _metrics(r) for r in state.history if r["epoch"] == state.best["epoch"]
-                    and r["split"] != "test"},
-        "target_test": state.epoch_metrics.get("target_test"),
-        "selection": picks,
-        "epochs": state.epoch + 1,
-        "best": state.best,
-        "test": test,
-        "final": dict(state.epoch_metrics),
-        **run.method.describe(),  # after training: gradual unfreezing changes what trains
-        **(averaging.describe() if averaging else {}),
-        "wall_time_s": seconds,
-        "processes": run.dist.world,  # dataset.batch_size is per process
-        "global_batch": cfg.dataset.batch_size * run.dist.world * cfg.trainer.accumulate,
-        "device": str(run.device),
-        "precision": run.precision.name,
-        "versions": versions(),
-    }
+    return RunSummary(
+        name=cfg.name, status="ok", run_dir=str(folder.path), command=command_line(), dataset=cfg.dataset.name,
+        backbone=cfg.backbone.name, method=cfg.method.name, epochs=state.epoch + 1, best=state.best,
+        wall_time_s=seconds, versions=versions(),
+        weights=str(run.source.path) if run.source else cfg.backbone.weights, seed=cfg.seed,
+        classes=len(splits.classes), input=run.model.spec.brief(),
+        samples={"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        skipped_files=splits.skipped, data_identity=run.data, data_notes=splits.notes,
+        target=cfg.target.dataset.name if run.target else None, select=cfg.trainer.select,
+        at_best={r["split"]: _metrics(r) for r in state.history if r["epoch"] == state.best["epoch"]
+                 and r["split"] != "test"},
+        target_test=state.epoch_metrics.get("target_test"), selection=picks, test=test,
+        final=dict(state.epoch_metrics),
+        processes=run.dist.world,  # dataset.batch_size is per process
+        global_batch=cfg.dataset.batch_size * run.dist.world * cfg.trainer.accumulate,
+        device=str(run.device), precision=run.precision.name,
+        # after training: gradual unfreezing changes what trains
+        facts={**run.method.describe(), **(averaging.describe() if averaging else {})},
+    )
 
 
 def _weight_average(run: Run) -> WeightAverage | None:
@@ -297,16 +280,16 @@ def _metrics(row: dict[str, Any]) -> dict[str, Any]:
 
 def _same_data(folder: RunFolder, cfg: DictConfig) -> bool:
     """Whether a finished run's summary was computed from the data ``cfg`` reads now."""
-    recorded = (folder.read_summary() or {}).get("data_identity")
+    summary = folder.read_summary()
+    recorded = summary.data_identity if summary else None
     return recorded == data_identity(build_data(cfg.dataset))
 
 
 def _write_diverged(folder: RunFolder, cfg: DictConfig, state: State, err: Diverged, seconds: float) -> None:
     """The summary of a run stopped by a non-finite loss: what happened, where, and the epochs before it."""
-    summary = {"name": cfg.name, "status": "diverged", "error": str(err), "run_dir": str(folder.path),
-               "command": command_line(), "dataset": cfg.dataset.name, "backbone": cfg.backbone.name,
-               "method": cfg.method.name, "epochs": state.epoch, "diverged_at": err.facts(),
-               "best": state.best or None, "wall_time_s": seconds, "versions": versions()}
     if state.history:
         write_table(metrics_frame(state.history), folder.metrics, markdown=True)
-    atomic_write_text(folder.summary, json.dumps(summary, indent=2, default=str) + "\n")
+    folder.write_summary(RunSummary(
+        name=cfg.name, status="diverged", run_dir=str(folder.path), command=command_line(), dataset=cfg.dataset.name,
+        backbone=cfg.backbone.name, method=cfg.method.name, epochs=state.epoch, best=state.best or None,
+        wall_time_s=seconds, versions=versions(), error=str(err), diverged_at=err.facts()))

@@ -21,9 +21,19 @@ from transfer_cli.files import atomic_write_text
 from transfer_cli.reporting.published import add_published
 from transfer_cli.reporting.summary import summary_row
 from transfer_cli.reporting.tables import rich_table, write_table
-from transfer_cli.run_folder import RunFolder
+from transfer_cli.run_folder import RunFolder, RunSummary
 
 GROUP_METRICS = ["val_acc1", "test_acc1", "target_test_acc1", "test_loss", "best_epoch", "seconds"]
+SWEEP_CONFIG = "multirun.yaml"  # Hydra writes it at the top of every sweep folder
+
+
+def is_sweep_folder(path: Path) -> bool:
+    return (path / SWEEP_CONFIG).is_file()
+
+
+def sweep_folders(root: Path) -> list[Path]:
+    """The sweep folders directly under ``root``, newest name first."""
+    return sorted((p.parent for p in root.glob(f"*/{SWEEP_CONFIG}")), reverse=True)
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -42,7 +52,7 @@ def _overrides(job: Path) -> dict[str, str]:
 
 def sweep_overrides(sweep_dir: Path) -> list[str]:
     """The task overrides a sweep was started with (hydra.* ones left out), as given on the command line."""
-    stored = OmegaConf.load(sweep_dir / "multirun.yaml")
+    stored = OmegaConf.load(sweep_dir / SWEEP_CONFIG)
     task = OmegaConf.select(stored, "hydra.overrides.task", default=[]) or []
     return [str(o) for o in task if not str(o).startswith("hydra.")]
 
@@ -52,7 +62,7 @@ def planned_jobs(sweep_dir: Path) -> list[dict[str, str]] | None:
     the sweeper does not enumerate its jobs up front (e.g. Optuna) or the file is missing."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    path = sweep_dir / "multirun.yaml"
+    path = sweep_dir / SWEEP_CONFIG
     if not path.is_file():
         return None
     stored = OmegaConf.load(path)
@@ -80,7 +90,7 @@ def read_job(job: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"job": job.name, **_overrides(job)}
     summary, error = RunFolder(job).summary, RunFolder(job).error
     if summary.is_file():
-        facts = summary_row(read_json(summary))
+        facts = summary_row(RunSummary.from_json(read_json(summary)))
         row.update({k: v for k, v in facts.items() if k not in row and k not in ("dataset", "backbone", "method")})
     elif error.is_file():
         row.update(status="failed", error=read_json(error).get("error"))
