@@ -88,7 +88,8 @@ def test_onecycle_peaks_at_the_configured_lr():
 
 
 def test_bf16_mixed_precision_trains_on_cpu(compose_cfg, tmp_path, quiet_console):
-    cfg = compose_cfg("trainer.precision=bf16-mixed", "trainer.epochs=2", "trainer.plots=false")
+    # half the digits: bf16 convolutions are slow on CPU, and the check is that it trains, not how well
+    cfg = compose_cfg("trainer.precision=bf16-mixed", "trainer.epochs=2", "trainer.plots=false", "dataset.fraction=0.5")
     validate(cfg)
     summary = run_train(cfg, tmp_path, quiet_console)
     assert summary["precision"] == "bf16-mixed" and summary["test"]["acc1"] > 80

@@ -3,6 +3,7 @@ resumes by re-running only what is missing, failed or unfinished."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,10 +82,6 @@ def test_killed_run_resumes_bit_identically(tmp_path, method):
     assert summary["status"] == "ok" and summary["epochs"] == 4
 
 
-class _Stopped(Exception):
-    """Raised right after the state of epoch 2 is saved: what a kill at that moment leaves on disk."""
-
-
 @pytest.fixture
 def keep_threads():
     threads = torch.get_num_threads()  # trainer.threads=1 sets the process's count
@@ -95,32 +92,33 @@ def keep_threads():
 @pytest.mark.parametrize("method", sorted(set(METHODS) - {"finetune"}))
 def test_a_run_stopped_after_an_epoch_resumes_bit_identically(tmp_path, monkeypatch, keep_threads, method):
     """Every method's resumable state (its own extra state, averages, target iterators, phase switches) is
-    complete: a run stopped after its second epoch and resumed from disk ends bit-identical to one never
-    stopped. In-process; the SIGKILL itself is tested above, through the real binary."""
-    from conftest import DEBUG, invoke, train_in_process
+    complete: the folder a run leaves right after saving its second epoch's state (what a kill at that moment
+    leaves on disk, copied while the run goes on) resumes to the end bit-identical to the run never stopped.
+    In-process; the SIGKILL itself is tested above, through the real binary."""
+    from conftest import train_in_process
 
     from transfer_cli.engine import train_state
 
     small = ["dataset.shots=12", *(["target.dataset.shots=12"] if any(a.startswith("target=") for a in METHODS[method])
                                    else [])]  # 120 images per domain: 8 steps an epoch
     args = [*COMMON, *METHODS[method], *small, f"name={method}", f"output_dir={tmp_path}"]
-    train_in_process(tmp_path / "reference", *args)
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
     save = train_state.save
 
-    def save_then_stop(folder, payload):
-        save(folder, payload)
+    def save_and_copy_at_epoch_2(path, payload):
+        save(path, payload)
         if payload["next_epoch"] == 2:
-            raise _Stopped
+            shutil.copytree(reference, killed)
 
-    monkeypatch.setattr(train_state, "save", save_then_stop)
-    stopped = invoke("train", DEBUG, *args, f"hydra.run.dir={tmp_path / 'killed'}", cwd=tmp_path)
-    assert stopped.returncode == 1 and "_Stopped" in stopped.stderr
+    monkeypatch.setattr(train_state, "save", save_and_copy_at_epoch_2)
+    train_in_process(reference, *args)
     monkeypatch.setattr(train_state, "save", save)
-    assert not (tmp_path / "killed" / "summary.json").exists()
-    summary = train_in_process(tmp_path / "resumed", *args, f"trainer.resume={tmp_path / 'killed'}")
-    assert summary["run_dir"] == str(tmp_path / "killed") and summary["epochs"] == 4
+    assert not (killed / "summary.json").exists()
+    assert pd.read_csv(killed / "metrics.csv")["epoch"].max() == 2
+    summary = train_in_process(tmp_path / "resumed", *args, f"trainer.resume={killed}")
+    assert summary["run_dir"] == str(killed) and summary["epochs"] == 4
 
-    assert_same_end(tmp_path / "reference", tmp_path / "killed")
+    assert_same_end(reference, killed)
 
 
 def test_resume_auto_finds_the_unfinished_run_and_refuses_another_config(transfer, tmp_path):
@@ -147,8 +145,6 @@ def test_sweep_resume_reruns_only_missing_failed_and_unfinished_jobs(transfer, t
     kept = (folder / "0" / "summary.json").stat().st_mtime_ns
     (folder / "1" / "summary.json").unlink()  # unfinished: resumes from its checkpoint
     (folder / "2" / "summary.json").write_text(json.dumps({"status": "diverged"}))  # failed: runs again
-    import shutil
-
     shutil.rmtree(folder / "3")  # never ran
     code, out, err = transfer(*sweep, f"sweep.resume={folder}")
     assert code == 0, err
