@@ -246,3 +246,25 @@ def test_bitfit_trains_only_biases_and_the_head():
     assert any(n.startswith("body.") for n in trainable)
     share = method.describe()["params_trainable"] / method.describe()["params_total"]
     assert share < 0.2
+
+
+@pytest.mark.parametrize(("name", "weights", "body_scale"), [
+    ("finetune", "none", 1.0),  # a random body learns at the head's rate
+    ("finetune", "source", 1.0),  # a body this tool pretrained on nearby data, with the same optimizer
+    ("finetune", "IMAGENET1K_V1", 0.1),  # weights from elsewhere: a tenth, so a random head cannot wreck them
+    ("gradual_unfreeze", "../weights/lenet.safetensors", 0.1),
+    ("l2sp", "DEFAULT", 0.1),
+])
+def test_backbone_lr_mult_auto_protects_pretrained_bodies(name, weights, body_scale):
+    """The defaults (method.backbone_lr_mult=auto) give the body body_scale x the head's learning rate."""
+    from dataclasses import replace
+
+    data_cfg = DatasetConfig(name="digits")
+    model = build_image_model(data_cfg, build_data(data_cfg), "small_cnn", "none", HeadConfig())
+    model.recipe = replace(model.recipe, weights=weights)  # what the body started from, as a run records it
+    method = build_method(name, model)
+    scales = method.lr_scale()  # learning-rate multiplier of every body parameter (the head's is 1)
+    body = [p for p in model.body.parameters()]
+    assert {id(p) for p in model.head.parameters()}.isdisjoint(scales)
+    assert body and all(scales[id(p)] == pytest.approx(body_scale) for p in body)
+    assert method.describe()["backbone_lr_mult"] == body_scale

@@ -34,6 +34,19 @@ class DataContext:
     target: LoaderFactory | None = None  # the unlabelled target domain, when the run has one
 
 
+# ``backbone_lr_mult=auto``: a body with weights from elsewhere (ImageNet, timm, a local file) trains at a tenth
+# of the head's rate, so the first steps of a random head do not tear its features apart (fine-tuned ImageNet
+# MobileNetV2 on USPS 20-shot at AdamW 2e-3: 18 % at 1x, 89 % at 0.1x). A random body, and a source body this
+# tool pretrained with the same optimizer on nearby data, train at the head's rate (the default digits 0-4 ->
+# 5-9 transfer: 87.6 % at 1x, 73.0 % at 0.1x over 3 seeds).
+PRETRAINED_BACKBONE_LR_MULT = 0.1
+
+
+def backbone_lr_for(model: Classifier) -> float:
+    """What ``backbone_lr_mult=auto`` means for ``model``."""
+    return 1.0 if model.recipe.weights in ("none", "source") else PRETRAINED_BACKBONE_LR_MULT
+
+
 class Method(nn.Module):
     """Wraps a Classifier; owns which parameters train, the loss, and any hooks it needs.
 
@@ -54,12 +67,12 @@ class Method(nn.Module):
     selectable_from = 0
 
     def __init__(self, model: Classifier, label_smoothing: float = 0.0, layer_decay: float = 1.0,
-                 backbone_lr_mult: float = 1.0) -> None:
+                 backbone_lr_mult: float | str = 1.0) -> None:
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
         self.layer_decay = layer_decay
-        self.backbone_lr_mult = backbone_lr_mult
+        self.backbone_lr_mult = backbone_lr_for(model) if backbone_lr_mult == "auto" else float(backbone_lr_mult)
         self.frozen_norms: list[nn.Module] = []
         self.base_lr, self.weight_decay = 0.0, 0.0
 
@@ -174,4 +187,4 @@ class Method(nn.Module):
         """Facts about the trainable setup for the run summary."""
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return {"params_total": total, "params_trainable": trainable}
+        return {"params_total": total, "params_trainable": trainable, "backbone_lr_mult": self.backbone_lr_mult}

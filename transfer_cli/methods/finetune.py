@@ -19,6 +19,7 @@ from transfer_cli.registry import Count, Fraction, NonNegative, Range
 
 BNMode = Literal["auto", "train", "frozen"]  # auto: frozen for folded-BN weights (identity statistics)
 LayerDecay = Annotated[float, Range(gt=0, le=1)]
+BackboneLrMult = NonNegative | Literal["auto"]  # auto: 0.1 for a pretrained body, 1 for a random one
 
 
 @METHODS.register("finetune")
@@ -27,7 +28,7 @@ class Finetune(Method):
     ``backbone_lr_mult`` lower the learning rate of the backbone stages."""
 
     def __init__(self, model: Classifier, *, freeze: int | Literal["all"], bn: BNMode, label_smoothing: Fraction,
-                 layer_decay: LayerDecay, backbone_lr_mult: NonNegative) -> None:
+                 layer_decay: LayerDecay, backbone_lr_mult: BackboneLrMult) -> None:
         super().__init__(model, label_smoothing, layer_decay, backbone_lr_mult)
         self.frozen_stages = self.freeze_stages(freeze)
         self.apply_bn_mode(bn)
@@ -44,7 +45,7 @@ class LinearProbeThenFinetune(Finetune):
     trains at ``backbone_lr_mult`` (0.1 by default) of the head's rate."""
 
     def __init__(self, model: Classifier, *, freeze: int | Literal["all"], bn: BNMode, label_smoothing: Fraction,
-                 layer_decay: LayerDecay, backbone_lr_mult: NonNegative, probe_l2: NonNegative, probe_iters: Count,
+                 layer_decay: LayerDecay, backbone_lr_mult: BackboneLrMult, probe_l2: NonNegative, probe_iters: Count,
                  cache: bool, cache_dir: str) -> None:
         super().__init__(model, freeze=freeze, bn=bn, label_smoothing=label_smoothing, layer_decay=layer_decay,
                          backbone_lr_mult=backbone_lr_mult)
@@ -96,7 +97,7 @@ class GradualUnfreeze(Method):
     more stage from the top and add its parameters to the optimizer (at their discriminative LR)."""
 
     def __init__(self, model: Classifier, *, every_epochs: Count, bn: BNMode, label_smoothing: Fraction,
-                 layer_decay: LayerDecay, backbone_lr_mult: NonNegative) -> None:
+                 layer_decay: LayerDecay, backbone_lr_mult: BackboneLrMult) -> None:
         super().__init__(model, label_smoothing, layer_decay, backbone_lr_mult)
         self.every_epochs = every_epochs
         self.frozen_stages = self.freeze_stages("all")
@@ -139,7 +140,7 @@ class L2SP(Finetune):
     logged as its own loss column."""
 
     def __init__(self, model: Classifier, *, alpha: NonNegative, beta: NonNegative, freeze: int | Literal["all"],
-                 bn: BNMode, label_smoothing: Fraction, layer_decay: LayerDecay, backbone_lr_mult: NonNegative) -> None:
+                 bn: BNMode, label_smoothing: Fraction, layer_decay: LayerDecay, backbone_lr_mult: BackboneLrMult) -> None:
         super().__init__(model, freeze=freeze, bn=bn, label_smoothing=label_smoothing, layer_decay=layer_decay,
                          backbone_lr_mult=backbone_lr_mult)
         self.alpha, self.beta = alpha, beta
