@@ -130,6 +130,9 @@ def add_param_groups(optimizer: torch.optim.Optimizer, scheduler: LRScheduler, g
 SCALE_LR = ("none", "linear")
 
 
+AUTO_LR = "auto"  # optimizer.lr=auto: found by the learning-rate range test (engine/lr_find.py)
+
+
 def optimizer_entry(optimizer_cfg: Mapping[str, Any], processes: int = 1) -> dict[str, Any]:
     """The optimizer's registry entry: ``scale_lr`` (the CLI's own key) applied and removed. linear: the
     learning rate times the number of processes, whose batches add up to the global batch (Goyal et al. 2017)."""
@@ -137,6 +140,6 @@ def optimizer_entry(optimizer_cfg: Mapping[str, Any], processes: int = 1) -> dic
     scale = plain.pop("scale_lr", "none")
     if scale not in SCALE_LR:
         raise UserError(f"optimizer.scale_lr={scale!r} is not allowed. Allowed: none, or linear (lr x processes).")
-    if scale == "linear":
+    if scale == "linear" and plain["lr"] != AUTO_LR:  # a found rate is scaled once it is known
         plain["lr"] = plain["lr"] * processes
     return plain

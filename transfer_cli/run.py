@@ -9,11 +9,12 @@ in which the pieces are built, so a run's numbers depend on its seed only.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from transfer_cli.data.batches import Batches
@@ -21,9 +22,11 @@ from transfer_cli.data.identity import data_identity, input_identities, split_id
 from transfer_cli.data.splits import DataSplits
 from transfer_cli.engine.device import Precision, seed_stage
 from transfer_cli.engine.distributed import SINGLE, Dist
+from transfer_cli.engine.lr_find import LrCurve, lr_range_test
 from transfer_cli.errors import UserError
 from transfer_cli.methods.base import METHODS, DataContext, Method
 from transfer_cli.models.backbone import Classifier
+from transfer_cli.optim import AUTO_LR, OPTIMIZERS, optimizer_entry
 from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader, prepare_splits
 from transfer_cli.reporting.progress import plain_log
 from transfer_cli.source import SourceModel, source_model
@@ -49,6 +52,8 @@ class Run:
     steps_per_epoch: int
     data: str  # the data's identity (data/identity.py): a run resumes only on the data it started on
     held_out: dict[str, Any]  # the identity of each split's samples: eval refuses a test split other than this
+    lr_found: float | None = None  # optimizer.lr=auto: the rate the range test chose (or the resumed run recorded)
+    lr_curve: LrCurve | None = None  # the range test's curve (process 0; None when resumed)
 
     def loader(self, split: str, train: bool, sharded: bool = True) -> Batches:
         """Batches of one split of the dataset; ``sharded``: each process takes its share."""
@@ -61,9 +66,10 @@ class Run:
 
 
 def build_run(cfg: DictConfig, device: torch.device, precision: Precision, dist: Dist = SINGLE,
-              console: Console | None = None, resumed_data: str | None = None) -> Run:
-    """The run ``cfg`` describes. ``resumed_data``: the data identity a resumed run started on (refused if the
-    data changed since). Caches (a source model, decoded images, features) are built by process 0 first."""
+              console: Console | None = None, resumed: Mapping[str, Any] | None = None) -> Run:
+    """The run ``cfg`` describes. ``resumed``: the training state a resumed run continues from (its data must be
+    the data it started on; its found learning rate is reused). Caches (a source model, decoded images,
+    features) are built by process 0 first."""
     console = console or Console(quiet=True)
     with dist.main_first():
         source = source_model(cfg, device, precision, console) if uses_source(cfg, console) else None
@@ -80,7 +86,7 @@ def build_run(cfg: DictConfig, device: torch.device, precision: Precision, dist:
     seed_stage(cfg.seed, "method")
     method = _build_method(cfg, model, device)
     data = data_identity(splits)
-    if resumed_data is not None and resumed_data != data:
+    if resumed is not None and resumed["data"] != data:
         raise UserError(f"cannot resume: the data of dataset={cfg.dataset.name} (dataset.root={cfg.dataset.root!r}) "
                         "changed since the run started (files added, removed or modified). Start a new run.")
     run = Run(cfg, device, precision, dist, source, splits, target, model, method, {}, None, None,
@@ -90,7 +96,7 @@ def build_run(cfg: DictConfig, device: torch.device, precision: Precision, dist:
     with dist.main_first():  # cached features (LP-FT's probe) are computed once, by process 0
         run.loaders = method.loaders(run.loader, DataContext(device, precision, identity,
                                                              run.target_loader if target else None))
-    _build_optimization(run)
+    _build_optimization(run, resumed.get("lr_found") if resumed else None)
     return run
 
 
@@ -116,17 +122,38 @@ def _build_method(cfg: DictConfig, model: Classifier, device: torch.device) -> M
     return method
 
 
-def _build_optimization(run: Run) -> None:
-    """The optimizer and schedule over the run's epochs (``trainer.steps`` sets them from the train loader)."""
-    trainer = run.cfg.trainer
+def _build_optimization(run: Run, resumed_lr: float | None) -> None:
+    """The optimizer and schedule over the run's epochs (``trainer.steps`` sets them from the train loader);
+    with ``optimizer.lr=auto``, at the rate the range test finds (or ``resumed_lr``, never searched again)."""
+    trainer, optimizer_cfg = run.cfg.trainer, run.cfg.optimizer
     run.steps_per_epoch = len(run.loaders["train"])
     if trainer.steps:
         run.epochs = max(1, math.ceil(trainer.steps * trainer.accumulate / run.steps_per_epoch))
-    run.optimizer, run.scheduler = build_optimization(run.method, run.cfg.optimizer, run.cfg.scheduler,
+    if optimizer_cfg.lr == AUTO_LR:
+        run.lr_found = resumed_lr if resumed_lr is not None else _find_lr(run)
+        optimizer_cfg = {**OmegaConf.to_container(optimizer_cfg, resolve=True), "lr": run.lr_found}
+    run.optimizer, run.scheduler = build_optimization(run.method, optimizer_cfg, run.cfg.scheduler,
                                                       run.steps_per_epoch, run.epochs, trainer.accumulate,
                                                       run.dist.world)
     if trainer.compile:
         run.method.model.compile()
+
+
+def _find_lr(run: Run) -> float:
+    """Process 0 runs the range test on its share of the train split; every process uses its suggestion."""
+    if run.method.manual_optimization:
+        raise UserError(f"optimizer.lr=auto: method={run.cfg.method.name} fits its weights in one solve "
+                        "(solver=lbfgs), without a learning rate to search. Allowed: a number (optimizer.lr=1e-3), "
+                        "or a gradient-descent method (e.g. method.solver=sgd).")
+    entry = optimizer_entry(run.cfg.optimizer)
+
+    def make_optimizer(lr: float) -> torch.optim.Optimizer:
+        return OPTIMIZERS.build({**entry, "lr": lr}, params=run.method.param_groups(lr, entry.get("weight_decay", 0.0)))
+
+    if run.dist.main:
+        run.lr_curve = lr_range_test(run.method, make_optimizer, run.loaders["train"], run.device, run.precision,
+                                     run.cfg.seed)
+    return float(run.dist.broadcast(run.lr_curve.suggestion if run.lr_curve else None))
 
 
 def uses_source(cfg: DictConfig, console: Console) -> bool:

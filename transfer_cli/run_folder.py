@@ -2,7 +2,7 @@
 start may continue in it (``trainer.resume=auto|PATH`` for single runs, the job's own folder for sweep jobs).
 
     <run>/config.yaml  summary.json  summary.md  error.json  metrics.csv(.md)  validators.csv(.md)  curves.png
-          checkpoints/{best,last}.safetensors  checkpoints/train_state.pt
+          lr_find.csv/png  checkpoints/{best,last}.safetensors  checkpoints/train_state.pt
 
 A run resumes only with the config it was started with, and only on the data it was started on.
 """
@@ -67,6 +67,7 @@ class RunSummary:
     global_batch: int | None = None
     device: str | None = None
     precision: str | None = None
+    lr_found: float | None = None  # optimizer.lr=auto: the rate the range test chose
     # what the method and the weight average say of themselves (params_trainable, weight_average ...): top-level
     # keys of summary.json
     facts: dict[str, Any] = field(default_factory=dict)
@@ -90,7 +91,7 @@ class RunSummary:
 _DIVERGED_ONLY = ("error", "diverged_at")
 _FINISHED_ONLY = ("weights", "seed", "classes", "input", "samples", "skipped_files", "data_identity", "data_notes",
                   "target", "select", "at_best", "target_test", "selection", "test", "final", "processes",
-                  "global_batch", "device", "precision")
+                  "global_batch", "device", "precision", "lr_found")
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,11 @@ class RunFolder:
     @property
     def curves(self) -> Path:
         return self.path / "curves.png"
+
+    @property
+    def lr_find(self) -> Path:
+        """optimizer.lr=auto: the range test's curve (lr_find.csv, and lr_find.png beside it)."""
+        return self.path / "lr_find.csv"
 
     @property
     def checkpoints(self) -> Path:

@@ -25,6 +25,7 @@ from transfer_cli.engine.device import (
 from transfer_cli.engine.distributed import SINGLE, Dist
 from transfer_cli.engine.hooks import Checkpointer, EvalHook, training_weights
 from transfer_cli.engine.loop import Diverged, Hook, State, evaluate, fit
+from transfer_cli.engine.lr_find import LrCurve
 from transfer_cli.engine.selection import selection
 from transfer_cli.engine.validators import TargetValidators, validator_picks
 from transfer_cli.errors import UserError
@@ -33,7 +34,7 @@ from transfer_cli.methods.base import METHODS
 from transfer_cli.models.checkpoint import save_model
 from transfer_cli.pipeline import build_data, sample_loader
 from transfer_cli.reporting.alignment import analyze_alignment
-from transfer_cli.reporting.plots import plot_curves
+from transfer_cli.reporting.plots import plot_curves, plot_lr_find
 from transfer_cli.reporting.progress import ProgressHook
 from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary_md
 from transfer_cli.reporting.tables import MetricsWriter, metrics_frame, rich_record, write_table
@@ -65,7 +66,9 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     if dist.main:
         atomic_write_text(folder.config, OmegaConf.to_yaml(resolved))
 
-    run = build_run(cfg, device, precision, dist, console, resumed_data=payload["data"] if payload else None)
+    run = build_run(cfg, device, precision, dist, console, resumed=payload)
+    if run.lr_curve and dist.main:
+        write_lr_curve(run.lr_curve, folder)
     _describe(run, console)
     averaging = _weight_average(run)
     state = State(run.method, run.optimizer, run.scheduler, run.epochs, run.steps_per_epoch)
@@ -152,6 +155,9 @@ def _describe(run: Run, console: Console) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    if run.lr_found is not None:
+        console.print(f"optimizer.lr=auto: {run.lr_found:.3g} from the learning-rate range test"
+                      f"{'' if run.lr_curve else ' (recorded by the run this one resumes)'}", highlight=False)
     if len(splits.val) == 0:
         console.print("no validation split (dataset.val_fraction=0): the last epoch's weights are kept and tested.")
 
@@ -173,6 +179,7 @@ def _checkpointer(run: Run, folder: RunFolder, resolved: dict[str, Any], averagi
         payload = train_state.capture(state, run.loaders["train"], run.precision.scaler, run.data, hooks)
         payload["rng_per_process"] = dist.gather(payload["rng"])  # each process's dropout / augmentation draws
         payload["wall_time_s"] = time.perf_counter() - started
+        payload["lr_found"] = run.lr_found
         if dist.main:
             train_state.save(folder.train_state, payload)
 
@@ -250,10 +257,18 @@ def _summary(run: Run, state: State, folder: RunFolder, test: dict[str, float], 
         final=dict(state.epoch_metrics),
         processes=run.dist.world,  # dataset.batch_size is per process
         global_batch=cfg.dataset.batch_size * run.dist.world * cfg.trainer.accumulate,
-        device=str(run.device), precision=run.precision.name,
+        device=str(run.device), precision=run.precision.name, lr_found=run.lr_found,
         # after training: gradual unfreezing changes what trains
         facts={**run.method.describe(), **(averaging.describe() if averaging else {})},
     )
+
+
+def write_lr_curve(curve: LrCurve, folder: RunFolder) -> None:
+    """lr_find.csv (rate, smoothed loss, the chosen row) and lr_find.png."""
+    table = pd.DataFrame({"lr": curve.lrs, "loss": curve.losses})
+    table["chosen"] = table["lr"] == curve.suggestion
+    write_table(table, folder.lr_find, markdown=False)
+    plot_lr_find(curve.lrs, curve.losses, curve.suggestion, folder.lr_find.with_suffix(".png"))
 
 
 def _weight_average(run: Run) -> WeightAverage | None:

@@ -17,7 +17,7 @@ from transfer_cli.engine.selection import SELECTIONS
 from transfer_cli.errors import UserError, bad_value, choices
 from transfer_cli.methods.base import METHODS
 from transfer_cli.models.backbone import BACKBONES
-from transfer_cli.optim import OPTIMIZERS, SCHEDULERS, optimizer_entry
+from transfer_cli.optim import AUTO_LR, OPTIMIZERS, SCHEDULERS, optimizer_entry
 
 # key -> (test, what is allowed); None always passes for the optional keys marked "or null"
 _RANGES: dict[str, tuple[Any, str]] = {
@@ -160,7 +160,10 @@ def validate(cfg: DictConfig) -> None:
     if METHODS.get(cfg.method.name).needs_target_data and cfg.target is None:
         raise UserError(f"method={cfg.method.name} adapts to an unlabelled target domain: add target=NAME "
                         "(e.g. target=usps) or use an experiment such as experiment=mnist_usps.")
-    OPTIMIZERS.check(optimizer_entry(cfg.optimizer), provided=("params",))
+    entry = optimizer_entry(cfg.optimizer)
+    if entry["lr"] == AUTO_LR:  # the range test finds a positive rate: check every other key
+        entry["lr"] = 1e-3
+    OPTIMIZERS.check(entry, provided=("params",))
     SCHEDULERS.check(cfg.scheduler, provided=("optimizer", "total_steps", "steps_per_epoch"))
 
 

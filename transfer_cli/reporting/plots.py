@@ -106,3 +106,16 @@ def plot_features(embedding: np.ndarray, classes: np.ndarray, domains: np.ndarra
     ax.set_xticks([])
     ax.set_yticks([])
     _save(fig, path)
+
+
+def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float, path: Path) -> None:
+    """The learning-rate range test: smoothed loss against the rate (log scale), the chosen rate marked."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(lrs, losses)
+    ax.axvline(suggestion, color="tab:red", ls="--", label=f"chosen {suggestion:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
