@@ -71,3 +71,9 @@ def test_lr_auto_is_refused_for_a_method_without_a_learning_rate(tmp_path):
                     cwd=tmp_path)
     assert result.returncode == 2
     assert "optimizer.lr=auto" in result.stderr and "solver=lbfgs" in " ".join(result.stderr.split())
+
+
+def test_a_misspelt_auto_names_the_key_and_what_is_allowed(tmp_path):
+    result = invoke("train", DEBUG, "optimizer.lr=Auto", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert result.returncode == 2 and "optimizer.lr='Auto'" in result.stderr and "or auto" in result.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()

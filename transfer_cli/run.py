@@ -151,8 +151,12 @@ def _find_lr(run: Run) -> float:
         return OPTIMIZERS.build({**entry, "lr": lr}, params=run.method.param_groups(lr, entry.get("weight_decay", 0.0)))
 
     if run.dist.main:
-        run.lr_curve = lr_range_test(run.method, make_optimizer, run.loaders["train"], run.device, run.precision,
-                                     run.cfg.seed)
+        try:
+            run.lr_curve = lr_range_test(run.method, make_optimizer, run.loaders["train"], run.device, run.precision,
+                                         run.cfg.seed)
+        except ValueError as err:  # the loss was non-finite from the first steps on
+            raise UserError(f"optimizer.lr=auto: {err} (the loss was not finite at the smallest rates). Give a rate "
+                            "(optimizer.lr=1e-4), or check dataset.mean/std and trainer.precision.") from None
     return float(run.dist.broadcast(run.lr_curve.suggestion if run.lr_curve else None))
 
 
