@@ -140,6 +140,6 @@ def optimizer_entry(optimizer_cfg: Mapping[str, Any], processes: int = 1) -> dic
     scale = plain.pop("scale_lr", "none")
     if scale not in SCALE_LR:
         raise UserError(f"optimizer.scale_lr={scale!r} is not allowed. Allowed: none, or linear (lr x processes).")
-    if scale == "linear" and plain["lr"] != AUTO_LR:  # a found rate is scaled once it is known
+    if scale == "linear" and plain.get("lr") != AUTO_LR:  # a found rate is scaled once it is known
         plain["lr"] = plain["lr"] * processes
     return plain

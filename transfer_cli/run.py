@@ -129,7 +129,7 @@ def _build_optimization(run: Run, resumed_lr: float | None) -> None:
     run.steps_per_epoch = len(run.loaders["train"])
     if trainer.steps:
         run.epochs = max(1, math.ceil(trainer.steps * trainer.accumulate / run.steps_per_epoch))
-    if optimizer_cfg.lr == AUTO_LR:
+    if optimizer_cfg.get("lr") == AUTO_LR:
         run.lr_found = resumed_lr if resumed_lr is not None else _find_lr(run)
         optimizer_cfg = {**OmegaConf.to_container(optimizer_cfg, resolve=True), "lr": run.lr_found}
     run.optimizer, run.scheduler = build_optimization(run.method, optimizer_cfg, run.cfg.scheduler,

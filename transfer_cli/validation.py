@@ -161,9 +161,9 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"method={cfg.method.name} adapts to an unlabelled target domain: add target=NAME "
                         "(e.g. target=usps) or use an experiment such as experiment=mnist_usps.")
     entry = optimizer_entry(cfg.optimizer)
-    if isinstance(entry["lr"], str) and entry["lr"] != AUTO_LR:
+    if isinstance(entry.get("lr"), str) and entry["lr"] != AUTO_LR:
         raise bad_value("optimizer.lr", entry["lr"], f"a float > 0, or {AUTO_LR} (a learning-rate range test)")
-    if entry["lr"] == AUTO_LR:  # the range test finds a positive rate: check every other key
+    if entry.get("lr") == AUTO_LR:  # the range test finds a positive rate: check every other key
         entry["lr"] = 1e-3
     OPTIMIZERS.check(entry, provided=("params",))
     SCHEDULERS.check(cfg.scheduler, provided=("optimizer", "total_steps", "steps_per_epoch"))
