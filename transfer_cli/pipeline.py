@@ -142,15 +142,21 @@ def sample_loader(dataset: Dataset, spec: InputSpec, cfg: DatasetConfig, device:
     return make_loader(dataset, spec, cfg, False, device, seed)
 
 
+def build_optimizer(method: Method, entry: Mapping[str, Any], lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``entry`` (see optim.optimizer_entry) over the method's parameter groups, at ``lr`` when
+    given (the learning-rate range test sweeps it) else at the entry's."""
+    lr = entry["lr"] if lr is None else lr
+    groups = method.param_groups(lr, entry.get("weight_decay", 0.0))
+    return OPTIMIZERS.build({**entry, "lr": lr}, params=groups)
+
+
 def build_optimization(method: Method, optimizer_cfg: Mapping[str, Any], scheduler_cfg: Mapping[str, Any],
                        batches_per_epoch: int, epochs: int, accumulate: int = 1, processes: int = 1) -> tuple[Any, Any]:
     """The optimizer over the method's parameter groups and its per-step schedule;
     (None, None) for methods that optimise themselves."""
     if method.manual_optimization:
         return None, None
-    plain = optimizer_entry(optimizer_cfg, processes)
-    groups = method.param_groups(plain["lr"], plain.get("weight_decay", 0.0))
-    optimizer = OPTIMIZERS.build(plain, params=groups)
+    optimizer = build_optimizer(method, optimizer_entry(optimizer_cfg, processes))
     steps = math.ceil(batches_per_epoch / accumulate)
     scheduler = SCHEDULERS.build(scheduler_cfg, optimizer=optimizer, total_steps=steps * epochs, steps_per_epoch=steps)
     return optimizer, scheduler

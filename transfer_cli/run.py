@@ -26,8 +26,15 @@ from transfer_cli.engine.lr_find import LrCurve, lr_range_test
 from transfer_cli.errors import UserError
 from transfer_cli.methods.base import METHODS, DataContext, Method
 from transfer_cli.models.backbone import Classifier
-from transfer_cli.optim import AUTO_LR, OPTIMIZERS, optimizer_entry
-from transfer_cli.pipeline import build_data, build_model, build_optimization, make_loader, prepare_splits
+from transfer_cli.optim import AUTO_LR, optimizer_entry
+from transfer_cli.pipeline import (
+    build_data,
+    build_model,
+    build_optimization,
+    build_optimizer,
+    make_loader,
+    prepare_splits,
+)
 from transfer_cli.reporting.progress import plain_log
 from transfer_cli.source import SourceModel, source_model
 
@@ -148,7 +155,7 @@ def _find_lr(run: Run) -> float:
     entry = optimizer_entry(run.cfg.optimizer)
 
     def make_optimizer(lr: float) -> torch.optim.Optimizer:
-        return OPTIMIZERS.build({**entry, "lr": lr}, params=run.method.param_groups(lr, entry.get("weight_decay", 0.0)))
+        return build_optimizer(run.method, entry, lr)
 
     if run.dist.main:
         try:

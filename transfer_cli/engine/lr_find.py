@@ -80,8 +80,8 @@ def lr_range_test(method: nn.Module, make_optimizer: Callable[[float], torch.opt
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:
-    """The rate of steepest descent of the smoothed loss against log(lr), before the loss's minimum; the
-    first rate when the curve is too short to have a slope."""
+    """The rate of steepest descent of the smoothed loss against log(lr), before the loss's minimum; a
+    ValueError when fewer than 3 losses leave no slope to measure."""
     if len(lrs) < 3:
         raise ValueError(f"the learning-rate range test got {len(lrs)} finite losses: too few to choose a rate")
     lowest = min(range(len(losses)), key=losses.__getitem__)
