@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import shared_path
+from conftest import invoke, shared_path, train_in_process
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # real torchrun jobs: several interpreters each
@@ -65,11 +65,10 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
     mnist = shared_path("datasets", "mnist")
     data = ["dataset=mnist", f"dataset.root={mnist}", "dataset.shots=50", "dataset.val_fraction=0.02",
             "backbone=lenet", "method=finetune", "optimizer=sgd", "optimizer.lr=0.05", "trainer.epochs=20"]
-    code, log = train([*data, "dataset.batch_size=32", "hydra.run.dir=one"], tmp_path)
-    assert code == 0, log
+    one = train_in_process(tmp_path / "one", *data, "dataset.batch_size=32")  # the reference: this process
     code, log = train([*data, "dataset.batch_size=16", "trainer.devices=2", "hydra.run.dir=two"], tmp_path)
     assert code == 0, log
-    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["processes"] == 2 and two["global_batch"] == one["global_batch"] == 32
     steps = 500 // 32 * 20
     assert steps >= 300  # a few hundred optimizer steps
@@ -85,9 +84,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
     assert log.count("epoch 20/20") == 1  # process 0 alone reports
 
     # The counts of the 2-process evaluation are the whole test split: a single-process eval agrees exactly.
-    out = subprocess.run([sys.executable, "-m", "transfer_cli", "eval",
-                          f"checkpoint={tmp_path / 'two' / 'checkpoints' / 'best.safetensors'}", "hydra.run.dir=ev"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = invoke("eval", f"checkpoint={tmp_path / 'two' / 'checkpoints' / 'best.safetensors'}", "hydra.run.dir=ev",
+                 cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     evaluated = pd.read_csv(tmp_path / "ev" / "eval.csv").iloc[0]
     assert evaluated["acc1"] == pytest.approx(two["test"]["acc1"], abs=1e-9)
@@ -107,8 +105,7 @@ def test_methods_with_changing_or_extra_parameters_train_as_one_process(tmp_path
         target = [f"target.dataset.batch_size={size}", "target.dataset.shots=30"] if "method=dann" in method else []
         return [f"dataset.batch_size={size}", *target]
 
-    code, log = train([*common, *batch(32), "hydra.run.dir=one"], tmp_path)
-    assert code == 0, log
+    train_in_process(tmp_path / "one", *common, *batch(32))  # the reference: this process
     code, log = train([*common, *batch(16), "trainer.devices=2", "hydra.run.dir=two"], tmp_path)
     assert code == 0, log
     first, second = weights(tmp_path / "one"), weights(tmp_path / "two")
