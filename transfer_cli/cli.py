@@ -268,6 +268,7 @@ COMMANDS: dict[str, Command] = {
     "predict": Command("predict", _scoring("predict", "run_predict")),
     "export": Command("export", _scoring("export", "run_export"), prepare=_checkpoint_dataset_changes),
     "analyze": Command("analyze", _scoring("analyze", "run_analyze"), prepare=_checkpoint_dataset_changes),
+    "rank": Command("rank", _scoring("rank", "run_rank")),
 }
 
 

@@ -232,6 +232,23 @@ class AnalyzeConfig:
     precision: str = "32"
 
 
+@dataclass
+class RankConfig:
+    # Each: what backbone= takes, as {name: ..., weights: ..., preprocess: ..., path: ...}, or a bare name
+    candidates: list[Any] = MISSING
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    scores: list[str] = field(default_factory=lambda: ["logme", "leep", "nce", "hscore", "sfda", "knn", "probe", "size"])
+    recommend: str = "logme"  # the score whose best candidate is recommended
+    bootstrap: int = 20  # resamples (within each class) for the confidence intervals; 0: none
+    knn_k: int = 5
+    seed: int = 0  # random-init candidates, the bootstrap and the probe's folds
+    cache: bool = True
+    cache_dir: str = "${output_dir}/cache/features"  # shared with linear_probe: a probed backbone ranks for free
+    output_dir: str = "outputs"
+    device: str = "auto"
+    precision: str = "32"
+
+
 def _unique_suffix() -> str:
     return secrets.token_hex(3)
 
@@ -245,6 +262,7 @@ def register_schemas() -> None:
     cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="analyze_schema", node=AnalyzeConfig)
+    cs.store(name="rank_schema", node=RankConfig)
     OmegaConf.register_new_resolver("uid", _unique_suffix, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("slug", _slug, replace=True)
 

@@ -120,11 +120,11 @@ def _fisher_probs(features: np.ndarray, labels: np.ndarray, shrinkage: float | N
     classes = int(labels.max()) + 1
     priors = np.bincount(labels, minlength=classes) / len(labels)
     means = np.stack([features[labels == c].mean(0) for c in range(classes)])
-    within = sum(p * np.cov(features[labels == c].T, bias=True).reshape(features.shape[1], -1)
-                 for c, p in enumerate(priors))
-    if shrinkage is None:
-        largest = float(linalg.eigvalsh(within, subset_by_index=[within.shape[0] - 1] * 2)[0])
-        shrinkage = max(float(np.exp(-5 * largest)), 1e-10)
+    spread = features - means[labels]  # sum_c p_c cov_c = spread^T spread / N
+    within = spread.T @ spread / len(labels)
+    if shrinkage is None:  # the largest eigenvalue, from the smaller of the two Gram matrices
+        small = within if features.shape[1] <= len(labels) else spread @ spread.T / len(labels)
+        shrinkage = max(float(np.exp(-5 * np.linalg.eigvalsh(small)[-1])), 1e-10)
     mu = np.trace(within) / within.shape[0]
     shrunk = (1 - shrinkage) * within + shrinkage * mu * np.eye(within.shape[0])
     coef = linalg.solve(shrunk, means.T, assume_a="pos").T  # [C, D]

@@ -32,6 +32,7 @@ class Backbone:
     weights_meta: WeightsMeta | None = None
     notes: list[str] = field(default_factory=list)  # what loading the weights reported, for the run log
     text: TextSpec | None = None  # text backbones: how texts become the token ids the body takes
+    source_head: nn.Module | None = None  # the classifier the network came with (its source task's classes)
 
 
 # name -> builder(weights: str[, in_channels: int]) -> Backbone. Builders of architectures whose first
@@ -62,8 +63,8 @@ class PretrainedBody:
     channels: int
 
 
-def detach_head(name: str, model: nn.Module) -> tuple[nn.Module, int]:
-    """Replace the model's last Linear layer (its classifier) with Identity; return (body, feature_dim)."""
+def detach_head(name: str, model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """Replace the model's last Linear layer (its classifier) with Identity; return (body, that layer)."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise UserError(f"backbone={name} has no linear classifier layer to replace, so it cannot be used here.")
@@ -71,7 +72,7 @@ def detach_head(name: str, model: nn.Module) -> tuple[nn.Module, int]:
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, attr, nn.Identity())
-    return model, last.in_features
+    return model, last
 
 
 def backbone_from_classifier(name: str, model: nn.Module, weights: str,
@@ -81,10 +82,10 @@ def backbone_from_classifier(name: str, model: nn.Module, weights: str,
     keeps what the model holds), replace the classifier by Identity, record the stage split (a list,
     or a function of the body)."""
     notes = load_weights_file(model, weights, name) if weights != "none" else []
-    body, dim = detach_head(name, model)
+    body, classifier = detach_head(name, model)
     split = stages(body) if callable(stages) else stages
-    return Backbone(name=name, body=body, feature_dim=dim, stages=complete_stages(body, split), channels=channels,
-                    notes=notes, **extra)
+    return Backbone(name=name, body=body, feature_dim=classifier.in_features, stages=complete_stages(body, split),
+                    channels=channels, notes=notes, source_head=classifier, **extra)
 
 
 def in_stage(param_name: str, stage: Stage) -> bool:
@@ -133,6 +134,9 @@ class Classifier(nn.Module):
         self.body = backbone.body
         self.feature_dim = backbone.feature_dim
         self.head = make_head(backbone.feature_dim, len(recipe.classes), list(recipe.head.hidden), recipe.head.dropout)
+        # The classifier the network came with, held in a tuple so that it stays out of the module tree (no
+        # checkpoint carries it): transfer rank reads source-class probabilities from it (LEEP, NCE).
+        self.source_head: tuple[nn.Module, ...] = (backbone.source_head,) if backbone.source_head is not None else ()
 
     @classmethod
     def from_recipe(cls, recipe: ModelRecipe) -> Classifier:

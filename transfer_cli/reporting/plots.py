@@ -119,3 +119,16 @@ def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float, path:
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)
+
+
+def plot_rank(table: pd.DataFrame, score: str, path: Path) -> None:
+    """One bar per candidate for ``score`` with its bootstrap interval, best at the top; failed ones left out."""
+    scored = table[table[score].notna()].sort_values(score)
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * max(len(scored), 2) + 1.2))
+    if len(scored):
+        low = (scored[score] - scored[f"{score}_low"]).clip(lower=0).fillna(0)
+        high = (scored[f"{score}_high"] - scored[score]).clip(lower=0).fillna(0)
+        ax.barh(scored["candidate"], scored[score], xerr=[low, high], color="tab:blue", alpha=0.8, capsize=3)
+    ax.set_xlabel(f"{score} (bars: 95% bootstrap interval)")
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)

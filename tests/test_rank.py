@@ -1,0 +1,68 @@
+"""`transfer rank` through the entry point: real pretrained weights rank above their random-init copy, a failing
+candidate is a row with its error, bad input is refused before any work."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import shared_path
+
+from transfer_cli.rank import _bootstrap_draws, shifted_interval
+
+
+def rank_table(tmp_path) -> pd.DataFrame:
+    (table,) = (tmp_path / "outputs" / "ranks").glob("*/rank.csv")
+    return pd.read_csv(table)
+
+
+def test_mnist_lenet_ranks_above_its_random_init_copy_on_usps_and_a_broken_candidate_is_a_row(transfer, tmp_path):
+    usps = shared_path("datasets", "usps")
+    lenet = shared_path("weights", "mnist_lenet5", "lenet5_mnist.pth")
+    code, out, err = transfer("rank", "dataset=usps", f"dataset.root={usps}", "dataset.shots=10", "bootstrap=5",
+                              f"candidates=[{{name:lenet,weights:'{lenet}'}},{{name:lenet,weights:none}},"
+                              "{name:lenet,weights:'/nowhere/missing.pth'}]")
+    assert code == 0, err
+    table = rank_table(tmp_path)
+    assert len(table) == 3 and list(table["candidate"]) == ["lenet (lenet5_mnist.pth)", "lenet (none)",
+                                                            "lenet (missing.pth)"]
+    pretrained, random_init, broken = table.iloc[0], table.iloc[1], table.iloc[2]
+    for score in ("logme", "hscore", "sfda", "knn", "probe"):
+        assert pretrained[score] > random_init[score], score
+        assert pretrained[f"{score}_rank"] == 1
+    assert np.isfinite(pretrained["leep"]) and np.isnan(random_init["leep"])  # a random head is no source classifier
+    assert pretrained["logme_low"] <= pretrained["logme"] <= pretrained["logme_high"]
+    assert pretrained["feature_dim"] == 84 and pretrained["params"] == random_init["params"]
+    assert "missing.pth" in broken["error"] and np.isnan(broken["logme"])
+    assert "recommended: lenet (lenet5_mnist.pth) (best logme)" in out
+    (folder,) = (tmp_path / "outputs" / "ranks").iterdir()
+    assert (folder / "rank.md").is_file() and (folder / "rank.png").stat().st_size > 0
+
+    # The features come from the cache the second time: the same numbers, the pass skipped.
+    code, _, err = transfer("rank", "dataset=usps", f"dataset.root={usps}", "dataset.shots=10", "bootstrap=5",
+                            f"candidates=[{{name:lenet,weights:'{lenet}'}}]", "output_dir=again",
+                            f"cache_dir={tmp_path / 'outputs' / 'cache' / 'features'}")
+    assert code == 0, err
+    (again,) = (tmp_path / "again" / "ranks").glob("*/rank.csv")
+    assert pd.read_csv(again).iloc[0]["logme"] == pretrained["logme"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["candidates=[]"], "candidates=[]"),
+    (["candidates=[small_cnn]", "scores=[logme,magic]"], "scores=['logme', 'magic']"),
+    (["candidates=[small_cnn]", "scores=[knn]"], "recommend='logme'"),
+    (["candidates=[{name:small_cnn,wieghts:none}]"], "candidates[0]"),
+    (["candidates=[{name:small_cnn,weights:source}]"], "weights=source"),
+    (["candidates=[minilm]"], "candidates[0] name=minilm takes text but dataset=digits holds images"),
+    (["candidates=[small_cnn]", "dataset.shots=1"], "fewer than 2 labelled training samples"),
+])
+def test_bad_input_is_refused_with_the_key_and_exit_2(transfer, tmp_path, args, message):
+    code, _, err = transfer("rank", *args)
+    assert code == 2 and message in err, err
+    assert not list((tmp_path / "outputs").rglob("rank.csv"))
+
+
+def test_bootstrap_keeps_every_class_and_the_interval_surrounds_the_estimate():
+    labels = np.repeat(np.arange(4), [3, 5, 2, 7])
+    for draw in _bootstrap_draws(labels, 10, seed=0):
+        assert np.array_equal(np.bincount(labels[draw]), np.bincount(labels))
+    low, high = shifted_interval(0.5, [0.60, 0.62, 0.58, 0.61, 0.59])  # resamples all biased upward
+    assert low < 0.5 < high
