@@ -35,6 +35,7 @@ USAGE = """usage: transfer COMMAND [OVERRIDES] [--cfg job] [--help]
 (cached), fine-tuned on digits 5-9 with 5 labels per class.
 
 commands:
+  rank     score backbones first     transfer rank dataset=usps "candidates=[resnet18,{name:mobilenet_v2,weights:DEFAULT}]"
   train    train one run             transfer train dataset=digits backbone=resnet18 method.freeze=2
   eval     evaluate a checkpoint     transfer eval checkpoint=outputs/runs/.../checkpoints/best.safetensors
   sweep    one run per combination   transfer sweep backbone=small_cnn,resnet18 seed=0,1,2
