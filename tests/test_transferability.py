@@ -123,11 +123,18 @@ def test_h_score_equals_its_formula_plain_and_with_ledoit_wolf_shrinkage():
     between = class_means.T @ class_means / len(labels)
     plain = np.trace(np.linalg.pinv(np.cov(centred.T, bias=True)) @ between)
     assert h_score(features, labels, shrink=False) == pytest.approx(plain, rel=1e-9)
+    assert h_score(features, labels) == pytest.approx(shrunk_h_score(centred, between), rel=1e-9)
+    # N < D (the Woodbury path): the plain inverse is meaningless, the shrunk one is not.
+    wide, wide_labels = clusters(20, 64, 2, spread=1.0)
+    centred = wide - wide.mean(0)
+    class_means = np.stack([centred[wide_labels == c].mean(0) for c in range(2)])[wide_labels]
+    assert h_score(wide, wide_labels) == pytest.approx(
+        shrunk_h_score(centred, class_means.T @ class_means / len(wide_labels)), rel=1e-9)
+
+
+def shrunk_h_score(centred: np.ndarray, between: np.ndarray) -> float:
     lw = LedoitWolf(assume_centered=True).fit(centred)
-    shrunk = (1 - lw.shrinkage_) * np.trace(np.linalg.inv(lw.covariance_) @ between)
-    assert h_score(features, labels) == pytest.approx(shrunk, rel=1e-9)
-    wide, wide_labels = clusters(20, 64, 2, spread=1.0)  # N < D: the plain inverse is meaningless, shrinkage is not
-    assert np.isfinite(h_score(wide, wide_labels)) and h_score(wide, wide_labels) > 0
+    return (1 - lw.shrinkage_) * np.trace(np.linalg.inv(lw.covariance_) @ between)
 
 
 def test_knn_leave_one_out_equals_scikit_learn():
