@@ -53,11 +53,35 @@ def test_mnist_lenet_ranks_above_its_random_init_copy_on_usps_and_a_broken_candi
     (["candidates=[{name:small_cnn,weights:source}]"], "weights=source"),
     (["candidates=[minilm]"], "candidates[0] name=minilm takes text but dataset=digits holds images"),
     (["candidates=[small_cnn]", "dataset.shots=1"], "fewer than 2 labelled training samples"),
+    (["candidates=[small_cnn]", "validate=top3"], "validate='top3'"),
+    (["candidates=[small_cnn]", "validate=all", "validate_method=scratch"], "validate_method='scratch'"),
 ])
 def test_bad_input_is_refused_with_the_key_and_exit_2(transfer, tmp_path, args, message):
     code, _, err = transfer("rank", *args)
     assert code == 2 and message in err, err
     assert not list((tmp_path / "outputs").rglob("rank.csv"))
+
+
+def test_validate_trains_the_candidates_and_measures_each_scores_order(transfer, tmp_path):
+    from scipy import stats
+
+    code, out, err = transfer("rank", "candidates=[small_cnn,{name:lenet,weights:none},{name:cifar_resnet20,weights:none}]",
+                              "bootstrap=0", "validate=all", "validate_overrides=['trainer=debug']")
+    assert code == 0, err
+    (folder,) = (tmp_path / "outputs" / "ranks").iterdir()
+    table = pd.read_csv(folder / "rank.csv")
+    runs = sorted((folder / "validate").iterdir())
+    assert len(runs) == 3 and table["measured_acc1"].notna().all()
+    for run in runs:  # each measured number is the test top-1 its training run reported
+        summary = pd.read_json(run / "summary.json", typ="series")
+        assert summary["test"]["acc1"] in table["measured_acc1"].tolist()
+        assert summary["method"] == "linear_probe"
+    agreement = pd.read_csv(folder / "validation.csv").set_index("score")
+    expected = stats.kendalltau(table["logme"], table["measured_acc1"], variant="b").statistic
+    assert agreement.loc["logme", "kendall_tau_b"] == pytest.approx(expected)
+    best = table["measured_acc1"].max()
+    assert agreement.loc["knn", "top1_regret"] == pytest.approx(best - table.loc[table["knn"].idxmax(), "measured_acc1"])
+    assert np.isnan(agreement.loc["leep", "kendall_tau_b"])  # no candidate has a source classifier
 
 
 def test_bootstrap_keeps_every_class_and_the_interval_surrounds_the_estimate():

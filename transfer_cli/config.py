@@ -241,6 +241,11 @@ class RankConfig:
     recommend: str = "logme"  # the score whose best candidate is recommended
     bootstrap: int = 20  # resamples (within each class) for the confidence intervals; 0: none
     knn_k: int = 5
+    # Measure the ranking: train the top K candidates by `recommend` (top_k:K) or all of them (all) with
+    # validate_method, and report Kendall's tau_b, weighted tau and top-1 regret of every score against test top-1
+    validate: str | None = None
+    validate_method: str = "linear_probe"
+    validate_overrides: list[str] = field(default_factory=list)  # more `transfer train` overrides, e.g. trainer.epochs=15
     seed: int = 0  # random-init candidates, the bootstrap and the probe's folds
     cache: bool = True
     cache_dir: str = "${output_dir}/cache/features"  # shared with linear_probe: a probed backbone ranks for free

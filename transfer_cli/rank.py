@@ -31,6 +31,7 @@ from transfer_cli.methods.feature_cache import cached_features, weights_digest
 from transfer_cli.methods.probe_scratch import L2_GRID, head_lbfgs, lbfgs_head_step
 from transfer_cli.models.backbone import BACKBONES, Classifier, takes_text
 from transfer_cli.pipeline import build_data, build_model, make_loader, prepare_splits
+from transfer_cli.rank_validation import check_validate, validate_ranking
 from transfer_cli.reporting.plots import plot_rank
 from transfer_cli.reporting.progress import plain_log
 from transfer_cli.reporting.tables import rich_table, write_table
@@ -57,6 +58,7 @@ def run_rank(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     log = plain_log(console)
     candidates = _candidates(cfg)
     chosen = _check_scores(cfg)
+    to_train = check_validate(cfg)
     data_cfg: DatasetConfig = OmegaConf.to_object(cfg.dataset)
     check_dataset(data_cfg)
     splits = build_data(data_cfg)
@@ -81,6 +83,9 @@ def run_rank(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     write_table(table, out_dir / "rank.csv")
     plot_rank(table, cfg.recommend, out_dir / "rank.png")
     _announce(table, cfg.recommend, out_dir, console)
+    if to_train != 0:
+        validate_ranking(cfg, table, candidates, to_train, out_dir, console)
+        write_table(table, out_dir / "rank.csv")  # now with each trained candidate's measured_acc1
     return table
 
 
