@@ -128,6 +128,7 @@ def test_bad_input_exits_2_with_one_clear_message(transfer, args, message):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # a fresh interpreter: what HYDRA_FULL_ERROR=1 prints is the installed binary's behaviour
 def test_full_error_shows_the_traceback(tmp_path):
     result = run_cli("train", "method.freeze=5", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode != 0 and "Traceback" in result.stderr

@@ -87,6 +87,7 @@ def test_onecycle_peaks_at_the_configured_lr():
     assert max(values) == pytest.approx(1.0) and values[0] == pytest.approx(1 / 25) and values[-1] < 1e-3
 
 
+@pytest.mark.slow  # bf16 autocast is emulated on CPU (seconds); the fast tier keeps the fp32 path
 def test_bf16_mixed_precision_trains_on_cpu(compose_cfg, tmp_path, quiet_console):
     # half the digits: bf16 convolutions are slow on CPU, and the check is that it trains, not how well
     cfg = compose_cfg("trainer.precision=bf16-mixed", "trainer.epochs=2", "trainer.plots=false", "dataset.fraction=0.5")

@@ -62,6 +62,7 @@ def test_bad_input_is_refused_with_the_key_and_exit_2(transfer, tmp_path, args, 
     assert not list((tmp_path / "outputs").rglob("rank.csv"))
 
 
+@pytest.mark.slow  # trains every candidate; validate's refusals stay in the fast tier
 def test_validate_trains_the_candidates_and_measures_each_scores_order(transfer, tmp_path):
     from scipy import stats
 
