@@ -14,10 +14,12 @@ from transfer_cli.engine.lr_find import suggest
 TIMING = ["seconds", "samples_per_s"]
 
 
-def test_the_suggestion_is_the_steepest_descent_before_the_minimum():
+def test_the_suggestion_is_halfway_between_the_steepest_descent_and_the_minimum():
     lrs = [10.0 ** e for e in range(-6, 1)]  # 1e-6 ... 1
     losses = [2.0, 1.95, 1.9, 1.0, 0.5, 0.35, 3.0]  # steepest fall around 1e-3, minimum at 1e-1, then it explodes
-    assert suggest(lrs, losses) == pytest.approx(1e-3)
+    assert suggest(lrs, losses) == pytest.approx(1e-2)
+    falling = [2.0, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5]  # steepest at 1e-5, still falling at the end of the sweep
+    assert suggest(lrs, falling) == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="too few"):
         suggest(lrs[:2], losses[:2])
 

@@ -2,8 +2,10 @@
 ``lr_find``) run before training.
 
 A short sweep trains the method on the train split while the learning rate grows exponentially from
-``START`` to ``END``; the loss, smoothed, falls, flattens and then explodes. The suggestion is the rate
-where the smoothed loss falls fastest against log(lr) (steepest descent), taken before the loss's minimum.
+``START`` to ``END``; the loss, smoothed, falls, flattens and then explodes. The suggestion lies halfway, on
+the log scale, between the rate where the smoothed loss falls fastest (steepest descent) and the rate of its
+minimum: steepest descent alone is a cautious lower end (a 45-step fine-tune at that rate stops short: 86.4 %
+against 88.7 % on USPS with MobileNetV2), the minimum is the edge past which the loss explodes.
 Every param group keeps its own multiplier (backbone rate, layer decay, LoRA adapters): the sweep scales
 them all by one factor. Afterwards the weights, the loader's position and every RNG are put back exactly,
 so the run trains as if the sweep had never happened, at the rate it found.
@@ -80,14 +82,16 @@ def lr_range_test(method: nn.Module, make_optimizer: Callable[[float], torch.opt
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float:
-    """The rate of steepest descent of the smoothed loss against log(lr), before the loss's minimum; a
-    ValueError when fewer than 3 losses leave no slope to measure."""
+    """The rate halfway (in log lr, i.e. in steps of the exponential sweep) between the steepest descent of
+    the smoothed loss before its minimum and that minimum; a ValueError when fewer than 3 losses leave no
+    slope to measure."""
     if len(lrs) < 3:
         raise ValueError(f"the learning-rate range test got {len(lrs)} finite losses: too few to choose a rate")
     lowest = min(range(len(losses)), key=losses.__getitem__)
     end = max(lowest, 2)
     slopes = [(losses[i + 1] - losses[i - 1]) / (math.log(lrs[i + 1]) - math.log(lrs[i - 1])) for i in range(1, end)]
-    return lrs[1 + min(range(len(slopes)), key=slopes.__getitem__)]
+    steepest = 1 + min(range(len(slopes)), key=slopes.__getitem__)
+    return lrs[(steepest + max(lowest, steepest)) // 2]
 
 
 def _cycle(loader: Iterable, steps: int) -> Iterable:
