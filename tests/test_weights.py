@@ -3,11 +3,12 @@
 import pytest
 import torch
 import torchvision.models as tvm
-from conftest import build_method, classifier, shared_path
-from safetensors.torch import save_file
+from conftest import build_method, classifier, shared_path, train_in_process
+from safetensors.torch import load_file, save_file
 
 from transfer_cli.errors import UserError
 from transfer_cli.models.backbone import BACKBONES
+from transfer_cli.models.weights import weights_sidecar
 
 
 def test_local_safetensors_with_module_prefix_loads_into_the_body(tmp_path):
@@ -29,6 +30,23 @@ def test_local_torch_file_with_other_head_reports_and_keeps_the_rest(tmp_path):
     assert torch.equal(bb.body.state_dict()["layer4.1.conv2.weight"], source.state_dict()["layer4.1.conv2.weight"])
     notes = "\n".join(bb.notes)
     assert "2 shape differs" in notes and "fc.weight" in notes
+    assert bb.source_head is None  # the classifier stayed random: no source task to score with (LEEP, NCE)
+
+
+def test_a_checkpoint_of_this_tool_is_a_backbone_with_its_source_classifier(tmp_path):
+    """`transfer train` on digits 0-4, then its checkpoint as backbone.weights: the body, the 5-class head as
+    the source classifier (what LEEP / NCE score with) and the normalisation it was trained with."""
+    train_in_process(tmp_path / "src", "dataset.classes=[0,1,2,3,4]", "trainer.epochs=1", f"output_dir={tmp_path}")
+    path = tmp_path / "src" / "checkpoints" / "best.safetensors"
+    state = load_file(str(path))
+    bb = BACKBONES.get("small_cnn")(weights=str(path))
+    assert torch.equal(bb.body.state_dict()["block3.0.weight"], state["body.block3.0.weight"])
+    assert bb.source_head.out_features == 5 and torch.equal(bb.source_head.weight, state["head.0.weight"])
+    assert bb.notes[0].startswith("loaded 20/20 tensors")
+    stated = weights_sidecar(str(path))
+    assert set(stated) == {"mean", "std"} and stated["mean"] == pytest.approx(state["input.mean"].flatten().tolist())
+    with pytest.raises(UserError, match="does not match backbone=lenet"):
+        BACKBONES.get("lenet")(weights=str(path))
 
 
 def test_weights_file_for_another_architecture_is_refused(tmp_path):

@@ -16,7 +16,7 @@ from transfer_cli.errors import UserError
 from transfer_cli.models.input import InputAdapter
 from transfer_cli.models.recipe import ModelRecipe
 from transfer_cli.models.stages import Stage
-from transfer_cli.models.weights import load_weights_file
+from transfer_cli.models.weights import last_linear, load_weights_file
 from transfer_cli.registry import Registry
 
 
@@ -65,10 +65,10 @@ class PretrainedBody:
 
 def detach_head(name: str, model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     """Replace the model's last Linear layer (its classifier) with Identity; return (body, that layer)."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    found = last_linear(model)
+    if found is None:
         raise UserError(f"backbone={name} has no linear classifier layer to replace, so it cannot be used here.")
-    path, last = linears[-1]
+    path, last = found
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, attr, nn.Identity())
@@ -81,11 +81,14 @@ def backbone_from_classifier(name: str, model: nn.Module, weights: str,
     """The one way a classification network becomes a Backbone: load ``weights`` (a local file; "none"
     keeps what the model holds), replace the classifier by Identity, record the stage split (a list,
     or a function of the body)."""
-    notes = load_weights_file(model, weights, name) if weights != "none" else []
+    notes, loaded = load_weights_file(model, weights, name) if weights != "none" else ([], None)
+    classifier_path = (last_linear(model) or ("", None))[0]
     body, classifier = detach_head(name, model)
     split = stages(body) if callable(stages) else stages
+    # The classifier is a source task's only if the file held it (a body-only file leaves it random).
+    from_source = loaded is None or {f"{classifier_path}.weight", f"{classifier_path}.bias"} <= loaded
     return Backbone(name=name, body=body, feature_dim=classifier.in_features, stages=complete_stages(body, split),
-                    channels=channels, notes=notes, source_head=classifier, **extra)
+                    channels=channels, notes=notes, source_head=classifier if from_source else None, **extra)
 
 
 def in_stage(param_name: str, stage: Stage) -> bool:

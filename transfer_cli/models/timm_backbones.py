@@ -75,7 +75,7 @@ def build_timm(model_name: str, weights: str = "none") -> Backbone:
         raise UserError(f"backbone.weights={weights!r} for backbone.name={PREFIX}{model_name}: allowed are none, "
                         "pretrained (the tag's weights from the Hugging Face cache) or a path to a weights file.")
     model = _create(model_name, pretrained=weights in PRETRAINED)
-    notes = load_weights_file(model, weights, f"{PREFIX}{model_name}") if from_file else []
+    notes = load_weights_file(model, weights, f"{PREFIX}{model_name}")[0] if from_file else []
     patch = getattr(model, "patch_embed", None)
     fixed = getattr(patch, "img_size", None) if patch is not None and not getattr(patch, "dynamic_img_size", False) else None
     return Backbone(
