@@ -138,11 +138,12 @@ def entry(group: str, name: str, **overrides) -> dict:
     return {**OmegaConf.to_container(OmegaConf.load(conf_dir() / group / f"{name}.yaml")), **overrides}
 
 
-def build_method(name: str, model, **overrides):
-    """The registered method ``name`` on ``model``, configured by its YAML plus ``overrides``."""
+def build_method(name: str, model, provided: dict | None = None, **overrides):
+    """The registered method ``name`` on ``model``, configured by its YAML plus ``overrides``; ``provided``:
+    what the pipeline passes besides the model (distill's opened teachers)."""
     from transfer_cli.methods.base import METHODS
 
-    return METHODS.build(entry("method", name, **overrides), model=model)
+    return METHODS.build(entry("method", name, **overrides), model=model, **(provided or {}))
 
 
 def classifier(backbone, num_classes: int, spec):

@@ -1,5 +1,6 @@
 """Every registered method on real digits: one step, what trains, what stays, what the optimizer holds."""
 
+import copy
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from transfer_cli.data.identity import input_identities
 from transfer_cli.engine.device import Precision
 from transfer_cli.engine.loop import State
 from transfer_cli.methods.base import METHODS, DataContext
+from transfer_cli.methods.distill import Teacher
 from transfer_cli.optim import OPTIMIZERS, SCHEDULERS, optimizer_entry
 from transfer_cli.pipeline import build_data, build_image_model, make_loader
 
@@ -36,6 +38,7 @@ METHOD_SETTINGS = {
     "mcc": {},
     "shot": {"source_epochs": 1},  # its source phase; the adaptation step is tested below
     "fixmatch_da": {"threshold": 0.5},
+    "distill": {"teacher": "teacher.safetensors", "alpha": 0.5},  # setup gives it a copy of the student as teacher
 }
 
 
@@ -48,7 +51,8 @@ def setup(name: str, **settings):
     data_cfg = DatasetConfig(name="digits", batch_size=32)
     splits = build_data(data_cfg)
     model = build_image_model(data_cfg, splits, "small_cnn", "none", HeadConfig())
-    method = build_method(name, model, **settings)
+    teachers = [Teacher(settings["teacher"], copy.deepcopy(model), None)] if "teacher" in settings else None
+    method = build_method(name, model, {"teachers": teachers} if teachers else None, **settings)
 
     def make(split, train):
         return make_loader(splits.split(split), model.spec, data_cfg, train, CPU)

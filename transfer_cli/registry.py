@@ -97,6 +97,11 @@ class Registry:
         allowed = [k for k, p in params.items() if k not in provided and p.kind is not p.VAR_KEYWORD]
         required = [k for k in allowed if params[k].default is inspect.Parameter.empty
                     and params[k].kind is not params[k].VAR_POSITIONAL]
+        unset = [k for k in required if _is_unset(cfg, k)]
+        if unset:
+            raise UserError(f"{self.kind}={name} needs {', '.join(f'{self.kind}.{k}' for k in unset)}: its YAML "
+                            f"(conf/{self.kind}/{name}.yaml) leaves it to you (???). Set it on the command line, "
+                            f"e.g. {self.kind}.{unset[0]}=VALUE.")
         absent = [k for k in required if k not in cfg]
         if absent:
             raise UserError(
@@ -123,6 +128,13 @@ class Registry:
         self.check(cfg, tuple(provided))
         kwargs = {k: _plain(v) for k, v in cfg.items() if k != "name"}
         return self.get(cfg["name"])(**provided, **kwargs)
+
+
+def _is_unset(cfg: Mapping[str, Any], key: str) -> bool:
+    """A ``???`` value of an OmegaConf config."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.is_config(cfg) and key in cfg.keys() and OmegaConf.is_missing(cfg, key)  # noqa: SIM118 - `in cfg` is False for ???
 
 
 def _parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:

@@ -36,6 +36,7 @@ from transfer_cli.pipeline import (
     prepare_splits,
 )
 from transfer_cli.reporting.progress import plain_log
+from transfer_cli.scoring import open_teachers
 from transfer_cli.source import SourceModel, source_model
 
 
@@ -91,7 +92,7 @@ def build_run(cfg: DictConfig, device: torch.device, precision: Precision, dist:
         splits = prepare_splits(splits, model.spec, cfg.dataset, plain_log(console))
         target = prepare_splits(target, model.spec, cfg.target.dataset, plain_log(console)) if target else None
     seed_stage(cfg.seed, "method")
-    method = _build_method(cfg, model, device)
+    method = _build_method(cfg, model, device, splits)
     data = data_identity(splits)
     if resumed is not None and resumed["data"] != data:
         raise UserError(f"cannot resume: the data of dataset={cfg.dataset.name} (dataset.root={cfg.dataset.root!r}) "
@@ -118,8 +119,13 @@ def _target_data(cfg: DictConfig, splits: DataSplits) -> DataSplits | None:
     return target
 
 
-def _build_method(cfg: DictConfig, model: Classifier, device: torch.device) -> Method:
-    method = METHODS.build(cfg.method, model=model).to(device)
+def _build_method(cfg: DictConfig, model: Classifier, device: torch.device, splits: DataSplits) -> Method:
+    # A method with a teacher key (distill) gets its teacher checkpoints opened through the scoring guards.
+    teacher = cfg.method.get("teacher")
+    provided = {} if teacher is None else {"teachers": open_teachers(
+        [teacher] if isinstance(teacher, str) else list(teacher), OmegaConf.to_object(cfg.dataset), splits,
+        splits.text)}
+    method = METHODS.build(cfg.method, model=model, **provided).to(device)
     if method.trains_body and not any(True for _ in model.body.parameters()):
         raise UserError(f"method={cfg.method.name} trains the backbone, but backbone={cfg.backbone.name} has no "
                         "trainable weights (a fitted TF-IDF vectoriser). Use method=linear_probe: a logistic "

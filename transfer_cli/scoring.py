@@ -1,4 +1,5 @@
-"""The one way a command that scores checkpoints (eval, export, analyze, fusion) opens them and their data.
+"""The one way a command that scores checkpoints (eval, export, analyze, fusion) opens them and their data,
+and the way a distillation run opens its teachers.
 
 Every guard sits here, so no command can skip one: the weights are finite and the sidecar is the one written
 with them (models/checkpoint.py); the dataset's keys are in range; a split carved from a pool is carved as in
@@ -23,6 +24,7 @@ from transfer_cli.data.batches import Batches
 from transfer_cli.data.identity import split_identities
 from transfer_cli.data.splits import DataSplits
 from transfer_cli.errors import UserError, choices
+from transfer_cli.methods.distill import Teacher
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.models.checkpoint import load_model
 from transfer_cli.models.ensemble import check_same_classes
@@ -107,6 +109,30 @@ def open_checkpoints(paths: list[str], scored: set[str], dataset: Any = None,
     if order is not None:
         log("the dataset lists the model's classes in another order: predictions are matched by name.")
     return Opened(members, data, splits, order, new_data=not own)
+
+
+def open_teachers(paths: list[str], data: DatasetConfig, splits: DataSplits, text: bool) -> list[Teacher]:
+    """Distillation teachers for a student trained on ``data`` (``splits``), through the same guards as a
+    scored checkpoint: a readable, finite checkpoint with its own sidecar, the student's classes by name,
+    the student's kind of input, and, for a teacher trained on this very dataset, the student's val and test
+    samples held out from its training (else the student would learn their labels from it)."""
+    teachers = []
+    for path in paths:
+        try:
+            member = Member(path, *load_model(path))
+            if (member.recipe.text is not None) != text:
+                raise UserError(f"it is a {'text' if member.recipe.text else 'image'} model but dataset={data.name} "
+                                f"holds {'text' if text else 'images'}, and a teacher reads the student's batches.")
+            order = class_order(member.recipe.classes, list(splits.classes), data.name, path)
+            if _same_source(data, member.trained_on):
+                check_held_out(data, member, {"val", "test"})
+                _check_same_samples(member, split_identities(splits, labels=False), {"val", "test"}, data)
+        except UserError as err:
+            raise UserError(f"method.teacher={path!r} cannot teach this run: {err} A teacher is a checkpoint of "
+                            "this tool that predicts the student's classes and never trained on its val/test "
+                            "samples.") from None
+        teachers.append(Teacher(path, member.model, order))
+    return teachers
 
 
 def dataset_to_score(override: Any, member: Member, changes: Mapping[str, Any] | None = None) -> DatasetConfig:

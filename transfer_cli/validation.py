@@ -155,7 +155,7 @@ def validate(cfg: DictConfig) -> None:
         OPTIMIZERS.check(optimizer_entry(cfg.source.optimizer), provided=("params",))
         SCHEDULERS.check(cfg.source.scheduler, provided=("optimizer", "total_steps", "steps_per_epoch"))
     BACKBONES.get(cfg.backbone.name)
-    METHODS.check(cfg.method, provided=("model",))
+    METHODS.check(cfg.method, provided=("model", "teachers"))
     _check_weight_average(cfg)
     if METHODS.get(cfg.method.name).needs_target_data and cfg.target is None:
         raise UserError(f"method={cfg.method.name} adapts to an unlabelled target domain: add target=NAME "

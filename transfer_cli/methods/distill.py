@@ -1,0 +1,78 @@
+"""Knowledge distillation (Hinton et al. 2015): the run's model, the student, learns from trained teachers'
+softened outputs as well as from the labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+
+from transfer_cli.methods.base import METHODS
+from transfer_cli.methods.finetune import BackboneLrMult, BNMode, Finetune, LayerDecay
+from transfer_cli.models.backbone import Classifier
+from transfer_cli.registry import Fraction, Positive, Range
+
+Weight = Annotated[float, Range(ge=0, le=1)]
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """An opened teacher checkpoint (scoring.open_teachers): its model, and the output index of each of the
+    student's classes when the teacher lists them in another order (None: the same order)."""
+
+    path: str
+    model: Classifier
+    order: list[int] | None
+
+
+@METHODS.register("distill")
+class Distill(Finetune):
+    """loss = alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * cross-entropy(labels).
+    Several teachers are one ensemble: the mean of their softened probabilities. Each teacher reads the
+    student's batch through its own input adapter (its size, channels and normalisation), on the fly, so
+    augmented images get the teacher's view of the same augmentation. Freezing, BN and learning rates as
+    finetune."""
+
+    def __init__(self, model: Classifier, teachers: list[Teacher], *, teacher: str | list[str],
+                 temperature: Positive, alpha: Weight, freeze: int | Literal["all"], bn: BNMode,
+                 label_smoothing: Fraction, layer_decay: LayerDecay, backbone_lr_mult: BackboneLrMult) -> None:
+        super().__init__(model, freeze=freeze, bn=bn, label_smoothing=label_smoothing, layer_decay=layer_decay,
+                         backbone_lr_mult=backbone_lr_mult)
+        self.temperature, self.alpha = float(temperature), float(alpha)
+        self.teacher_paths = [t.path for t in teachers]
+        # In a tuple, outside the module tree: no checkpoint, optimizer or state_dict carries the teachers.
+        self.teachers: tuple[Teacher, ...] = tuple(teachers)
+        for t in self.teachers:
+            t.model.eval().requires_grad_(False)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's own signature
+        """.to(device) / .half() reach the teachers too."""
+        for t in self.teachers:
+            t.model._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    @torch.no_grad()
+    def teacher_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The teachers' mean probabilities at the temperature, in the student's class order."""
+        probs = []
+        for t in self.teachers:
+            logits = t.model(x).float()
+            if t.order is not None:
+                logits = logits[:, t.order]
+            probs.append(F.softmax(logits / self.temperature, dim=1))
+        return torch.stack(probs).mean(0)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = batch
+        logits = self.model(x)
+        hard = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        soft = F.kl_div(F.log_softmax(logits.float() / self.temperature, dim=1), self.teacher_probs(x),
+                        reduction="batchmean") * self.temperature**2
+        loss = self.alpha * soft + (1 - self.alpha) * hard
+        return {"loss": loss, "loss_soft": soft.detach(), "loss_hard": hard.detach(), "logits": logits.detach(),
+                "labels": y}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "teachers": self.teacher_paths}
