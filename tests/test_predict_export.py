@@ -147,9 +147,24 @@ def test_torchscript_export_round_trips(transfer, runs, tmp_path):
     assert table.iloc[1]["max_abs_logit_diff"] < 1e-4 and (tmp_path / "t" / "model.json").is_file()
 
 
+def test_static_int8_is_calibrated_on_train_images_and_reported_next_to_dynamic(transfer, runs, tmp_path):
+    pytest.importorskip("onnxruntime", reason="ONNX export needs the [export] extra (make install installs it)")
+    code, _, err = transfer("export", f"checkpoint={best(runs, 'cnn0')}", "quantize=static", "calibration=64",
+                            "samples=128", "repeats=2", "hydra.run.dir=s")
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "s" / "export.csv").set_index("model")
+    static = table.loc["onnx static int8 (64 train images)"]
+    assert list(table.index[1:3]) == ["onnx (opset 18)", "onnx dynamic int8"]
+    assert static["top1_agreement"] >= 95 and abs(static["acc1"] - table.loc["onnx (opset 18)", "acc1"]) <= 3
+    assert static["file_mb"] < table.loc["onnx (opset 18)", "file_mb"] and static["max_abs_logit_diff"] > 0
+    assert not list((tmp_path / "s").glob("*prepared*"))  # the pre-processed copy is not left behind
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["format=tflite"], "format='tflite'"),
-    (["quantize=static"], "quantize='static'"),
+    (["quantize=float8"], "quantize='float8'"),
+    (["quantize=static", "format=torchscript"], "quantize='static' is not allowed. Allowed: none or dynamic with"),
+    (["quantize=static", "calibration=0"], "calibration=0 is not allowed"),
     (["opset=9"], "opset=9"),
 ])
 def test_export_refuses_unknown_choices(transfer, runs, args, message):

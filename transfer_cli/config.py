@@ -207,7 +207,8 @@ class PredictConfig:
 class ExportConfig:
     checkpoint: str = "???"
     format: str = "onnx"  # onnx | torchscript
-    quantize: str = "none"  # none | dynamic (int8 weights, activations quantized on the fly)
+    quantize: str = "none"  # none | dynamic (int8 weights, activations quantized on the fly) | static (onnx: ranges calibrated)
+    calibration: int = 256  # quantize=static: training images (the checkpoint's preprocessing) that set the ranges
     opset: int = 18  # ONNX only
     samples: int = 256  # real test images the export is verified on
     repeats: int = 20  # timed calls per latency figure (batch 1; a quarter of them at batch 32)

@@ -1,4 +1,4 @@
-"""`transfer export`: a checkpoint as ONNX or TorchScript (optionally dynamic int8), verified against
+"""`transfer export`: a checkpoint as ONNX or TorchScript (optionally dynamic or static int8), verified against
 PyTorch on real images of its dataset, with size and CPU latency in export.csv/.md."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from transfer_cli.models.exported import (
     export_torchscript,
     onnx_predictor,
     quantize_onnx,
+    quantize_onnx_static,
     quantize_torch,
     torch_predictor,
     torchscript_predictor,
@@ -34,7 +35,7 @@ from transfer_cli.reporting.progress import plain_log
 from transfer_cli.reporting.tables import rich_table, write_table
 from transfer_cli.scoring import Opened, open_checkpoints
 
-QUANTIZE = ("none", "dynamic")
+QUANTIZE = ("none", "dynamic", "static")
 CPU = torch.device("cpu")
 
 
@@ -45,6 +46,11 @@ def _check(cfg: DictConfig) -> None:
         raise bad_value("quantize", cfg.quantize, QUANTIZE)
     if not isinstance(cfg.opset, int) or not 17 <= cfg.opset <= 23:
         raise bad_value("opset", cfg.opset, "an ONNX opset from 17 to 23 (the exporter's range)")
+    if cfg.quantize == "static" and cfg.format != "onnx":
+        raise bad_value("quantize", cfg.quantize, "none or dynamic with format=torchscript; static is onnxruntime's "
+                        "static quantization (format=onnx)")
+    if cfg.calibration < 1:
+        raise bad_value("calibration", cfg.calibration, "an integer >= 1 (training images that set the int8 ranges)")
     if cfg.samples < 1:
         raise bad_value("samples", cfg.samples, "an integer >= 1 (real images to verify the export on)")
     if str(cfg.checkpoint).endswith((".onnx", ".pt", ".ts")):
@@ -52,19 +58,19 @@ def _check(cfg: DictConfig) -> None:
                         "checkpoint written by `transfer train` (or `transfer eval fusion=...`).")
 
 
-def _real_images(cfg: DictConfig, opened: Opened) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``cfg.samples`` test images of the opened data as exported models take them, their labels."""
+def _real_images(opened: Opened, split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``count`` images of the opened data's ``split`` as exported models take them, their labels."""
     member = opened.members[0]
     images, labels = [], []
-    for x, y in opened.loader(member, "test", CPU, 64, lambda _: None):
+    for x, y in opened.loader(member, split, CPU, 64, lambda _: None):
         images.append(model_input(x, member.model.spec))
         labels.append(y)
-        if sum(len(b) for b in images) >= cfg.samples:
+        if sum(len(b) for b in images) >= count:
             break
-    labels = torch.cat(labels)[:cfg.samples]
+    labels = torch.cat(labels)[:count]
     if opened.order is not None:  # the dataset numbers the classes otherwise: compare in the model's numbering
         labels = torch.tensor(opened.order)[labels]
-    return torch.cat(images)[:cfg.samples], labels
+    return torch.cat(images)[:count], labels
 
 
 def _latency_ms(run: Any, images: torch.Tensor, batch: int, repeats: int) -> float:
@@ -93,7 +99,7 @@ def run_export(cfg: DictConfig, out_dir: Path, console: Console | None = None) -
     if recipe.text is not None:
         raise UserError(f"checkpoint={cfg.checkpoint!r} is a text model (backbone={recipe.backbone}): export covers "
                         "image models. Use the checkpoint itself with `transfer predict` and `transfer eval`.")
-    images, labels = _real_images(cfg, opened)
+    images, labels = _real_images(opened, "test", cfg.samples)
     precision = Precision("32", CPU)
     eager = torch_predictor(str(cfg.checkpoint), model, recipe, CPU, precision)
     target = out_dir / f"model{FORMATS[cfg.format]}"
@@ -103,10 +109,14 @@ def run_export(cfg: DictConfig, out_dir: Path, console: Console | None = None) -
     if cfg.format == "onnx":
         export_onnx(model, example, target, cfg.opset, recipe)
         variants.append((f"onnx (opset {cfg.opset})", onnx_predictor(str(target)), target))
-        if cfg.quantize == "dynamic":
+        if cfg.quantize in ("dynamic", "static"):  # static is reported next to dynamic
             quantized = out_dir / "model.int8.onnx"
             quantize_onnx(target, quantized)
             variants.append(("onnx dynamic int8", onnx_predictor(str(quantized)), quantized))
+        if cfg.quantize == "static":
+            static = out_dir / "model.int8-static.onnx"
+            quantize_onnx_static(target, static, _real_images(opened, "train", cfg.calibration)[0])
+            variants.append((f"onnx static int8 ({cfg.calibration} train images)", onnx_predictor(str(static)), static))
     else:
         export_torchscript(model, example, target, recipe)
         variants.append(("torchscript", torchscript_predictor(str(target), CPU, precision), target))

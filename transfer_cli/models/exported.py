@@ -143,6 +143,33 @@ def quantize_onnx(source: Path, target: Path) -> None:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
 
 
+def quantize_onnx_static(source: Path, target: Path, calibration: torch.Tensor) -> None:
+    """Static int8 (QDQ nodes, per-channel int8 weights, uint8 activations): every activation's range is
+    calibrated once on ``calibration`` (model inputs), so no range is computed at run time."""
+    _, ort = _onnx()
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    name = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration.split(32))
+
+        def get_next(self) -> dict[str, Any] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {name: batch.numpy()}
+
+    prepared = target.with_name(target.stem + ".prepared.onnx")
+    try:
+        with _quiet():
+            quant_pre_process(str(source), str(prepared))  # shape inference and graph folding, as ORT advises
+            quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, recipe: ModelRecipe) -> None:
     """``model`` traced to TorchScript at ``path`` (the recipe in the archive's extra files)."""
     with torch.no_grad(), warnings.catch_warnings():
