@@ -41,6 +41,7 @@ commands:
   sweep    one run per combination   transfer sweep backbone=small_cnn,resnet18 seed=0,1,2
   predict  classify new images       transfer predict checkpoint=.../best.safetensors input=photos/
   export   ONNX / TorchScript        transfer export checkpoint=.../best.safetensors format=onnx quantize=dynamic
+  explain  what a prediction rests on transfer explain checkpoint=.../best.safetensors [method=gradcam] [samples=8]
   analyze  domain alignment          transfer analyze checkpoint=.../best.safetensors [target=usps]
   report   rebuild/compare tables    transfer report outputs/sweeps/<time> [outputs/sweeps/<other>]
 
@@ -216,6 +217,13 @@ def _checkpoint_dataset_changes(args: list[str]) -> list[str]:
             and "=" in a else a for a in args]
 
 
+def _explain_args(args: list[str]) -> list[str]:
+    """``method=NAME`` names the attribution method of explain, but Hydra reads ``method=`` as the training
+    method's config group (conf/method/): it travels as ``attribution=NAME``."""
+    return _checkpoint_dataset_changes([f"attribution={a.split('=', 1)[1]}" if a.startswith("method=") else a
+                                        for a in args])
+
+
 def _sweep_resume(args: list[str]) -> list[str]:
     """``sweep.resume=PATH|auto`` -> run the sweep again into that folder (``hydra.sweep.dir``): finished
     jobs are kept, unfinished ones resume from their checkpoint, failed and missing ones run (run_train
@@ -269,6 +277,7 @@ COMMANDS: dict[str, Command] = {
     "predict": Command("predict", _scoring("predict", "run_predict")),
     "export": Command("export", _scoring("export", "run_export"), prepare=_checkpoint_dataset_changes),
     "analyze": Command("analyze", _scoring("analyze", "run_analyze"), prepare=_checkpoint_dataset_changes),
+    "explain": Command("explain", _scoring("explain", "run_explain"), prepare=_explain_args),
     "rank": Command("rank", _scoring("rank", "run_rank")),
 }
 

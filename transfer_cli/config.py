@@ -219,6 +219,23 @@ class ExportConfig:
 
 
 @dataclass
+class ExplainConfig:
+    checkpoint: str = "???"
+    input: str | None = None  # image files as transfer predict takes them; None: `samples` images of `split`
+    split: str = "test"
+    samples: int = 8
+    attribution: str = "gradcam"  # gradcam | integrated_gradients | occlusion (the CLI takes method=NAME for it)
+    compare: str | None = None  # a second checkpoint explained on the same images, side by side
+    steps: int = 32  # integrated gradients: steps on the path from a black image
+    window: int = 0  # occlusion: patch side in input pixels (0: a eighth of the side)
+    seed: int = 0  # the samples drawn and the randomised-weights copy of the sanity check
+    output_dir: str = "outputs"
+    device: str = "auto"
+    dataset: DatasetConfig | None = None  # None: the dataset the checkpoint was trained on
+    dataset_changes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class AnalyzeConfig:
     checkpoint: str = "???"
     dataset: DatasetConfig | None = None  # the source domain; None: the dataset the checkpoint was trained on
@@ -268,6 +285,7 @@ def register_schemas() -> None:
     cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="analyze_schema", node=AnalyzeConfig)
+    cs.store(name="explain_schema", node=ExplainConfig)
     cs.store(name="rank_schema", node=RankConfig)
     OmegaConf.register_new_resolver("uid", _unique_suffix, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("slug", _slug, replace=True)

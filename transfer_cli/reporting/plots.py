@@ -132,3 +132,26 @@ def plot_rank(table: pd.DataFrame, score: str, path: Path) -> None:
     ax.set_xlabel(f"{score} (bars: 95% bootstrap interval)")
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
+
+
+def plot_explanations(images: np.ndarray, maps: np.ndarray, titles: list[str], path: Path,
+                      compare: np.ndarray | None = None) -> None:
+    """One row per sample: the image, then its attribution map over it (and a second model's, when given).
+    ``images``: [N, H, W, 3] uint8; ``maps``: [N, H, W], each scaled to its own maximum."""
+    columns = 2 if compare is None else 3
+    fig, axes = plt.subplots(len(images), columns, figsize=(2.2 * columns, 2.2 * len(images)), squeeze=False)
+    for row, (image, title) in enumerate(zip(images, titles, strict=True)):
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_title(title, fontsize=7)
+        for column, heat in enumerate([maps[row], *([] if compare is None else [compare[row]])], start=1):
+            axes[row, column].imshow(overlay(image, heat))
+        for ax in axes[row]:
+            ax.axis("off")
+    _save(fig, path)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """``heat`` (H, W, any scale) over ``image`` (H, W, 3 uint8) as an RGB float image in [0, 1]."""
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    colour = matplotlib.colormaps["inferno"](heat)[..., :3]
+    return 0.55 * image.astype(np.float64) / 255 + 0.45 * colour

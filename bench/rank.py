@@ -1,0 +1,221 @@
+"""Does `transfer rank` order candidate backbones as training them does? (needs ../shared)
+
+A pool of 14 candidates: ImageNet MobileNetV2 (96 px), CIFAR-10 ResNet-20/32/44/56, MNIST LeNet-5, small CNNs
+this CLI pretrains on other tasks and budgets (digits 0-4 for 1 and 30 epochs, 5 % of MNIST for 5 epochs), and
+random-init copies as negative controls (MobileNetV2, ResNet-20, LeNet-5, small CNN). Targets: USPS, MNIST
+(val 2 %), digits 5-9; 10 and 100 labels per class (digits: 10 and 50, its classes hold ~110 train images);
+3 draws each. For every setting, `transfer rank ... validate=all` scores the pool on the labelled train split
+and trains every candidate as a linear probe (GT1: test top-1, L2 chosen on val).
+
+Per score: weighted tau (scipy.stats.weightedtau, as LogME reports) and Kendall tau_b against GT1, with and
+without the random-init controls, the top-1 regret, and 95 % intervals from resampling the settings; the
+noise ceiling is the weighted tau between the GT1 orders of two draws of the same target and shots.
+``--finetune`` adds GT2 on USPS 10-shot draw 0: every candidate fine-tuned at lr 1e-3 and 1e-2 (15 epochs),
+the rate kept by val top-1, and the cost of ranking against fine-tuning the pool.
+
+    python bench/rank.py [--shared ../shared] [--out outputs/bench/rank] [--draws 3] [--finetune] [--finished-only]
+
+Writes bench/results/rank_scores.csv/.md (one row per score), rank_targets.csv/.md (per target and shots),
+rank_runs.csv (every candidate of every setting). Settings already ranked in --out are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from results_table import record
+from scipy import stats
+
+SCORES = ["logme", "leep", "nce", "hscore", "sfda", "knn", "probe", "size"]
+TRAIN_QUIET = ["trainer.progress=none", "trainer.plots=false"]
+
+
+def transfer(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "transfer_cli", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"transfer {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+def sources(out: Path, shared: Path) -> dict[str, Path]:
+    """Small CNNs pretrained by this CLI on other tasks and budgets (trained once, reused)."""
+    recipes = {
+        "digits0to4_1ep": ["dataset=digits", "dataset.classes=[0,1,2,3,4]", "trainer.epochs=1"],
+        "digits0to4_30ep": ["dataset=digits", "dataset.classes=[0,1,2,3,4]", "trainer.epochs=30"],
+        "mnist5pct_5ep": ["dataset=mnist", f"dataset.root={shared / 'datasets' / 'mnist'}", "dataset.fraction=0.05",
+                          "dataset.val_fraction=0.02", "trainer.epochs=5"],
+    }
+    made = {}
+    for name, overrides in recipes.items():
+        folder = out / "sources" / name
+        if not (folder / "summary.json").is_file():
+            transfer("train", "backbone=small_cnn", "method=scratch", *overrides, *TRAIN_QUIET,
+                     f"hydra.run.dir={folder}", f"output_dir={out}")
+        made[name] = folder / "checkpoints" / "best.safetensors"
+    return made
+
+
+def pool(shared: Path, made: dict[str, Path]) -> list[tuple[str, dict, bool]]:
+    """(label, candidate, is a random-init control)."""
+    w = shared / "weights"
+    mbv2 = w / "imagenet_mobilenet_v2" / "mobilenet_v2_imagenet1k_dequantized_fp32.safetensors"
+    at96 = {"preprocess": {"crop": 96}}
+    entries = [("mobilenet_v2 imagenet", {"name": "mobilenet_v2", "weights": str(mbv2), **at96}, False),
+               *[(f"cifar_resnet{d} cifar10", {"name": f"cifar_resnet{d}", "weights": str(next(
+                   (w / "cifar10_resnets").glob(f"resnet{d}-*.th")))}, False) for d in (20, 32, 44, 56)],
+               ("lenet mnist", {"name": "lenet", "weights": str(w / "mnist_lenet5" / "lenet5_mnist.pth")}, False),
+               *[(f"small_cnn {name}", {"name": "small_cnn", "weights": str(path)}, False) for name, path in made.items()],
+               ("mobilenet_v2 random", {"name": "mobilenet_v2", "weights": "none", **at96}, True),
+               ("cifar_resnet20 random", {"name": "cifar_resnet20", "weights": "none"}, True),
+               ("lenet random", {"name": "lenet", "weights": "none"}, True),
+               ("small_cnn random", {"name": "small_cnn", "weights": "none"}, True)]
+    return entries
+
+
+def hydra_value(value: object) -> str:
+    """A candidate written as a Hydra override value (paths quoted)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    return f"'{value}'" if isinstance(value, str) and ("/" in value or "." in value) else str(value)
+
+
+def targets(shared: Path) -> dict[str, tuple[list[str], tuple[int, int]]]:
+    data = shared / "datasets"
+    return {"usps": (["dataset=usps", f"dataset.root={data / 'usps'}"], (10, 100)),
+            "mnist": (["dataset=mnist", f"dataset.root={data / 'mnist'}", "dataset.val_fraction=0.02"], (10, 100)),
+            "digits5to9": (["dataset=digits", "dataset.classes=[5,6,7,8,9]"], (10, 50))}
+
+
+def rank_setting(out: Path, name: str, dataset: list[str], shots: int, draw: int, entries: list, method: str,
+                 extra: list[str]) -> Path:
+    folder = out / name
+    if not (folder / "validation.csv").is_file():
+        candidates = "[" + ",".join(hydra_value(c) for _, c, _ in entries) + "]"
+        overrides = ",".join(f"'{o}'" for o in [*TRAIN_QUIET, *extra])
+        transfer("rank", *dataset, f"dataset.shots={shots}", f"dataset.shots_seed={draw}", f"seed={draw}",
+                 f"candidates={candidates}", "bootstrap=0", "validate=all", f"validate_method={method}",
+                 f"validate_overrides=[{overrides}]", f"hydra.run.dir={folder}", f"output_dir={out}")
+    return folder
+
+
+def agreement(table: pd.DataFrame, truth: str) -> list[dict]:
+    rows = []
+    for controls in (True, False):
+        part = table if controls else table[~table["control"]]
+        measured = part[truth].to_numpy(float)
+        for score in SCORES:
+            values = part[score].to_numpy(float)
+            ok = np.isfinite(values)
+            if ok.sum() < 3:
+                continue
+            rows.append({"score": score, "controls": controls,
+                         "weighted_tau": stats.weightedtau(values[ok], measured[ok]).statistic,
+                         "kendall_tau_b": stats.kendalltau(values[ok], measured[ok], variant="b").statistic,
+                         "regret": float(measured[ok].max() - measured[ok][np.argmax(values[ok])])})
+    return rows
+
+
+def interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = [rng.choice(values, len(values)).mean() for _ in range(2000)]
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def summarise(per_setting: pd.DataFrame, ceiling: dict[bool, float]) -> list[dict]:
+    rows = []
+    for score, part in per_setting.groupby("score", sort=False):
+        row: dict = {"score": score}
+        for controls, tag in ((True, "with controls"), (False, "without")):
+            sub = part[part["controls"] == controls]
+            low, high = interval(sub["weighted_tau"].to_numpy())
+            row[f"weighted_tau ({tag})"] = f"{sub['weighted_tau'].mean():.2f} [{low:.2f}, {high:.2f}]"
+            row[f"kendall ({tag})"] = round(sub["kendall_tau_b"].mean(), 2)
+            row[f"regret ({tag})"] = round(sub["regret"].mean(), 2)
+        row["settings"] = len(part) // 2
+        rows.append(row)
+    rows.append({"score": "noise ceiling (GT1 of two draws)", "weighted_tau (with controls)": f"{ceiling[True]:.2f}",
+                 "weighted_tau (without)": f"{ceiling[False]:.2f}"})
+    return rows
+
+
+def noise_ceiling(runs: pd.DataFrame) -> dict[bool, float]:
+    found: dict[bool, list[float]] = {True: [], False: []}
+    for _, part in runs.groupby(["target", "shots"]):
+        draws = [d.set_index("candidate")["gt1"] for _, d in part.groupby("draw")]
+        for a, b in itertools.combinations(draws, 2):
+            for controls in (True, False):
+                keep = [c for c in a.index if controls or not part.set_index("candidate").loc[c, "control"].any()]
+                found[controls].append(stats.weightedtau(a[keep].to_numpy(), b[keep].to_numpy()).statistic)
+    return {k: float(np.mean(v)) for k, v in found.items()}
+
+
+def finetune_truth(out: Path, shared: Path, entries: list, runs: pd.DataFrame) -> None:
+    """GT2 on USPS 10-shot, draw 0: each candidate fine-tuned at two rates, the rate kept by val top-1."""
+    dataset = targets(shared)["usps"][0]
+    by_lr = {}
+    for lr in ("1e-3", "1e-2"):
+        folder = rank_setting(out, f"finetune_usps_10_lr{lr}", dataset, 10, 0, entries, "finetune",
+                              [f"optimizer.lr={lr}", "trainer.epochs=15"])
+        summaries = [json.loads((folder / "validate" / str(i) / "summary.json").read_text()) for i in range(len(entries))]
+        by_lr[lr] = summaries
+    rows = []
+    for i, (label, _, control) in enumerate(entries):
+        best = max(by_lr.values(), key=lambda s: s[i]["at_best"]["val"]["acc1"])[i]
+        rows.append({"candidate": label, "control": control, "gt2": best["test"]["acc1"],
+                     "finetune_s": sum(s[i]["wall_time_s"] for s in by_lr.values()) / len(by_lr)})
+    gt2 = pd.DataFrame(rows)
+    setting = runs[(runs.target == "usps") & (runs.shots == 10) & (runs.draw == 0)].merge(gt2, on=["candidate", "control"])
+    table = pd.DataFrame(agreement(setting, "gt2"))
+    table.insert(0, "truth", "GT2 finetune (USPS 10-shot, draw 0)")
+    rank_s, train_s = setting["rank_s"].sum(), setting["finetune_s"].sum()
+    table["rank_s"], table["finetune_all_s"] = round(rank_s, 1), round(train_s, 1)
+    table["rank_cost_pct"] = round(100 * rank_s / train_s, 1)
+    record("rank_finetune", table.round(3).to_dict("records"), "rank scores against fine-tuning (GT2)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "outputs" / "bench" / "rank")
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--finetune", action="store_true")
+    parser.add_argument("--finished-only", action="store_true", help="summarise the settings already ranked in --out")
+    args = parser.parse_args()
+    out, shared = args.out.resolve(), args.shared.resolve()
+    entries = pool(shared, sources(out, shared))
+    rows = []
+    for target, (dataset, shot_levels) in targets(shared).items():
+        for shots, draw in itertools.product(shot_levels, range(args.draws)):
+            if args.finished_only and not (out / f"{target}_{shots}_{draw}" / "validation.csv").is_file():
+                continue
+            folder = rank_setting(out, f"{target}_{shots}_{draw}", dataset, shots, draw, entries, "linear_probe", [])
+            ranked = pd.read_csv(folder / "rank.csv")
+            for (label, _, control), (_, r) in zip(entries, ranked.iterrows(), strict=True):
+                rows.append({"target": target, "shots": shots, "draw": draw, "candidate": label, "control": control,
+                             **{s: r.get(s, np.nan) for s in SCORES}, "gt1": r["measured_acc1"],
+                             "rank_s": r["seconds"], "error": r.get("error", "")})
+            print(f"{target} {shots} shots draw {draw}: ranked", flush=True)
+    runs = pd.DataFrame(rows)
+    runs.to_csv(Path(__file__).resolve().parent / "results" / "rank_runs.csv", index=False)
+    per_setting = []
+    for (target, shots, draw), part in runs.groupby(["target", "shots", "draw"], sort=False):
+        per_setting += [{"target": target, "shots": shots, "draw": draw, **r} for r in agreement(part, "gt1")]
+    per_setting = pd.DataFrame(per_setting)
+    record("rank_scores", summarise(per_setting, noise_ceiling(runs)),
+           "weighted tau of each score against probe accuracy (GT1), mean over settings [95% interval]")
+    by_target = (per_setting[per_setting["controls"]].groupby(["target", "shots", "score"], sort=False)
+                 [["weighted_tau", "regret"]].mean().round(2).reset_index())
+    record("rank_targets", by_target.to_dict("records"), "per target and shots (with controls)")
+    if args.finetune:
+        finetune_truth(out, shared, entries, runs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Which pixels a prediction rests on: Grad-CAM, integrated gradients and occlusion through Captum, as
+maps over the model's input square, plus the two checks that tell a faithful map from a pretty one: the
+randomised-weights sanity check (Adebayo et al. 2018) and the deletion curve."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from transfer_cli.errors import UserError
+from transfer_cli.models.backbone import Classifier
+
+METHODS = ("gradcam", "integrated_gradients", "occlusion")
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images as the [0, 1] floats the input adapter also takes (gradients need a float input)."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
+def last_feature_map(model: Classifier, example: torch.Tensor) -> nn.Module:
+    """Grad-CAM's layer: the body module that last outputs a spatial map [N, C, H, W] of at least 2 x 2 in a
+    forward pass (a 1 x 1 map, e.g. after the last pooling of a small CNN on 8 px digits, locates nothing)."""
+    found: list[tuple[nn.Module, int]] = []
+
+    def record(module: nn.Module, _: object, out: object) -> None:
+        if isinstance(out, torch.Tensor) and out.ndim == 4:
+            found.append((module, min(out.shape[-2:])))
+
+    hooks = [m.register_forward_hook(record) for m in model.body.modules() if m is not model.body]
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not found:
+        raise UserError(f"method=gradcam needs a convolutional feature map, but backbone={model.backbone_name} has "
+                        "none (a transformer's tokens). Allowed here: method=integrated_gradients or occlusion.")
+    spatial = [module for module, side in found if side >= 2]
+    return spatial[-1] if spatial else found[-1][0]
+
+
+def attribute(model: Classifier, x: torch.Tensor, target: torch.Tensor, method: str, steps: int = 32,
+              window: int = 0) -> torch.Tensor:
+    """Attribution maps [N, S, S] (S: the input side) of ``model``'s ``target`` logits for images ``x``:
+    non-negative, larger = more responsible for the prediction."""
+    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
+
+    model.eval()
+    inputs = _as_float(x).requires_grad_(method != "occlusion")
+    side = x.shape[-1]
+    if method == "gradcam":
+        cam = LayerGradCam(model, last_feature_map(model, inputs.detach())).attribute(inputs, target=target)
+        maps = LayerAttribution.interpolate(cam, (side, side), interpolate_mode="bilinear").clamp(min=0)[:, 0]
+    elif method == "integrated_gradients":
+        attributions = IntegratedGradients(model).attribute(inputs, target=target, n_steps=steps,
+                                                            baselines=torch.zeros_like(inputs))
+        maps = attributions.sum(1).abs()
+    else:
+        size = window or max(2, side // 8)
+        channels = x.shape[1]
+        attributions = Occlusion(model).attribute(inputs, target=target, sliding_window_shapes=(channels, size, size),
+                                                  strides=(channels, max(1, size // 2), max(1, size // 2)), baselines=0)
+        maps = attributions.sum(1).clamp(min=0)
+    return maps.detach()
+
+
+def randomised_copy(model: Classifier, seed: int) -> Classifier:
+    """The same architecture with freshly initialised weights (seeded): an explanation that still looks the
+    same for it did not come from what the model learned."""
+    torch.manual_seed(seed)
+    copy = Classifier.from_recipe(model.recipe).to(next(model.parameters()).device)
+    copy.input.load_state_dict(model.input.state_dict())  # the same preprocessing; only learned weights change
+    return copy.eval()
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Spearman correlation of each pair of maps (pixels as observations). A constant map (a randomised copy's
+    Grad-CAM or occlusion map is often all zero) orders no pixel: 0 against a map that does, NaN against
+    another constant one."""
+    out = []
+    for p, q in zip(a, b, strict=True):
+        p, q = p.flatten().cpu().numpy(), q.flatten().cpu().numpy()
+        flat = (np.ptp(p) == 0) + (np.ptp(q) == 0)
+        out.append(float(stats.spearmanr(p, q).statistic) if flat == 0 else 0.0 if flat == 1 else float("nan"))
+    return out
+
+
+def top_share(maps: torch.Tensor, fraction: float = 0.1) -> list[float]:
+    """The share of each map's total attribution held by its top ``fraction`` of pixels (1: all in them)."""
+    flat = maps.flatten(1)
+    k = max(1, round(fraction * flat.shape[1]))
+    total = flat.sum(1).clamp(min=1e-12)
+    return (flat.topk(k, dim=1).values.sum(1) / total).tolist()
+
+
+def deletion_curve(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, maps: torch.Tensor,
+                   reference: torch.Tensor, fractions: list[float], seed: int) -> list[dict[str, float]]:
+    """Per fraction f: how often the prediction still equals ``reference`` (and its mean probability) after the
+    top-f most attributed pixels are set to 0, next to the same count of randomly chosen pixels. A faithful
+    map loses the prediction faster than the random order."""
+    pixels = maps.flatten(1).shape[1]
+    order = maps.flatten(1).argsort(dim=1, descending=True)
+    generator = torch.Generator().manual_seed(seed)
+    random_order = torch.stack([torch.randperm(pixels, generator=generator) for _ in range(len(x))]).to(x.device)
+    rows = []
+    for fraction in fractions:
+        count = round(fraction * pixels)
+        row: dict[str, float] = {"fraction_removed": fraction}
+        for name, ranking in (("attributed", order), ("random", random_order)):
+            keep = torch.ones(len(x), pixels, device=x.device)
+            keep.scatter_(1, ranking[:, :count], 0.0)
+            removed = (x.float() * keep.view(len(x), 1, *x.shape[-2:])).round().to(x.dtype)
+            with torch.no_grad():
+                probs = predict(removed).softmax(1)
+            row[f"kept_prediction_{name}"] = 100 * float((probs.argmax(1) == reference).float().mean())
+            row[f"probability_{name}"] = float(probs.gather(1, reference[:, None]).mean())
+        rows.append(row)
+    return rows
