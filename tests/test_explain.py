@@ -27,8 +27,8 @@ def corner(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corner")
     corner_images(root / "data" / "train", 60, 0)
     corner_images(root / "data" / "test", 20, 1)
-    train_in_process(root / "run", "dataset=imagefolder", f"dataset.root={root / 'data'}", "trainer.epochs=6",
-                     f"output_dir={root}")
+    train_in_process(root / "run", "dataset=imagefolder", f"dataset.root={root / 'data'}", "dataset.image_size=16",
+                     "trainer.epochs=6", f"output_dir={root}")  # 16 px: image folders default to 224
     return root / "run" / "checkpoints" / "best.safetensors"
 
 
@@ -38,10 +38,7 @@ def explain(tmp_path: Path, *args: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.read_csv(tmp_path / "x" / "explain.csv"), pd.read_csv(tmp_path / "x" / "deletion.csv")
 
 
-# integrated gradients (32 forward-backward passes per image) and occlusion (one forward pass per patch) take
-# seconds each: the fast tier keeps Grad-CAM.
-@pytest.mark.parametrize("method", ["gradcam", pytest.param("integrated_gradients", marks=pytest.mark.slow),
-                                    pytest.param("occlusion", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["gradcam", "integrated_gradients", "occlusion"])
 def test_attribution_sits_on_the_corner_that_decides_the_class(corner, tmp_path, method):
     import torch
 
@@ -84,6 +81,7 @@ def test_explain_takes_files_keeps_unreadable_ones_and_compares_two_models(corne
     (files / "notes.txt").write_text("not an image")
     other = tmp_path / "other"
     train_in_process(other, "dataset=imagefolder", f"dataset.root={corner.parents[2] / 'data'}", "seed=1",
+                     "dataset.image_size=16",
                      f"output_dir={tmp_path}")
     table, _ = explain(tmp_path, f"checkpoint={corner}", f"input={files}", "method=occlusion",
                        f"compare={other / 'checkpoints' / 'best.safetensors'}")
