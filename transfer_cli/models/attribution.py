@@ -99,25 +99,36 @@ def top_share(maps: torch.Tensor, fraction: float = 0.1) -> list[float]:
     return (flat.topk(k, dim=1).values.sum(1) / total).tolist()
 
 
+def after_deletion(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, ranking: torch.Tensor,
+                   fraction: float) -> torch.Tensor:
+    """Probabilities [N, classes] once the first ``fraction`` of each image's pixels in ``ranking`` (pixel
+    indices, one row per image) are set to 0."""
+    pixels = ranking.shape[1]
+    keep = torch.ones(len(x), pixels, device=x.device)
+    keep.scatter_(1, ranking[:, :round(fraction * pixels)], 0.0)
+    removed = (x.float() * keep.view(len(x), 1, *x.shape[-2:])).round().to(x.dtype)
+    with torch.no_grad():
+        return predict(removed).softmax(1)
+
+
+def most_attributed_first(maps: torch.Tensor) -> torch.Tensor:
+    return maps.flatten(1).argsort(dim=1, descending=True)
+
+
 def deletion_curve(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, maps: torch.Tensor,
                    reference: torch.Tensor, fractions: list[float], seed: int) -> list[dict[str, float]]:
     """Per fraction f: how often the prediction still equals ``reference`` (and its mean probability) after the
     top-f most attributed pixels are set to 0, next to the same count of randomly chosen pixels. A faithful
     map loses the prediction faster than the random order."""
     pixels = maps.flatten(1).shape[1]
-    order = maps.flatten(1).argsort(dim=1, descending=True)
     generator = torch.Generator().manual_seed(seed)
     random_order = torch.stack([torch.randperm(pixels, generator=generator) for _ in range(len(x))]).to(x.device)
+    orders = (("attributed", most_attributed_first(maps)), ("random", random_order))
     rows = []
     for fraction in fractions:
-        count = round(fraction * pixels)
         row: dict[str, float] = {"fraction_removed": fraction}
-        for name, ranking in (("attributed", order), ("random", random_order)):
-            keep = torch.ones(len(x), pixels, device=x.device)
-            keep.scatter_(1, ranking[:, :count], 0.0)
-            removed = (x.float() * keep.view(len(x), 1, *x.shape[-2:])).round().to(x.dtype)
-            with torch.no_grad():
-                probs = predict(removed).softmax(1)
+        for name, ranking in orders:
+            probs = after_deletion(predict, x, ranking, fraction)
             row[f"kept_prediction_{name}"] = 100 * float((probs.argmax(1) == reference).float().mean())
             row[f"probability_{name}"] = float(probs.gather(1, reference[:, None]).mean())
         rows.append(row)
