@@ -148,6 +148,36 @@ class TargetConfig:
 
 
 @dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db, one store for every run
+    experiment: str = "${dataset.name}"  # the MLflow experiment the run (or sweep) is logged under
+
+
+@dataclass
+class TensorboardConfig:
+    dir: str = "tensorboard"  # the event folder, inside the run's folder (a sweep's jobs sit side by side)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (sync later with `wandb sync`) | online | disabled
+    project: str = "transfer_cli"
+    entity: str | None = None
+
+
+@dataclass
+class TrackerConfig:
+    """Experiment trackers beside the CSV tables (which are always written and stay the source of truth):
+    each one chosen (``tracker=[mlflow,tensorboard]``) fills its node; an unchosen one stays null."""
+
+    log_model: bool = False  # also log checkpoints/best.safetensors and its sidecar
+    csv: dict[str, Any] | None = None
+    mlflow: MlflowConfig | None = None
+    tensorboard: TensorboardConfig | None = None
+    wandb: WandbConfig | None = None
+
+
+@dataclass
 class Config:
     name: str = "default"
     seed: int = 0
@@ -161,6 +191,7 @@ class Config:
     optimizer: dict[str, Any] = MISSING
     scheduler: dict[str, Any] = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
 
 @dataclass

@@ -20,7 +20,8 @@ import yaml
 from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write_text, discard_if_only_hydra, remove_orphan_tmp
 
-IGNORED = ("trainer.resume", "trainer.overwrite")  # may differ between the first start and the resume
+# May differ between the first start and the resume: how to start, and where the run is also logged.
+IGNORED = ("trainer.resume", "trainer.overwrite", "tracker.")
 
 
 class RunStatus(str, enum.Enum):
@@ -196,16 +197,17 @@ class RunFolder:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    a, b = _flat(saved), _flat(current)
-    keys = sorted(k for k in set(a) | set(b) if k not in IGNORED and a.get(k) != b.get(k))
+    a, b = flatten(saved), flatten(current)
+    keys = sorted(k for k in set(a) | set(b) if not k.startswith(IGNORED) and a.get(k) != b.get(k))
     return [f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in keys]
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"dataset.name": ..., "optimizer.lr": ...}`` (lists stay values)."""
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): tree}
 

@@ -37,6 +37,8 @@ from transfer_cli.reporting.alignment import analyze_alignment
 from transfer_cli.reporting.plots import plot_curves, plot_lr_find
 from transfer_cli.reporting.progress import ProgressHook
 from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary_md
+from transfer_cli.reporting.tracking import RunRecord, Trackers, TrackingHook
+from transfer_cli.reporting.tracking.record import epoch_metrics
 from transfer_cli.reporting.tables import MetricsWriter, metrics_frame, rich_record, write_table
 from transfer_cli.run import Run, build_run
 from transfer_cli.run_folder import RunFolder, RunStatus, RunSummary, choose_resume
@@ -60,6 +62,15 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         return finished
     if payload is not None:  # the run's wall time includes the time before it was stopped
         started -= float(payload.get("wall_time_s", 0.0))
+    trackers = Trackers.chosen_in(resolved.get("tracker") or {}, cfg.output_dir, console) if dist.main else Trackers([])
+    trackers.start(RunRecord.of_run(folder.path, resolved, sweep_job), resumed_after=payload["next_epoch"] if payload else 0)
+    with trackers.failures_marked(folder):
+        return _train(cfg, folder, payload, resolved, device, dist, trackers, started, console)
+
+
+def _train(cfg: DictConfig, folder: RunFolder, payload: dict[str, Any] | None, resolved: dict[str, Any],
+           device: torch.device, dist: Dist, trackers: Trackers, started: float, console: Console) -> dict[str, Any]:
+    """Build the run, fit it (from the resumed state when there is one) and finish it."""
     deterministic_algorithms(cfg.trainer.deterministic)
     configure_threads(cfg.trainer.threads)
     precision = Precision(str(cfg.trainer.precision), device)
@@ -74,7 +85,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     state = State(run.method, run.optimizer, run.scheduler, run.epochs, run.steps_per_epoch)
     hooks: list[Hook] = []  # filled below; every write of a checkpoint saves their state with it
     checkpointer = _checkpointer(run, folder, resolved, averaging, started, hooks)
-    hooks += _hooks(run, folder, averaging, checkpointer, console)
+    hooks += _hooks(run, folder, averaging, checkpointer, trackers, console)
     if payload is not None:
         train_state.restore(state, payload, run.loaders["train"], precision.scaler, hooks, dist.rank, dist.world)
         console.print(f"resuming {folder.path} at epoch {state.epoch + 1}/{run.epochs} (optimizer step {state.step})",
@@ -88,7 +99,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         if dist.main:
             _write_diverged(folder, cfg, state, err, time.perf_counter() - started)
         raise
-    return _finish(run, state, checkpointer, folder, averaging, started, console)
+    return _finish(run, state, checkpointer, folder, averaging, trackers, started, console)
 
 
 def _processes(cfg: DictConfig, dist: Dist, console: Console) -> Dist | None:
@@ -190,7 +201,7 @@ def _checkpointer(run: Run, folder: RunFolder, resolved: dict[str, Any], averagi
 
 
 def _hooks(run: Run, folder: RunFolder, averaging: WeightAverage | None, checkpointer: Checkpointer,
-           console: Console) -> list[Hook]:
+           trackers: Trackers, console: Console) -> list[Hook]:
     trainer, dist = run.cfg.trainer, run.dist
     weights = averaging.applied if averaging else training_weights
     return [
@@ -202,6 +213,7 @@ def _hooks(run: Run, folder: RunFolder, averaging: WeightAverage | None, checkpo
            TargetValidators(run.target_loader("train", False), run.device, run.precision, weights)]
           if run.target else []),
         *([MetricsWriter(folder.metrics)] if dist.main else []),
+        *([TrackingHook(trackers)] if trackers else []),
         *run.method.hooks(),  # before the checkpointer: the saved state includes what they change (unfrozen stages)
         checkpointer,
         *([ProgressHook(console, trainer.progress, trainer.log_every)] if dist.main else []),
@@ -209,7 +221,7 @@ def _hooks(run: Run, folder: RunFolder, averaging: WeightAverage | None, checkpo
 
 
 def _finish(run: Run, state: State, checkpointer: Checkpointer, folder: RunFolder, averaging: WeightAverage | None,
-            started: float, console: Console) -> dict[str, Any]:
+            trackers: Trackers, started: float, console: Console) -> dict[str, Any]:
     """Scores the test split once, with the kept weights, and writes the run's tables, plots and summary."""
     cfg, dist = run.cfg, run.dist
     run.method.load_plain_state(checkpointer.best_state)
@@ -235,6 +247,8 @@ def _finish(run: Run, state: State, checkpointer: Checkpointer, folder: RunFolde
     if dist.main:
         folder.write_summary(summary)
         write_summary_md(folder, summary, {"Result": table, "Metrics per epoch": metrics})
+        trackers.log_epoch(state.best["epoch"], epoch_metrics([state.history[-1]])[state.best["epoch"]])  # the test row
+        trackers.finish_run(folder, summary)
     console.print(rich_record(table.iloc[0].to_dict(), title=f"{cfg.name}  ->  {folder.path}"), soft_wrap=True)
     return summary.to_json()
 

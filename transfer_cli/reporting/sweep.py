@@ -20,6 +20,7 @@ from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write_text
 from transfer_cli.reporting.published import add_published
 from transfer_cli.reporting.summary import summary_row
+from transfer_cli.reporting.tracking import Trackers
 from transfer_cli.reporting.tables import rich_table, write_table
 from transfer_cli.run_folder import RunFolder, RunSummary
 
@@ -226,10 +227,16 @@ def validator_table(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 class SweepReport(Callback):
     """Hydra callback: when a multirun ends, write the sweep tables and plot into the sweep dir, and, when
     ``status_file`` is set (the CLI sets it), the sweep folder and the jobs that did not end ``ok`` as JSON
-    there: Hydra ignores a callback's exceptions, so this is how the command learns to exit non-zero."""
+    there: Hydra ignores a callback's exceptions, so this is how the command learns to exit non-zero. With
+    trackers chosen, the sweep is a parent run they open before the first job and close after the last."""
 
     def __init__(self, status_file: str | None = None) -> None:
         self.status_file = status_file
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        overrides = [str(o) for o in config.hydra.overrides.task if not str(o).startswith("hydra.")]
+        _sweep_trackers(config).start_sweep(sweep_dir, sweep_dir.name, {"overrides": " ".join(overrides)})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -239,8 +246,22 @@ class SweepReport(Callback):
             if self.status_file:
                 status = {"sweep_dir": str(sweep_dir), "report_error": f"{type(err).__name__}: {err}"}
                 atomic_write_text(Path(self.status_file), json.dumps(status))
+            _sweep_trackers(config).finish_sweep(sweep_dir.resolve(), "FAILED", [])
             raise
+        failed = df[df["status"] != "ok"].astype(object).where(df.notna(), None)
+        _sweep_trackers(config).finish_sweep(sweep_dir.resolve(), "FAILED" if len(failed) else "FINISHED",
+                                             sweep_files(sweep_dir))
         if self.status_file:
-            failed = df[df["status"] != "ok"].astype(object).where(df.notna(), None)
             status = {"sweep_dir": str(sweep_dir), "jobs": len(df), "failed": failed.to_dict("records")}
             atomic_write_text(Path(self.status_file), json.dumps(status, default=str))
+
+
+def sweep_files(sweep_dir: Path) -> list[Path]:
+    """The sweep's own tables and plot, as written by ``write_sweep_report``."""
+    names = ("sweep.csv", "summary.csv", "summary.md", "sweep.png", "validators.csv")
+    return [sweep_dir / n for n in names if (sweep_dir / n).is_file()]
+
+
+def _sweep_trackers(config: DictConfig) -> Trackers:
+    settings = OmegaConf.to_container(config.tracker, resolve=True) if "tracker" in config else {}
+    return Trackers.chosen_in(settings or {}, str(config.output_dir))
