@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.markup import escape
 
-from transfer_cli.config import register_schemas
+from transfer_cli.config import conf_dir, register_schemas
 from transfer_cli.config_errors import composition_message
 from transfer_cli.errors import EXIT_DIVERGED, EXIT_USER_ERROR, UserError
 from transfer_cli.files import atomic_write_text, discard_if_only_hydra
@@ -50,12 +50,6 @@ commands:
 DEFAULT_EXPERIMENT = "digits_transfer"
 err_console = Console(stderr=True)
 _USER_FULL_ERROR = "TRANSFER_CLI_FULL_ERROR"  # the user's HYDRA_FULL_ERROR, kept while we set Hydra's
-
-
-def conf_dir() -> Path:
-    """Configs ship inside the wheel; in a source checkout they sit at the repository top level."""
-    packaged = Path(__file__).parent / "conf"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 
 
 def config_groups() -> str:
@@ -311,11 +305,14 @@ def _report_command(args: list[str]) -> None:
     from transfer_cli.report import run_report
 
     if args and args[0] in ("-h", "--help"):
-        print("usage: transfer report DIR [DIR ...]\n\nRebuild tables and plots of a run or sweep folder; "
-              "with several sweep folders, compare them in one table (written under outputs/reports/).")
+        print("usage: transfer report DIR [DIR ...] [tracker=NAME|[A,B] [tracker.NAME.KEY=VALUE ...]]\n\n"
+              "Rebuild tables and plots of a run or sweep folder; with several sweep folders, compare them in one "
+              "table (written under outputs/reports/). With tracker=...: also log the finished runs (a sweep: as a "
+              "parent run with its jobs) to those trackers; runs a store already holds are not logged again.")
         return
+    tracker = [a for a in args if a.startswith("tracker")]
     try:
-        run_report(args)
+        run_report([a for a in args if a not in tracker], tracker=tracker)
     except UserError as err:
         _report(str(err))
         sys.exit(EXIT_USER_ERROR)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -301,6 +302,12 @@ class RankConfig:
     output_dir: str = "outputs"
     device: str = "auto"
     precision: str = "32"
+
+
+def conf_dir() -> Path:
+    """Configs ship inside the wheel; in a source checkout they sit at the repository top level."""
+    packaged = Path(__file__).parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 
 
 def _unique_suffix() -> str:

@@ -6,21 +6,30 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import DictConfig
 from rich.console import Console
 
+from transfer_cli.config import conf_dir, register_schemas
+from transfer_cli.config_errors import composition_message
 from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write_text
 from transfer_cli.reporting.plots import plot_curves
 from transfer_cli.reporting.summary import summary_frame, write_summary_md
 from transfer_cli.reporting.sweep import (
     group_over_seed,
+    is_sweep_folder,
     job_dirs,
     pretty_grouped,
     read_json,
+    sweep_files,
     sweep_frame,
+    sweep_overrides,
     write_sweep_report,
 )
 from transfer_cli.reporting.tables import markdown_table, rich_record, rich_table, write_table
+from transfer_cli.reporting.tracking import TRACKERS
+from transfer_cli.reporting.tracking.backfill import backfill_run, backfill_sweep, trackers_for
+from transfer_cli.reporting.tracking.base import chosen
 from transfer_cli.run_folder import RunFolder, RunSummary
 
 
@@ -74,7 +83,27 @@ def compare_sweeps(folders: list[Path], out_dir: Path, console: Console) -> pd.D
     return grouped
 
 
-def run_report(paths: list[str], output_dir: str = "outputs", console: Console | None = None) -> None:
+def tracker_node(overrides: list[str]) -> DictConfig:
+    """The ``tracker`` node that ``transfer train`` composes from the same overrides."""
+    from hydra import compose, initialize_config_dir
+
+    register_schemas()
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    except Exception as err:
+        raise UserError(f"transfer report {' '.join(overrides)}: {composition_message(err, conf_dir(), 'config', overrides)}"
+                        ) from None
+    if not chosen(cfg.tracker):
+        raise UserError(f"transfer report {' '.join(overrides)} chooses no tracker to log to. Choose from "
+                        f"{', '.join(TRACKERS.names())}: tracker=mlflow or tracker=[mlflow,tensorboard].")
+    return cfg.tracker
+
+
+def run_report(paths: list[str], output_dir: str = "outputs", console: Console | None = None,
+               tracker: list[str] = ()) -> None:
+    """``tracker``: overrides such as ``tracker=mlflow tracker.mlflow.tracking_uri=URI``; the folders' runs
+    (a sweep: its parent and jobs) are then also logged to those trackers."""
     console = console or Console()
     if not paths:
         raise UserError("transfer report needs at least one folder: a run dir (with metrics.csv) or a sweep dir.")
@@ -85,12 +114,18 @@ def run_report(paths: list[str], output_dir: str = "outputs", console: Console |
         if not is_run_dir(folder) and not job_dirs(folder):
             raise UserError(f"transfer report {folder}: neither a run folder (metrics.csv) nor a sweep folder "
                             "(job folders with .hydra/overrides.yaml).")
-    if len(folders) == 1:
-        folder = folders[0]
-        if is_run_dir(folder):
-            rebuild_run(folder, console)
-        else:
-            write_sweep_report(folder, console)
+    build = trackers_for(tracker_node(list(tracker))) if tracker else None
+    if len(folders) == 1 or build:
+        for folder in folders:
+            if is_run_dir(folder):
+                rebuild_run(folder, console)
+                if build:
+                    console.print(f"{folder}: {backfill_run(folder, build, in_sweep=False)}", highlight=False)
+            else:
+                write_sweep_report(folder, console)
+                if build:
+                    backfill_sweep(folder, job_dirs(folder), sweep_overrides(folder) if is_sweep_folder(folder) else [],
+                                   sweep_files(folder), build, console)
         return
     if any(is_run_dir(f) for f in folders):
         raise UserError("transfer report A B compares sweeps; give sweep folders (one run folder at a time otherwise).")

@@ -37,9 +37,9 @@ from transfer_cli.reporting.alignment import analyze_alignment
 from transfer_cli.reporting.plots import plot_curves, plot_lr_find
 from transfer_cli.reporting.progress import ProgressHook
 from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary_md
+from transfer_cli.reporting.tables import MetricsWriter, metrics_frame, rich_record, write_table
 from transfer_cli.reporting.tracking import RunRecord, Trackers, TrackingHook
 from transfer_cli.reporting.tracking.record import epoch_metrics
-from transfer_cli.reporting.tables import MetricsWriter, metrics_frame, rich_record, write_table
 from transfer_cli.run import Run, build_run
 from transfer_cli.run_folder import RunFolder, RunStatus, RunSummary, choose_resume
 from transfer_cli.scoring import HELD_OUT
@@ -62,8 +62,12 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
         return finished
     if payload is not None:  # the run's wall time includes the time before it was stopped
         started -= float(payload.get("wall_time_s", 0.0))
-    trackers = Trackers.chosen_in(resolved.get("tracker") or {}, cfg.output_dir, console) if dist.main else Trackers([])
-    trackers.start(RunRecord.of_run(folder.path, resolved, sweep_job), resumed_after=payload["next_epoch"] if payload else 0)
+    try:
+        trackers = Trackers.chosen_in(resolved.get("tracker") or {}, cfg.output_dir) if dist.main else Trackers([])
+        trackers.start(RunRecord.of_run(folder.path, resolved, sweep_job), payload["next_epoch"] if payload else 0)
+    except UserError:
+        discard_if_only_hydra(folder.path)  # nothing ran: leave no run folder behind
+        raise
     with trackers.failures_marked(folder):
         return _train(cfg, folder, payload, resolved, device, dist, trackers, started, console)
 

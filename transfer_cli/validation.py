@@ -56,6 +56,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "backbone.tfidf.ngram_max": (lambda v: 1 <= v <= 5, "an integer from 1 to 5"),
     "backbone.tfidf.min_df": (lambda v: v >= 1, "an integer >= 1 (train texts an n-gram must occur in)"),
     "backbone.tfidf.max_features": (lambda v: v is None or v >= 1, "null (every n-gram) or an integer >= 1"),
+    "tracker.wandb.mode": (lambda v: v is None or v in ("offline", "online", "disabled"),
+                           "offline (sync later with `wandb sync`), online or disabled"),
     "head.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "head.hidden": (lambda v: all(w >= 1 for w in v), "a list of layer widths >= 1"),
 }

@@ -20,8 +20,8 @@ from transfer_cli.errors import UserError
 from transfer_cli.files import atomic_write_text
 from transfer_cli.reporting.published import add_published
 from transfer_cli.reporting.summary import summary_row
-from transfer_cli.reporting.tracking import Trackers
 from transfer_cli.reporting.tables import rich_table, write_table
+from transfer_cli.reporting.tracking import Trackers
 from transfer_cli.run_folder import RunFolder, RunSummary
 
 GROUP_METRICS = ["val_acc1", "test_acc1", "target_test_acc1", "test_loss", "best_epoch", "seconds"]

@@ -51,12 +51,23 @@ class Tracker:
 
 
 def build_tracker(name: str, settings: Mapping[str, Any], **provided: Any) -> Tracker:
-    """The tracker ``name`` with its config node's settings; a missing library is a clear error."""
+    """The tracker ``name`` with its config node's settings; a missing library, or a store it cannot open
+    (a bad URI), is a clear error before anything trains."""
     try:
         return TRACKERS.build({"name": name, **settings}, **provided)
+    except UserError:
+        raise
     except ImportError as err:
-        raise UserError(f"tracker={name} needs the {err.name or name} package, which is not installed: "
-                        f"{EXTRA} (or leave tracker={name} out).") from None
+        package = (err.name or name).split(".")[0]
+        raise UserError(f"tracker={name} needs the {package} package, which is not installed: {EXTRA} (or leave "
+                        f"tracker={name} out).") from None
+    except Exception as err:
+        raise _could_not_start(name, err) from err
+
+
+def _could_not_start(name: str, err: Exception) -> UserError:
+    return UserError(f"tracker={name} could not start ({type(err).__name__}: {err}); nothing was trained. Check "
+                     f"the tracker.{name} settings, or leave it out.")
 
 
 def chosen(settings: Mapping[str, Any]) -> list[str]:
@@ -67,27 +78,30 @@ def chosen(settings: Mapping[str, Any]) -> list[str]:
 class Trackers:
     """The chosen trackers as one: what one of them fails at mid-run is said once, and that one is dropped."""
 
-    def __init__(self, trackers: list[Tracker], log_model: bool = False, console: Console | None = None) -> None:
+    def __init__(self, trackers: list[Tracker], log_model: bool = False) -> None:
         self.trackers = trackers
         self.log_model = log_model
-        self.console = console or Console(stderr=True)
+        self.warnings = Console(stderr=True)
 
     @classmethod
-    def chosen_in(cls, settings: Mapping[str, Any], output_dir: str, console: Console | None = None) -> Trackers:
+    def chosen_in(cls, settings: Mapping[str, Any], output_dir: str) -> Trackers:
         """The trackers of a resolved ``tracker`` node."""
         return cls([build_tracker(name, settings[name], output_dir=output_dir) for name in chosen(settings)],
-                   bool(settings.get("log_model")), console)
+                   bool(settings.get("log_model")))
 
     def __bool__(self) -> bool:
         return bool(self.trackers)
+
+    def without_holders(self, record: RunRecord) -> Trackers:
+        """Those whose store does not hold ``record`` yet."""
+        return Trackers([t for t in self.trackers if not t.holds(record)], self.log_model)
 
     def start(self, record: RunRecord, resumed_after: int) -> None:
         for tracker in self.trackers:
             try:
                 tracker.start(record, resumed_after)
             except Exception as err:
-                raise UserError(f"tracker={tracker.name} could not start ({type(err).__name__}: {err}); nothing "
-                                f"was trained. Check the tracker.{tracker.name} settings, or leave it out.") from err
+                raise _could_not_start(tracker.name, err) from err
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
         self._each("log epoch metrics", lambda t: t.log_epoch(step, metrics))
@@ -122,7 +136,7 @@ class Trackers:
                 call(tracker)
             except Exception as err:
                 self.trackers.remove(tracker)
-                self.console.print(f"[yellow]warning:[/] tracker={tracker.name} could not {what} "
+                self.warnings.print(f"[yellow]warning:[/] tracker={tracker.name} could not {what} "
                                    f"({type(err).__name__}: {err}); it logs nothing more for this run. The run's "
                                    "own files are complete: `transfer report RUN tracker=...` logs them later.",
                                    highlight=False, soft_wrap=True)

@@ -5,6 +5,7 @@ resumed run continues its MLflow run and how a backfill never logs a run twice."
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,8 @@ class MlflowTracker(Tracker):
             self.store.parent.mkdir(parents=True, exist_ok=True)
         self.uri = tracking_uri or f"sqlite:///{self.store}"
         self.experiment = experiment
+        for chatty in ("mlflow", "alembic"):  # schema migrations of a new store log at INFO
+            logging.getLogger(chatty).setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.run_id: str | None = None
         self.logged: dict[str, int] = {}  # key -> the last step an earlier start of this run logged
@@ -64,8 +67,7 @@ class MlflowTracker(Tracker):
         self.client.set_terminated(self.run_id, status)
 
     def holds(self, record: RunRecord) -> bool:
-        found = self._find(RUN_DIR_TAG, str(record.run_dir), kind="run")
-        return found is not None and found.info.status == "FINISHED"
+        return self._find(RUN_DIR_TAG, str(record.run_dir), kind="run") is not None
 
     def start_sweep(self, sweep_dir: Path, name: str, params: Mapping[str, Any]) -> None:
         """The sweep's parent run (found again when the sweep resumes or is backfilled), and the file in the

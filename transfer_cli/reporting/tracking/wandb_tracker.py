@@ -20,10 +20,12 @@ class WandbTracker(Tracker):
     def __init__(self, mode: str, project: str, entity: str | None) -> None:
         self.mode, self.project, self.entity = mode, project, entity
         self.run = None
+        self.run_dir: Path | None = None
         self.last_step = 0  # W&B steps only go forward
 
     def start(self, record: RunRecord, resumed_after: int) -> None:
         tags = [f"{k}:{v}"[:64] for k, v in record.tags.items() if k in ("command", "dataset", "backbone", "method")]
+        self.run_dir = record.run_dir
         self.run = wandb.init(
             project=self.project, entity=self.entity, mode=self.mode, dir=str(record.run_dir), id=run_id(record.run_dir),
             resume="allow", name=record.name, group=record.sweep_dir.name if record.sweep_dir else None,
@@ -38,9 +40,8 @@ class WandbTracker(Tracker):
 
     def finish(self, status: str, final: Mapping[str, float], notes: Mapping[str, str], files: list[Path]) -> None:
         self.run.summary.update({**final, **notes})
-        for path in files:
-            self.run.save(str(path), base_path=str(path.parent.parent if path.parent.name == "checkpoints"
-                                                  else path.parent), policy="now")
+        for path in files:  # under the run folder's name: W&B keeps files of its own (config.yaml) beside them
+            self.run.save(str(path), base_path=str(self.run_dir.parent), policy="now")
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
 
     def holds(self, record: RunRecord) -> bool:

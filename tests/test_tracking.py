@@ -1,0 +1,232 @@
+"""Experiment trackers, read back with each library's own reader: MLflow (`MlflowClient` on the SQLite store),
+TensorBoard (`EventAccumulator`), W&B offline (its protobuf records). The CSV files stay the source of truth,
+so every tracked number is compared with metrics.csv / summary.json."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import invoke, train_in_process
+
+from transfer_cli.reporting.tracking.record import RunRecord, epoch_metrics
+
+mlflow = pytest.importorskip("mlflow", reason="the [track] extra (mlflow) is not installed")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+QUICK = ("dataset=digits", "trainer.epochs=3")
+
+
+def store(root: Path, name: str = "mlflow.db") -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root / name}")
+
+
+def runs_of(client: MlflowClient) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, max_results=100)
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def same_points(actual: list[tuple[int, float]], expected) -> bool:
+    """The same steps, in order, with the same values (to float precision)."""
+    expected = [(int(step), float(value)) for step, value in expected]
+    return [s for s, _ in actual] == [s for s, _ in expected] and [v for _, v in actual] == pytest.approx(
+        [v for _, v in expected])
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tracked")
+    train_in_process(root / "run", *QUICK, "trainer.plots=true", "tracker=[mlflow,tensorboard]", f"output_dir={root}")
+    return root
+
+
+def test_mlflow_holds_the_params_every_epoch_the_summary_and_the_files(tracked_run):
+    client = store(tracked_run)
+    (run,) = runs_of(client)
+    metrics = pd.read_csv(tracked_run / "run" / "metrics.csv")
+    summary = json.loads((tracked_run / "run" / "summary.json").read_text())
+    assert run.info.status == "FINISHED" and run.info.run_name == "digits_small_cnn_finetune"
+    assert run.data.params["dataset.name"] == "digits" and float(run.data.params["optimizer.lr"]) == 2e-3
+    assert run.data.params["trainer.epochs"] == "3" and not any(k.startswith("tracker.") for k in run.data.params)
+    tags = run.data.tags
+    assert (tags["command"], tags["dataset"], tags["backbone"], tags["method"], tags["seed"]) == (
+        "train", "digits", "small_cnn", "finetune", "0")
+    assert tags["transfer.run_dir"] == str((tracked_run / "run").resolve())
+    for split in ("train", "val"):  # every epoch, at its epoch as step, the value metrics.csv holds
+        rows = metrics[metrics["split"] == split]
+        for column in ("loss", "acc1"):
+            assert same_points(history(client, run.info.run_id, f"{split}/{column}"),
+                               zip(rows["epoch"], rows[column], strict=True))
+    assert same_points(history(client, run.info.run_id, "test/acc1"), [(summary["best"]["epoch"], summary["test"]["acc1"])])
+    assert run.data.metrics["test_acc1"] == pytest.approx(summary["test"]["acc1"])
+    assert run.data.metrics["trainable"] == summary["params_trainable"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.json", "metrics.csv", "config.yaml", "curves.png"} <= artifacts
+    assert "checkpoints" not in artifacts  # tracker.log_model is off by default
+
+
+def test_tensorboard_events_hold_every_epoch_and_the_hparams(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events_dir = tracked_run / "run" / "tensorboard"
+    metrics = pd.read_csv(tracked_run / "run" / "metrics.csv")
+    val = metrics[metrics["split"] == "val"]
+    assert same_points(scalars(events_dir, "val/acc1"), zip(val["epoch"], val["acc1"], strict=True))
+    events = EventAccumulator(str(events_dir), size_guidance={"tensors": 0, "images": 0})
+    events.Reload()
+    assert "_hparams_/experiment" in events.summary_metadata
+    assert "plots/curves" in events.Tags()["images"]
+
+
+def test_a_sweep_is_one_parent_with_a_child_per_job_diverged_ones_failed_and_backfill_adds_nothing(tmp_path):
+    args = ("sweep", "dataset=digits", "trainer=debug", "trainer.epochs=1", "optimizer=sgd", "optimizer.lr=0.01,1e6",
+            "seed=0,1", "tracker=mlflow")
+    result = invoke(*args, cwd=tmp_path)
+    assert result.returncode == 1 and "2 sweep job(s) did not finish" in result.stderr
+    (sweep,) = (tmp_path / "outputs" / "sweeps").iterdir()
+
+    def check(client: MlflowClient) -> None:
+        runs = runs_of(client)
+        parents = [r for r in runs if r.data.tags.get("transfer.kind") == "sweep"]
+        children = [r for r in runs if r.data.tags.get("transfer.kind") == "run"]
+        assert len(parents) == 1 and len(children) == 4
+        assert parents[0].info.status == "FAILED" and "sweep.csv" in {a.path for a in client.list_artifacts(
+            parents[0].info.run_id)}
+        assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+        by_lr = sorted((float(c.data.params["optimizer.lr"]), c.info.status) for c in children)
+        assert by_lr == [(0.01, "FINISHED"), (0.01, "FINISHED"), (1e6, "FAILED"), (1e6, "FAILED")]
+        failed = [c for c in children if c.info.status == "FAILED"]
+        assert all("diverged" in c.data.tags["error"] for c in failed)
+
+    check(store(tmp_path / "outputs"))
+    for _ in range(2):  # the same store already holds the sweep; a new store gets it once
+        for uri in ([], [f"tracker.mlflow.tracking_uri=sqlite:///{tmp_path / 'backfill.db'}"]):
+            done = invoke("report", str(sweep), "tracker=mlflow", *uri, cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+    check(store(tmp_path / "outputs"))
+    check(store(tmp_path, "backfill.db"))
+
+
+def test_a_killed_run_resumes_into_the_same_mlflow_run_without_repeating_steps(tmp_path, monkeypatch):
+    """Killed after epoch 3 was logged but before it was checkpointed: the resumed start trains epoch 3 again
+    (bit for bit) and logs it nowhere twice, in the same MLflow run; TensorBoard purges the stale step."""
+    import transfer_cli.train as train
+
+    run = tmp_path / "run"
+    args = ("dataset=digits", "trainer.epochs=4", "tracker=[mlflow,tensorboard]", f"output_dir={tmp_path}")
+    real_save = train.save_model
+
+    def killed_at_epoch_3(path, weights, recipe, **facts):
+        if facts["epoch"] == 3:
+            raise KeyboardInterrupt  # what the process saw of the kill
+        real_save(path, weights, recipe, **facts)
+
+    monkeypatch.setattr(train, "save_model", killed_at_epoch_3)
+    assert invoke("train", "trainer=debug", *args, f"hydra.run.dir={run}", cwd=tmp_path).returncode == 130
+    (stopped,) = runs_of(store(tmp_path))
+    assert stopped.info.status == "KILLED" and [s for s, _ in history(store(tmp_path), stopped.info.run_id,
+                                                                       "val/acc1")] == [1, 2, 3]
+    monkeypatch.setattr(train, "save_model", real_save)
+    train_in_process(tmp_path / "again", *args, f"trainer.resume={run}")
+    (resumed,) = runs_of(store(tmp_path))
+    assert resumed.info.run_id == stopped.info.run_id and resumed.info.status == "FINISHED"
+    val = pd.read_csv(run / "metrics.csv").query("split == 'val'")
+    expected = list(zip(val["epoch"], val["acc1"], strict=True))
+    assert same_points(history(store(tmp_path), resumed.info.run_id, "val/acc1"), expected)
+    assert same_points(scalars(run / "tensorboard", "val/acc1"), expected)
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a .wandb file (W&B's LevelDB-style log: 32 KiB blocks of checksum, length, kind, data;
+    the data are W&B's own protobuf ``Record`` messages)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, buffer, records = path.read_bytes(), 7, 32768, b"", []  # 7: the ":W&B" file header
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or kind == 0:
+            pos += left
+            continue
+        buffer += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buffer)
+            records.append(record)
+            buffer = b""
+    return records
+
+
+@pytest.mark.slow  # W&B starts its own service process (~5 s)
+def test_wandb_offline_run_holds_the_config_and_every_epoch(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the [track] extra (wandb) is not installed")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: any network use would fail
+    summary = train_in_process(tmp_path / "run", *QUICK, "tracker=wandb")
+    (log,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(log)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config["dataset.name"] == "digits" and config["trainer.epochs"] == 3
+    steps = {r.history.step.num: {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+             for r in records if r.WhichOneof("record_type") == "history"}
+    val = pd.read_csv(tmp_path / "run" / "metrics.csv").query("split == 'val'")
+    assert [steps[e]["val/acc1"] for e in (1, 2, 3)] == pytest.approx(list(val["acc1"]))
+    assert summary["status"] == "ok"
+
+
+def test_tracker_problems_are_clear_errors_before_training_or_warnings_after(transfer, tmp_path, monkeypatch):
+    code, _, err = transfer("train", *QUICK, "trainer=debug", "tracker=mlflow",
+                            "tracker.mlflow.tracking_uri=nosuchscheme://x")
+    assert code == 2 and "tracker=mlflow could not start" in err and "nothing was trained" in err
+    code, _, err = transfer("train", *QUICK, "trainer=debug", "tracker=neptune")
+    assert code == 2 and "tracker" in err and "mlflow" in err and "tensorboard" in err
+    code, _, err = transfer("train", *QUICK, "trainer=debug", "tracker=wandb", "tracker.wandb.mode=cloud")
+    assert code == 2 and "tracker.wandb.mode='cloud'" in err and "offline" in err
+
+    from transfer_cli.reporting.tracking.tensorboard_tracker import TensorboardTracker
+
+    def broken(self, step, metrics):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(TensorboardTracker, "log_epoch", broken)
+    code, _, err = transfer("train", *QUICK, "trainer=debug", "tracker=tensorboard")
+    assert code == 0 and "tracker=tensorboard could not log epoch metrics (OSError: disk full)" in err
+    (folder,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    assert json.loads((folder / "summary.json").read_text())["status"] == "ok"
+    assert len(pd.read_csv(folder / "metrics.csv")) == 7  # 3 epochs x train/val + test: the CSV is complete
+
+
+def test_a_missing_tracker_library_names_the_extra(transfer, monkeypatch):
+    import sys
+
+    for module in ("mlflow", "mlflow.entities", "mlflow.tracking"):  # import mlflow... -> ImportError
+        monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.delitem(sys.modules, "transfer_cli.reporting.tracking.mlflow_tracker", raising=False)
+    code, _, err = transfer("train", *QUICK, "trainer=debug", "tracker=mlflow")
+    assert code == 2 and "tracker=mlflow needs the mlflow package" in err and "[track]" in err
+
+
+def test_the_record_flattens_the_config_and_leaves_empty_cells_out(tmp_path):
+    record = RunRecord.of_run(tmp_path / "3", {"name": "n", "seed": 1, "dataset": {"name": "d", "classes": [5, 6]},
+                                               "tracker": {"mlflow": {"experiment": "e"}}}, in_sweep=True)
+    assert record.params == {"name": "n", "seed": 1, "dataset.name": "d", "dataset.classes": "[5, 6]"}
+    assert record.name == "n-3" and record.sweep_dir == tmp_path.resolve()
+    rows = [{"epoch": 1, "split": "train", "loss": 0.5, "lr": 0.1}, {"epoch": 1, "split": "val", "loss": 0.4,
+                                                                   "lr": float("nan")}]
+    assert epoch_metrics(rows) == {1: {"train/loss": 0.5, "train/lr": 0.1, "val/loss": 0.4}}
