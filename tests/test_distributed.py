@@ -2,6 +2,7 @@
 same training as one process, process 0 alone writes, a killed run resumes exactly, a crashed process
 stops the job with a clear message."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -66,9 +67,18 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
     data = ["dataset=mnist", f"dataset.root={mnist}", "dataset.shots=50", "dataset.val_fraction=0.02",
             "backbone=lenet", "method=finetune", "optimizer=sgd", "optimizer.lr=0.05", "trainer.epochs=20"]
     one = train_in_process(tmp_path / "one", *data, "dataset.batch_size=32")  # the reference: this process
-    code, log = train([*data, "dataset.batch_size=16", "trainer.devices=2", "hydra.run.dir=two"], tmp_path)
+    store = f"sqlite:///{tmp_path / 'track.db'}"
+    code, log = train([*data, "dataset.batch_size=16", "trainer.devices=2", "hydra.run.dir=two", "tracker=mlflow",
+                       f"tracker.mlflow.tracking_uri={store}"], tmp_path)
     assert code == 0, log
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    if importlib.util.find_spec("mlflow"):  # process 0 alone logs: one run, each epoch once
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(store)
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")) == list(range(1, 21))
     assert two["processes"] == 2 and two["global_batch"] == one["global_batch"] == 32
     steps = 500 // 32 * 20
     assert steps >= 300  # a few hundred optimizer steps

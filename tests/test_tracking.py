@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import invoke, train_in_process
+from conftest import invoke, run_folders, train_in_process
 
 from transfer_cli.reporting.tracking.record import RunRecord, epoch_metrics
 
@@ -128,7 +128,8 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run_without_repeating_steps(t
     import transfer_cli.train as train
 
     run = tmp_path / "run"
-    args = ("dataset=digits", "trainer.epochs=4", "tracker=[mlflow,tensorboard]", f"output_dir={tmp_path}")
+    args = ("dataset=digits", "trainer.epochs=4", "tracker=[mlflow,tensorboard]", "tracker.log_model=true",
+            f"output_dir={tmp_path}")
     real_save = train.save_model
 
     def killed_at_epoch_3(path, weights, recipe, **facts):
@@ -145,6 +146,8 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run_without_repeating_steps(t
     train_in_process(tmp_path / "again", *args, f"trainer.resume={run}")
     (resumed,) = runs_of(store(tmp_path))
     assert resumed.info.run_id == stopped.info.run_id and resumed.info.status == "FINISHED"
+    checkpoints = {a.path for a in store(tmp_path).list_artifacts(resumed.info.run_id, "checkpoints")}
+    assert checkpoints == {"checkpoints/best.safetensors", "checkpoints/best.json"}  # tracker.log_model=true
     val = pd.read_csv(run / "metrics.csv").query("split == 'val'")
     expected = list(zip(val["epoch"], val["acc1"], strict=True))
     assert same_points(history(store(tmp_path), resumed.info.run_id, "val/acc1"), expected)
@@ -198,6 +201,9 @@ def test_tracker_problems_are_clear_errors_before_training_or_warnings_after(tra
     assert code == 2 and "tracker" in err and "mlflow" in err and "tensorboard" in err
     code, _, err = transfer("train", *QUICK, "trainer=debug", "tracker=wandb", "tracker.wandb.mode=cloud")
     assert code == 2 and "tracker.wandb.mode='cloud'" in err and "offline" in err
+    code, _, err = transfer("train", *QUICK, "trainer=debug", "tracker=tensorboard", "tracker.mlflow.experiment=x")
+    assert code == 2 and "tracker.mlflow.experiment=x sets a key of tracker mlflow, which is not chosen" in err
+    assert run_folders(tmp_path) == []  # refused before anything ran: no run folder left behind
 
     from transfer_cli.reporting.tracking.tensorboard_tracker import TensorboardTracker
 

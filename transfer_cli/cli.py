@@ -250,7 +250,20 @@ def _sweep_resume(args: list[str]) -> list[str]:
 
 def _default_experiment(args: list[str]) -> list[str]:
     """Bare `transfer train`: the default transfer."""
+    args = _tracker_keys_chosen(args)
     return args if any("=" in a and not a.startswith("-") for a in args) else [*args, f"experiment={DEFAULT_EXPERIMENT}"]
+
+
+def _tracker_keys_chosen(args: list[str]) -> list[str]:
+    """``tracker.mlflow.KEY=...`` needs mlflow chosen (``tracker=mlflow``): the node of an unchosen tracker is
+    null, and Hydra would fail on it with an internal assertion."""
+    chosen = " ".join(a.split("=", 1)[1] for a in args if a.startswith("tracker=")).translate(str.maketrans("[],", "   "))
+    for arg in args:
+        parts = arg.split("=", 1)[0].lstrip("+").split(".")
+        if len(parts) > 2 and parts[0] == "tracker" and parts[1] not in chosen.split():
+            raise UserError(f"{arg} sets a key of tracker {parts[1]}, which is not chosen: add tracker={parts[1]} "
+                            f"(several: tracker=[{parts[1]},tensorboard]).")
+    return args
 
 
 @dataclass(frozen=True)
@@ -266,7 +279,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "train": Command("config", _train, prepare=_default_experiment),
-    "sweep": Command("config", _train, multirun=True, prepare=_sweep_resume),
+    "sweep": Command("config", _train, multirun=True, prepare=lambda args: _sweep_resume(_tracker_keys_chosen(args))),
     "eval": Command("eval", _scoring("evaluate", "run_eval"), prepare=_checkpoint_dataset_changes),
     "predict": Command("predict", _scoring("predict", "run_predict")),
     "export": Command("export", _scoring("export", "run_export"), prepare=_checkpoint_dataset_changes),
