@@ -67,7 +67,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
     data = ["dataset=mnist", f"dataset.root={mnist}", "dataset.shots=50", "dataset.val_fraction=0.02",
             "backbone=lenet", "method=finetune", "optimizer=sgd", "optimizer.lr=0.05", "trainer.epochs=20"]
     one = train_in_process(tmp_path / "one", *data, "dataset.batch_size=32")  # the reference: this process
-    store = f"sqlite:///{tmp_path / 'track.db'}"
+    store = f"sqlite:///{tmp_path / 'track' / 'mlflow.db'}"
     code, log = train([*data, "dataset.batch_size=16", "trainer.devices=2", "hydra.run.dir=two", "tracker=mlflow",
                        f"tracker.mlflow.tracking_uri={store}"], tmp_path)
     assert code == 0, log
@@ -90,7 +90,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
     assert table["acc1"].iloc[0] == reference["acc1"].iloc[0]
     assert abs(two["test"]["acc1"] - one["test"]["acc1"]) < 1.0
     assert not table.duplicated(["epoch", "split"]).any() and len(table) == 2 * 20 + 1  # train + val, test
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["one", "two"]  # no folder per process
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["one", "track", "two"]  # none per process
     assert log.count("epoch 20/20") == 1  # process 0 alone reports
 
     # The counts of the 2-process evaluation are the whole test split: a single-process eval agrees exactly.

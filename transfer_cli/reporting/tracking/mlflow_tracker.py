@@ -28,10 +28,11 @@ class MlflowTracker(Tracker):
     name = "mlflow"
 
     def __init__(self, tracking_uri: str | None, experiment: str, output_dir: str) -> None:
-        self.store = Path(output_dir, "mlflow.db").resolve() if tracking_uri is None else None
+        self.uri = tracking_uri or f"sqlite:///{Path(output_dir, 'mlflow.db').resolve()}"
+        # a SQLite store keeps its experiments' artifacts beside it (MLflow's default is ./mlruns of the cwd)
+        self.store = Path(self.uri.removeprefix("sqlite:///")).resolve() if self.uri.startswith("sqlite:///") else None
         if self.store is not None:
             self.store.parent.mkdir(parents=True, exist_ok=True)
-        self.uri = tracking_uri or f"sqlite:///{self.store}"
         self.experiment = experiment
         for chatty in ("mlflow", "alembic"):  # schema migrations of a new store log at INFO
             logging.getLogger(chatty).setLevel(logging.WARNING)
