@@ -1,5 +1,6 @@
 """What experiment trackers cost: a 30-epoch digits run (small_cnn, the default fine-tune) with the CSV files
-only against the same run with tracker=[mlflow,tensorboard,wandb] (W&B offline), alternated, each measured as
+only against the same run with each tracker and with tracker=[mlflow,tensorboard,wandb] (W&B offline),
+alternated, each measured as
 the whole command (interpreter start, tracker start-up, logging, closing) and as the run's own wall time.
 
     python bench/trackers.py [--repeats 3] [--epochs 30] [--out outputs/bench/trackers]
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from results_table import record
 
-SETTINGS = {"csv only": [], "mlflow + tensorboard + wandb": ["tracker=[mlflow,tensorboard,wandb]"]}
+SETTINGS = {"csv only": [], "tensorboard": ["tracker=tensorboard"], "mlflow": ["tracker=mlflow"],
+            "wandb (offline)": ["tracker=wandb"], "mlflow + tensorboard + wandb": ["tracker=[mlflow,tensorboard,wandb]"]}
 
 
 def run(folder: Path, epochs: int, extra: list[str], output_dir: Path) -> tuple[float, float]:
@@ -44,7 +46,7 @@ def main() -> None:
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in SETTINGS}
     for repeat in range(args.repeats):  # alternated, so a slow spell of the machine hits both
         for name, extra in SETTINGS.items():
-            times[name].append(run(args.out / f"{len(times[name])}_{name[:3]}", args.epochs, extra, args.out))
+            times[name].append(run(args.out / f"{len(times[name])}_{name[:6]}", args.epochs, extra, args.out))
             print(f"repeat {repeat}: {name}: {times[name][-1][0]:.1f} s", flush=True)
     base_command = statistics.median(t for t, _ in times["csv only"])
     base_run = statistics.median(r for _, r in times["csv only"])

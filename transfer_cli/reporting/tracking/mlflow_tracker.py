@@ -39,6 +39,7 @@ class MlflowTracker(Tracker):
         self.client = MlflowClient(tracking_uri=self.uri)
         self.run_id: str | None = None
         self.logged: dict[str, int] = {}  # key -> the last step an earlier start of this run logged
+        self.pending: list[Any] = []  # epochs logged in MLflow's background thread, awaited before the run ends
 
     def start(self, record: RunRecord, resumed_after: int) -> None:
         found = self._find(RUN_DIR_TAG, str(record.run_dir), kind="run") if resumed_after else None
@@ -57,9 +58,12 @@ class MlflowTracker(Tracker):
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
         # a resumed run trains again (bit for bit) the epochs its last checkpoint did not hold: logged once
-        self._metrics({k: v for k, v in metrics.items() if step > self.logged.get(k, 0)}, step)
+        self._metrics({k: v for k, v in metrics.items() if step > self.logged.get(k, 0)}, step, wait=False)
 
     def finish(self, status: str, final: Mapping[str, float], notes: Mapping[str, str], files: list[Path]) -> None:
+        pending, self.pending = self.pending, []
+        for operations in pending:
+            operations.wait()
         self._metrics(final, 0)
         if notes:
             self.client.log_batch(self.run_id, tags=[RunTag(k, v[:_VALUE_CHARS]) for k, v in notes.items()])
@@ -103,11 +107,14 @@ class MlflowTracker(Tracker):
         found = self._find(SWEEP_DIR_TAG, str(sweep_dir), kind="sweep")
         return {"run_id": found.info.run_id, "experiment_id": found.info.experiment_id} if found else None
 
-    def _metrics(self, values: Mapping[str, float], step: int) -> None:
+    def _metrics(self, values: Mapping[str, float], step: int, wait: bool = True) -> None:
+        """``wait=False``: in MLflow's logging thread, so an epoch does not wait for the store's disk write."""
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
         for i in range(0, len(metrics), _BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + _BATCH])
+            operations = self.client.log_batch(self.run_id, metrics=metrics[i:i + _BATCH], synchronous=wait)
+            if not wait:
+                self.pending.append(operations)
 
     def _experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
