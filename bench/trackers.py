@@ -5,7 +5,7 @@ the whole command (interpreter start, tracker start-up, logging, closing) and as
 
     python bench/trackers.py [--repeats 3] [--epochs 30] [--out outputs/bench/trackers]
 
-Writes bench/results/trackers.csv/.md.
+Writes bench/results/trackers_<epochs>ep.csv/.md.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in SETTINGS}
     for repeat in range(args.repeats):  # alternated, so a slow spell of the machine hits both
-        for name, extra in SETTINGS.items():
-            times[name].append(run(args.out / f"{len(times[name])}_{name[:6]}", args.epochs, extra, args.out))
+        for setting, (name, extra) in enumerate(SETTINGS.items()):
+            times[name].append(run(args.out / f"{repeat}_{setting}", args.epochs, extra, args.out))
             print(f"repeat {repeat}: {name}: {times[name][-1][0]:.1f} s", flush=True)
     base_command = statistics.median(t for t, _ in times["csv only"])
     base_run = statistics.median(r for _, r in times["csv only"])
@@ -57,7 +57,7 @@ def main() -> None:
                      "command_s": round(command, 2), "run_s": round(inside, 2),
                      "command_overhead_pct": round(100 * (command / base_command - 1), 1),
                      "run_overhead_pct": round(100 * (inside / base_run - 1), 1)})
-    record("trackers", rows, f"tracker overhead, {args.epochs}-epoch digits run (median of {args.repeats})")
+    record(f"trackers_{args.epochs}ep", rows, f"tracker overhead, {args.epochs}-epoch digits run (median of {args.repeats})")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ commands:
   export   ONNX / TorchScript        transfer export checkpoint=.../best.safetensors format=onnx quantize=dynamic
   explain  what a prediction rests on transfer explain checkpoint=.../best.safetensors [method=gradcam] [samples=8]
   analyze  domain alignment          transfer analyze checkpoint=.../best.safetensors [target=usps]
-  report   rebuild/compare tables    transfer report outputs/sweeps/<time> [outputs/sweeps/<other>]
+  report   rebuild/compare tables    transfer report outputs/sweeps/<time> [outputs/sweeps/<other>] [tracker=mlflow]
 
 `transfer COMMAND --help` lists the config groups and every key."""
 
