@@ -62,6 +62,27 @@ def test_teacher_outputs_follow_the_students_class_names(teacher, tmp_path):
     assert torch.allclose(same, mapped, atol=1e-6) and torch.allclose(same.sum(1), torch.ones(6))
 
 
+def test_each_image_is_shown_to_the_teachers_once_and_its_outputs_kept(teacher):
+    """Without augmentation every epoch shows the same images: the teachers run on the new ones only, and the
+    kept outputs are exactly the ones a fresh teacher pass gives."""
+    from transfer_cli.methods.distill import Distill, Teacher
+    from transfer_cli.models.checkpoint import load_model
+
+    model, _ = load_model(str(teacher))
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    settings = dict(teacher="t", temperature=4.0, alpha=0.9, freeze=0, bn="auto", label_smoothing=0.0,
+                    layer_decay=1.0, backbone_lr_mult=1.0)
+    distill = Distill(load_model(str(teacher))[0], [Teacher("a", model, None)], **settings)
+    x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    first = distill.teacher_probs(x[:5])
+    again = distill.teacher_probs(x.flip(0))  # 5 seen (in another order and batch), 3 new
+    assert calls == [5, 3]
+    assert torch.allclose(again.flip(0)[:5], first, atol=1e-6)
+    assert torch.allclose(again, Distill(load_model(str(teacher))[0], [Teacher("b", model, None)],
+                                         **settings).teacher_probs(x.flip(0)), atol=1e-6)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ([], "method=distill needs method.teacher: its YAML (conf/method/distill.yaml) leaves it to you"),
     (["method.teacher=nope.safetensors"], "method.teacher='nope.safetensors' cannot teach this run: checkpoint='nope"),

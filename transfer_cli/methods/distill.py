@@ -3,6 +3,7 @@ softened outputs as well as from the labels."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -15,6 +16,7 @@ from transfer_cli.models.backbone import Classifier
 from transfer_cli.registry import Fraction, Positive, Range
 
 Weight = Annotated[float, Range(ge=0, le=1)]
+_MEMO_LIMIT = 200_000  # samples whose teacher outputs are kept (augmented views rarely repeat: bounded memory)
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,10 @@ class Teacher:
 class Distill(Finetune):
     """loss = alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * cross-entropy(labels).
     Several teachers are one ensemble: the mean of their softened probabilities. Each teacher reads the
-    student's batch through its own input adapter (its size, channels and normalisation), on the fly, so
-    augmented images get the teacher's view of the same augmentation. Freezing, BN and learning rates as
-    finetune."""
+    student's batch through its own input adapter (its size, channels and normalisation), so augmented images
+    get the teacher's view of the same augmentation. A sample seen before (no augmentation: every epoch after
+    the first) takes the teachers' outputs from memory, found by its content, so the teachers run once per
+    image rather than once per epoch. Freezing, BN and learning rates as finetune."""
 
     def __init__(self, model: Classifier, teachers: list[Teacher], *, teacher: str | list[str],
                  temperature: Positive, alpha: Weight, freeze: int | Literal["all"], bn: BNMode,
@@ -46,6 +49,7 @@ class Distill(Finetune):
         self.teachers: tuple[Teacher, ...] = tuple(teachers)
         for t in self.teachers:
             t.model.eval().requires_grad_(False)
+        self._seen: dict[bytes, torch.Tensor] = {}  # a sample's content digest -> the teachers' logits
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's own signature
         """.to(device) / .half() reach the teachers too."""
@@ -56,13 +60,23 @@ class Distill(Finetune):
     @torch.no_grad()
     def teacher_probs(self, x: torch.Tensor) -> torch.Tensor:
         """The teachers' mean probabilities at the temperature, in the student's class order."""
-        probs = []
+        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in x.detach().cpu()]
+        new = [i for i, key in enumerate(keys) if key not in self._seen]
+        if new:
+            logits = self._teacher_logits(x[new])
+            if len(self._seen) < _MEMO_LIMIT:
+                self._seen.update({keys[i]: row for i, row in zip(new, logits.cpu(), strict=True)})
+        fresh = dict(zip(new, logits, strict=True)) if new else {}
+        logits = torch.stack([fresh[i] if i in fresh else self._seen[key].to(x.device) for i, key in enumerate(keys)])
+        return F.softmax(logits / self.temperature, dim=-1).mean(1)
+
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, teachers, classes): each teacher's logits, its outputs put in the student's class order."""
+        out = []
         for t in self.teachers:
             logits = t.model(x).float()
-            if t.order is not None:
-                logits = logits[:, t.order]
-            probs.append(F.softmax(logits / self.temperature, dim=1))
-        return torch.stack(probs).mean(0)
+            out.append(logits[:, t.order] if t.order is not None else logits)
+        return torch.stack(out, dim=1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y = batch
