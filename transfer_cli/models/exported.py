@@ -145,7 +145,9 @@ def quantize_onnx(source: Path, target: Path) -> None:
 
 def quantize_onnx_static(source: Path, target: Path, calibration: torch.Tensor) -> None:
     """Static int8 (QDQ nodes, per-channel int8 weights, uint8 activations): every activation's range is
-    calibrated once on ``calibration`` (model inputs), so no range is computed at run time."""
+    calibrated once on ``calibration`` (model inputs), so no range is computed at run time. Weights use 7 of
+    their 8 bits (``reduce_range``): x86 CPUs without VNNI multiply uint8 by int8 in 16-bit sums that saturate
+    (fine-tuned MobileNetV2 on USPS: 75.6 % with 8-bit weights, 87.7 % with 7-bit, fp32 88.1 %)."""
     _, ort = _onnx()
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -165,7 +167,7 @@ def quantize_onnx_static(source: Path, target: Path, calibration: torch.Tensor) 
         with _quiet():
             quant_pre_process(str(source), str(prepared))  # shape inference and graph folding, as ORT advises
             quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True)
     finally:
         prepared.unlink(missing_ok=True)
 
