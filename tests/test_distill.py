@@ -55,7 +55,7 @@ def test_teacher_outputs_follow_the_students_class_names(teacher, tmp_path):
         head.bias.copy_(head.bias.flip(0))
     x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     student, _ = load_model(str(teacher))
-    settings = dict(teacher="t", temperature=2.0, alpha=0.5, freeze=0, bn="auto", label_smoothing=0.0,
+    settings = dict(teacher="t", temperature=2.0, alpha=0.5, unlabelled=False, freeze=0, bn="auto", label_smoothing=0.0,
                     layer_decay=1.0, backbone_lr_mult=1.0)
     same = Distill(student, [Teacher("a", model, None)], **settings).teacher_probs(x)
     mapped = Distill(student, [Teacher("b", reversed_model, list(range(9, -1, -1)))], **settings).teacher_probs(x)
@@ -71,7 +71,7 @@ def test_each_image_is_shown_to_the_teachers_once_and_its_outputs_kept(teacher):
     model, _ = load_model(str(teacher))
     calls = []
     model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
-    settings = dict(teacher="t", temperature=4.0, alpha=0.9, freeze=0, bn="auto", label_smoothing=0.0,
+    settings = dict(teacher="t", temperature=4.0, alpha=0.9, unlabelled=False, freeze=0, bn="auto", label_smoothing=0.0,
                     layer_decay=1.0, backbone_lr_mult=1.0)
     distill = Distill(load_model(str(teacher))[0], [Teacher("a", model, None)], **settings)
     x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)

@@ -65,6 +65,8 @@ class Run:
 
     def loader(self, split: str, train: bool, sharded: bool = True) -> Batches:
         """Batches of one split of the dataset; ``sharded``: each process takes its share."""
+        if self.splits.split(split) is None:
+            raise LookupError(f"this run's data has no {split} split")
         return make_loader(self.splits.split(split), self.model.spec, self.cfg.dataset, train, self.device,
                            self.cfg.seed, dist=self.dist if sharded else SINGLE)
 

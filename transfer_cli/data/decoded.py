@@ -119,6 +119,6 @@ def hold_in_memory(splits: DataSplits, spec: InputSpec, cfg: DatasetConfig, log:
     log(f"{count:,} images {how} at {side}x{side} ({need / 2**30:.2f} GiB in memory, "
         f"{time.perf_counter() - start:.1f} s; cache: {cfg.cache_dir})")
     swapped = copy.copy(splits)
-    for name in ("train", "val", "test"):
+    for name in ("train", "val", "test", *(("unlabelled",) if splits.unlabelled is not None else ())):
         setattr(swapped, name, with_base(splits.split(name), lambda base: copies.get(id(base), base)))
     return swapped

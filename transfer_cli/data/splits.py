@@ -58,13 +58,16 @@ class DataSplits:
     # The train split before dataset.shots / dataset.fraction drew the labelled part: what an unsupervised
     # preprocessing (a TF-IDF vocabulary) may be fitted on, labels unused. None: the train split itself.
     pool: Dataset | None = None
+    # The pool's samples that draw left out, their labels never read: what method=distill's unlabelled=true
+    # shows the teachers and the student. None when nothing was drawn.
+    unlabelled: Dataset | None = None
 
     @property
     def kind(self) -> str:
         return "text" if self.text else "images"
 
     def split(self, name: str) -> Dataset:
-        return {"train": self.train, "val": self.val, "test": self.test}[name]
+        return {"train": self.train, "val": self.val, "test": self.test, "unlabelled": self.unlabelled}[name]
 
 
 # name -> builder(cfg: DatasetConfig) -> DataSplits

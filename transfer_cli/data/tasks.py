@@ -83,4 +83,14 @@ def make_task(splits: DataSplits, cfg: DatasetConfig) -> DataSplits:
         if cfg.shots < 1:
             raise UserError(f"dataset.shots={cfg.shots} is not allowed. Allowed: an integer >= 1.")
         splits.train = few_shot(splits.train, cfg.shots, draw)
+    if splits.pool is not None:
+        splits.unlabelled = _left_out(splits.train, splits.pool)
     return splits
+
+
+def _left_out(drawn: Dataset, pool: Dataset) -> Subset:
+    """The samples of ``pool`` that ``drawn`` (a chain of subsets of it) does not hold."""
+    rows = np.arange(len(drawn))
+    while drawn is not pool:
+        rows, drawn = np.asarray(drawn.indices)[rows], drawn.dataset
+    return Subset(pool, np.setdiff1d(np.arange(len(pool)), rows).tolist())

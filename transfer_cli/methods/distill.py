@@ -10,7 +10,11 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 
-from transfer_cli.methods.base import METHODS
+from torch.utils.data import DataLoader
+
+from transfer_cli.errors import UserError
+from transfer_cli.methods.base import METHODS, DataContext, LoaderFactory
+from transfer_cli.methods.domain import PairedLoader
 from transfer_cli.methods.finetune import BackboneLrMult, BNMode, Finetune, LayerDecay
 from transfer_cli.models.backbone import Classifier
 from transfer_cli.registry import Fraction, Positive, Range
@@ -36,14 +40,19 @@ class Distill(Finetune):
     student's batch through its own input adapter (its size, channels and normalisation), so augmented images
     get the teacher's view of the same augmentation. A sample seen before (no augmentation: every epoch after
     the first) takes the teachers' outputs from memory, found by its content, so the teachers run once per
-    image rather than once per epoch. Freezing, BN and learning rates as finetune."""
+    image rather than once per epoch. ``unlabelled``: each labelled batch comes with a batch of the train
+    images the few-shot / fraction draw left unlabelled (labels never read), on which the student learns
+    the teachers' outputs alone. Freezing, BN and learning rates as finetune."""
 
     def __init__(self, model: Classifier, teachers: list[Teacher], *, teacher: str | list[str],
-                 temperature: Positive, alpha: Weight, freeze: int | Literal["all"], bn: BNMode,
+                 temperature: Positive, alpha: Weight, unlabelled: bool, freeze: int | Literal["all"], bn: BNMode,
                  label_smoothing: Fraction, layer_decay: LayerDecay, backbone_lr_mult: BackboneLrMult) -> None:
         super().__init__(model, freeze=freeze, bn=bn, label_smoothing=label_smoothing, layer_decay=layer_decay,
                          backbone_lr_mult=backbone_lr_mult)
-        self.temperature, self.alpha = float(temperature), float(alpha)
+        self.temperature, self.alpha, self.unlabelled = float(temperature), float(alpha), unlabelled
+        if unlabelled and model.recipe.text is not None:
+            raise UserError("method.unlabelled=true is built for image datasets; text students distil on their "
+                            "labelled texts only (method.unlabelled=false).")
         self.teacher_paths = [t.path for t in teachers]
         # In a tuple, outside the module tree: no checkpoint, optimizer or state_dict carries the teachers.
         self.teachers: tuple[Teacher, ...] = tuple(teachers)
@@ -78,12 +87,28 @@ class Distill(Finetune):
             out.append(logits[:, t.order] if t.order is not None else logits)
         return torch.stack(out, dim=1)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x, y = batch
-        logits = self.model(x)
-        hard = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        soft = F.kl_div(F.log_softmax(logits.float() / self.temperature, dim=1), self.teacher_probs(x),
+    def loaders(self, make: LoaderFactory, context: DataContext) -> dict[str, DataLoader]:
+        loaders = super().loaders(make, context)
+        if self.unlabelled:
+            try:
+                images = make("unlabelled", True)
+            except LookupError:  # no draw: no unlabelled remainder
+                images = None
+            if images is None or len(images) == 0:
+                raise UserError("method.unlabelled=true distils on the train images that dataset.shots or "
+                                "dataset.fraction leave unlabelled, and this run's train split keeps them all: set "
+                                "dataset.shots=K (or dataset.fraction), or method.unlabelled=false.")
+            loaders["train"] = PairedLoader(loaders["train"], images)
+        return loaders
+
+    def training_step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        x, y, *unlabelled = batch  # with unlabelled=true: (labelled images, labels, unlabelled images)
+        logits = self.model(torch.cat([x, *unlabelled]) if unlabelled else x)
+        soft = F.kl_div(F.log_softmax(logits.float() / self.temperature, dim=1),
+                        self.teacher_probs(torch.cat([x, *unlabelled]) if unlabelled else x),
                         reduction="batchmean") * self.temperature**2
+        logits = logits[:len(x)]
+        hard = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         loss = self.alpha * soft + (1 - self.alpha) * hard
         return {"loss": loss, "loss_soft": soft.detach(), "loss_hard": hard.detach(), "logits": logits.detach(),
                 "labels": y}
