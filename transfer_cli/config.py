@@ -256,7 +256,9 @@ class ExplainConfig:
     input: str | None = None  # image files as transfer predict takes them; None: `samples` images of `split`
     split: str = "test"
     samples: int = 8
-    attribution: str = "gradcam"  # gradcam | integrated_gradients | occlusion (the CLI takes method=NAME for it)
+    # auto (gradcam for images, integrated_gradients per token for text) | gradcam | integrated_gradients |
+    # occlusion; the CLI takes method=NAME for it
+    attribution: str = "auto"
     compare: str | None = None  # a second checkpoint explained on the same images, side by side
     steps: int = 32  # integrated gradients: steps on the path from a black image
     window: int = 0  # occlusion: patch side in input pixels (0: a eighth of the side)

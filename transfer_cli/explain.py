@@ -15,6 +15,8 @@ from rich.console import Console
 
 from transfer_cli.config import SPLITS
 from transfer_cli.data.inputs import decoded_chunks, find_inputs
+from transfer_cli.data.text import read_texts
+from transfer_cli.data.tokens import PAD, encode, from_pretrained
 from transfer_cli.engine.device import resolve_device
 from transfer_cli.errors import UserError, bad_value
 from transfer_cli.files import atomic_write
@@ -24,6 +26,7 @@ from transfer_cli.pipeline import prepare_splits, sample_loader
 from transfer_cli.reporting.plots import overlay, plot_explanations
 from transfer_cli.reporting.progress import plain_log
 from transfer_cli.reporting.tables import rich_table, write_table
+from transfer_cli.reporting.token_html import write_token_html
 from transfer_cli.scoring import Opened, open_checkpoints
 
 GRID_ROWS = 16  # explain.png shows at most this many samples; every sample gets its own picture
@@ -40,8 +43,8 @@ class Samples:
 
 
 def _check(cfg: DictConfig) -> None:
-    if cfg.attribution not in attribution.METHODS:
-        raise bad_value("method", cfg.attribution, attribution.METHODS)
+    if cfg.attribution not in ("auto", *attribution.METHODS):
+        raise bad_value("method", cfg.attribution, ("auto", *attribution.METHODS))
     if cfg.split not in SPLITS:
         raise bad_value("split", cfg.split, SPLITS)
     if cfg.samples < 1:
@@ -60,12 +63,14 @@ def run_explain(cfg: DictConfig, out_dir: Path, console: Console | None = None) 
     scored = {cfg.split} if cfg.input is None else set()
     opened = open_checkpoints(paths, scored, cfg.dataset, cfg.dataset_changes, log)
     models = [m.model for m in opened.members]
-    if models[0].recipe.text is not None:
-        raise UserError(f"checkpoint={cfg.checkpoint!r} is a text model: explain covers image models here. Not "
-                        "built yet: per-token attributions for text.")
     device = resolve_device(cfg.device)
     for model in models:
         model.to(device).eval()
+    text = models[0].recipe.text is not None
+    if cfg.attribution == "auto":
+        cfg.attribution = "integrated_gradients" if text else "gradcam"
+    if text:
+        return _explain_texts(cfg, opened, device, out_dir, console)
     samples = _split_samples(cfg, opened, device) if cfg.input is None else _file_samples(cfg, models[0])
     if len(samples.images) == 0:
         raise UserError(f"input={cfg.input!r}: none of its {len(samples.failed)} file(s) could be read as an image.")
@@ -85,6 +90,58 @@ def _split_samples(cfg: DictConfig, opened: Opened, device: torch.device) -> Sam
     names = list(opened.splits.classes)
     rows = [{"sample": f"{cfg.split}[{i}]", "true": names[int(y)]} for i, y in enumerate(torch.cat(labels))]
     return Samples(torch.cat(images).cpu(), rows, [])
+
+
+def _explain_texts(cfg: DictConfig, opened: Opened, device: torch.device, out_dir: Path,
+                   console: Console) -> pd.DataFrame:
+    """Integrated gradients per token (models/attribution.py) of a text model's predictions: explain.csv (one row
+    per text), tokens.csv (one per token) and explain.html (the tokens shaded by their scores)."""
+    model, spec = opened.members[0].model, opened.members[0].model.recipe.text
+    if cfg.compare or cfg.attribution != "integrated_gradients" or spec.tokenizer != "hf":
+        raise UserError(f"checkpoint={cfg.checkpoint!r} is a text model ({spec.describe()}): explain gives it "
+                        "integrated gradients per token of an encoder (minilm, hf), without compare=. Use "
+                        "method=integrated_gradients and leave compare out.")
+    from transformers import AutoTokenizer
+
+    tokenizer = from_pretrained(AutoTokenizer, spec.source)
+    if cfg.input is None:
+        prepared = prepare_splits(opened.splits, spec, opened.data, lambda _: None)
+        ids, labels = zip(*sample_loader(prepared.split(cfg.split), spec, opened.data, device, cfg.samples, cfg.seed),
+                          strict=True)
+        ids = torch.cat(ids)
+        table = pd.DataFrame({"sample": [f"{cfg.split}[{i}]" for i in range(len(ids))],
+                              "true": [opened.splits.classes[int(y)] for y in torch.cat(labels)]})
+    else:
+        texts = [t for t in read_texts(str(cfg.input)) if t.strip()]
+        ids, table = encode(spec, texts), pd.DataFrame({"sample": texts})
+    ids, pad, classes = ids.to(device), tokenizer.pad_token_id or 0, model.recipe.classes
+    with torch.no_grad():
+        probs = model(ids).softmax(1)
+    predicted = probs.argmax(1)
+    scores, gap = attribution.token_attributions(model, ids, predicted, pad, cfg.steps)
+    chance, _ = attribution.token_attributions(attribution.randomised_copy(model, cfg.seed), ids, predicted, pad, cfg.steps)
+    real = [row != PAD for row in ids]
+    tokens = [tokenizer.convert_ids_to_tokens(row[keep].tolist()) for row, keep in zip(ids, real, strict=True)]
+    values = [score[keep].cpu() for score, keep in zip(scores, real, strict=True)]
+    table["predicted"] = [classes[int(i)] for i in predicted]
+    table["probability"] = probs.gather(1, predicted[:, None])[:, 0].cpu().numpy()
+    table["top_tokens"] = [" ".join(w[i] for i in v.topk(min(5, len(v))).indices) for w, v in zip(tokens, values, strict=True)]
+    table["completeness_gap"] = gap.cpu().numpy()
+    table["sanity_spearman"] = attribution.rank_correlation(values, [c[k].cpu() for c, k in zip(chance, real, strict=True)])
+    kept = attribution.after_token_deletion(model, ids, scores, pad, 0.2).gather(1, predicted[:, None])[:, 0]
+    table["probability_after_top20"] = kept.cpu().numpy()
+    write_table(table, out_dir / "explain.csv")
+    write_table(pd.DataFrame([{"sample": s, "position": i, "token": w, "attribution": float(v)}
+                              for s, words, vals in zip(table["sample"], tokens, values, strict=True)
+                              for i, (w, v) in enumerate(zip(words, vals, strict=True))]), out_dir / "tokens.csv",
+                markdown=False)
+    write_token_html(out_dir / "explain.html", [f"{r.sample}: predicted {r.predicted} ({r.probability:.2f})"
+                                                + (f", true {r.true}" if "true" in table else "") for r in table.itertuples()],
+                     tokens, [v.tolist() for v in values], "Integrated gradients of each token's embedding for the "
+                     "predicted class (green: for it, red: against it), from the padding token as baseline.")
+    console.print(rich_table(table.drop(columns=["sample"]).head(GRID_ROWS), title=f"{len(table)} text(s) explained -> "
+                             f"{out_dir}/explain.html, explain.csv, tokens.csv"))
+    return table
 
 
 def _file_samples(cfg: DictConfig, model: Classifier) -> Samples:

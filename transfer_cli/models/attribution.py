@@ -1,6 +1,7 @@
 """Which pixels a prediction rests on: Grad-CAM, integrated gradients and occlusion through Captum, as
 maps over the model's input square, plus the two checks that tell a faithful map from a pretty one: the
-randomised-weights sanity check (Adebayo et al. 2018) and the deletion curve."""
+randomised-weights sanity check (Adebayo et al. 2018) and the deletion curve. For text models: integrated
+gradients of each token's embedding."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from transfer_cli.data.tokens import PAD
 from transfer_cli.errors import UserError
 from transfer_cli.models.backbone import Classifier
 
@@ -133,3 +135,41 @@ def deletion_curve(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
             row[f"probability_{name}"] = float(probs.gather(1, reference[:, None]).mean())
         rows.append(row)
     return rows
+
+
+def token_attributions(model: Classifier, ids: torch.Tensor, target: torch.Tensor, baseline_id: int,
+                       steps: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integrated gradients of each token's word embedding (summed over its dimensions) for the ``target``
+    logits of token ids [N, L] (PAD on the right), on the path from every token replaced by ``baseline_id``
+    (the tokenizer's padding token): [N, L] signed scores (0 on padding), and each sample's completeness gap,
+    the scores' sum minus the logit difference between the text and the baseline (near 0: the path integral
+    was computed finely enough)."""
+    from captum.attr import LayerIntegratedGradients
+
+    encoder = getattr(model.body, "encoder", None)
+    if encoder is None or not hasattr(encoder, "get_input_embeddings"):
+        raise UserError(f"backbone={model.backbone_name} has no token embeddings to attribute to (a TF-IDF "
+                        "vectoriser: its per-n-gram weights are the linear head's coefficients). Per-token "
+                        "attributions need an encoder backbone (minilm, hf).")
+    model.eval()
+    real = ids != PAD
+    baseline = torch.where(real, torch.full_like(ids, baseline_id), ids)
+    explainer = LayerIntegratedGradients(model, encoder.get_input_embeddings())
+    scores, gap = explainer.attribute(ids, baselines=baseline, target=target, n_steps=steps,
+                                      return_convergence_delta=True, internal_batch_size=len(ids) * 8)
+    per_token = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    per_token[:, :scores.shape[1]] = scores.sum(-1).float()  # the encoder sees each batch cut to its longest text
+    return (per_token * real).detach(), gap.detach()
+
+
+def after_token_deletion(model: Classifier, ids: torch.Tensor, scores: torch.Tensor, baseline_id: int,
+                         fraction: float) -> torch.Tensor:
+    """Probabilities [N, classes] once the ``fraction`` most attributed tokens of each text (at least one) are
+    replaced by ``baseline_id``."""
+    out = ids.clone()
+    for row, (text, score) in enumerate(zip(ids, scores, strict=True)):
+        real = (text != PAD).nonzero().flatten()
+        k = max(1, round(fraction * len(real)))
+        out[row, real[score[real].topk(min(k, len(real))).indices]] = baseline_id
+    with torch.no_grad():
+        return model(out).softmax(1)
