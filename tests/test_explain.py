@@ -164,3 +164,25 @@ def test_explain_a_text_model_writes_scores_per_token(text_checkpoint, tmp_path)
     refused = invoke("explain", f"checkpoint={text_checkpoint}", f"input={texts}", "method=gradcam",
                      f"hydra.run.dir={tmp_path / 'no'}", cwd=tmp_path)
     assert refused.returncode == 2 and "integrated gradients per token" in refused.stderr
+
+
+@pytest.mark.slow  # a ViT forward and backward at 224 px, twice
+def test_gradcam_of_a_vision_transformer_uses_its_patch_tokens(compose_cfg):
+    """A ViT has no convolutional map after its patch embedding: Grad-CAM weighs the last patch tokens (after
+    the class token) and lays them out on the 14 x 14 grid, one value per 16 px patch."""
+    pytest.importorskip("timm")
+    import torch
+
+    from transfer_cli.models import attribution
+    from transfer_cli.pipeline import build_data, build_model
+
+    cfg = compose_cfg("dataset=digits", "backbone=timm", "backbone.name=timm/vit_tiny_patch16_224", "backbone.weights=none")
+    torch.manual_seed(0)
+    model = build_model(cfg, build_data(cfg.dataset)).eval()
+    x = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    layer, prefix = attribution.last_feature_map(model, x)
+    assert prefix == 1 and layer is model.body.blocks[-1]  # the patch tokens entering the last block
+    maps = attribution.attribute(model, x, torch.tensor([3, 7]), "gradcam")
+    assert maps.shape == (2, 8, 8) and (maps >= 0).all() and (maps.flatten(1).std(1) > 0).all()
+    other = attribution.attribute(attribution.randomised_copy(model, 1), x, torch.tensor([3, 7]), "gradcam")
+    assert max(attribution.rank_correlation(maps, other)) < 0.9

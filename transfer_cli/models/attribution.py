@@ -24,9 +24,23 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
 
-def last_feature_map(model: Classifier, example: torch.Tensor) -> nn.Module:
-    """Grad-CAM's layer: the body module that last outputs a spatial map [N, C, H, W] of at least 2 x 2 in a
-    forward pass (a 1 x 1 map, e.g. after the last pooling of a small CNN on 8 px digits, locates nothing)."""
+def last_feature_map(model: Classifier, example: torch.Tensor) -> tuple[nn.Module, int | None]:
+    """Grad-CAM's layer, with None: the body module that last outputs a spatial map [N, C, H, W] of at least
+    2 x 2 in a forward pass (a 1 x 1 map, e.g. after the last pooling of a small CNN on 8 px digits, locates
+    nothing). A vision transformer's last block instead, with the number of special tokens (the class token)
+    before the patches: Grad-CAM weighs the patch tokens entering it, the last ones the prediction still
+    reads through attention (after it, only the class token is read)."""
+    block = _last_transformer_block(model.body)
+    if block is not None:
+        seen: list[int] = []
+        hook = block.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+        try:
+            with torch.no_grad():
+                model(example[:1])
+        finally:
+            hook.remove()
+        side = int(seen[0] ** 0.5)
+        return block, seen[0] - side * side
     found: list[tuple[nn.Module, int]] = []
 
     def record(module: nn.Module, _: object, out: object) -> None:
@@ -41,10 +55,44 @@ def last_feature_map(model: Classifier, example: torch.Tensor) -> nn.Module:
         for hook in hooks:
             hook.remove()
     if not found:
-        raise UserError(f"method=gradcam needs a convolutional feature map, but backbone={model.backbone_name} has "
-                        "none (a transformer's tokens). Allowed here: method=integrated_gradients or occlusion.")
+        raise UserError(f"method=gradcam needs a convolutional feature map or transformer blocks over patches, but "
+                        f"backbone={model.backbone_name} has neither. Allowed here: method=integrated_gradients or "
+                        "occlusion.")
     spatial = [module for module, side in found if side >= 2]
-    return spatial[-1] if spatial else found[-1][0]
+    return (spatial[-1] if spatial else found[-1][0]), None
+
+
+def _last_transformer_block(body: nn.Module) -> nn.Module | None:
+    """The last block of a vision transformer (timm: ``blocks``; torchvision: ``encoder.layers``), or None."""
+    for path in ("blocks", "encoder.layers"):
+        blocks = body
+        for name in path.split("."):
+            blocks = getattr(blocks, name, None)
+        if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks):
+            return blocks[-1]
+    return None
+
+
+def _token_gradcam(model: Classifier, inputs: torch.Tensor, target: torch.Tensor, block: nn.Module,
+                   prefix: int) -> torch.Tensor:
+    """Grad-CAM over the patch tokens entering ``block``: each token's activations weighted by the mean gradient
+    of the target logit per channel, positive part, laid out on the patch grid [N, 1, g, g]."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        args[0].retain_grad()
+        seen["tokens"] = args[0]
+
+    hook = block.register_forward_pre_hook(keep)
+    try:
+        with torch.enable_grad():
+            model(inputs).gather(1, target[:, None]).sum().backward()
+    finally:
+        hook.remove()
+    patches, grads = seen["tokens"][:, prefix:], seen["tokens"].grad[:, prefix:]
+    cam = (grads.mean(1, keepdim=True) * patches).sum(-1).clamp(min=0)
+    side = int(cam.shape[1] ** 0.5)
+    return cam.view(len(cam), 1, side, side).detach()
 
 
 def attribute(model: Classifier, x: torch.Tensor, target: torch.Tensor, method: str, steps: int = 32,
@@ -57,7 +105,9 @@ def attribute(model: Classifier, x: torch.Tensor, target: torch.Tensor, method: 
     inputs = _as_float(x).requires_grad_(method != "occlusion")
     side = x.shape[-1]
     if method == "gradcam":
-        cam = LayerGradCam(model, last_feature_map(model, inputs.detach())).attribute(inputs, target=target)
+        layer, prefix = last_feature_map(model, inputs.detach())
+        cam = (LayerGradCam(model, layer).attribute(inputs, target=target) if prefix is None
+               else _token_gradcam(model, inputs, target, layer, prefix))
         maps = LayerAttribution.interpolate(cam, (side, side), interpolate_mode="bilinear").clamp(min=0)[:, 0]
     elif method == "integrated_gradients":
         attributions = IntegratedGradients(model).attribute(inputs, target=target, n_steps=steps,
