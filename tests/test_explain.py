@@ -113,8 +113,8 @@ def text_checkpoint(tmp_path_factory) -> Path:
     from transfer_cli.config import BackboneConfig, DatasetConfig, HeadConfig
     from transfer_cli.data.identity import split_identities
     from transfer_cli.models.checkpoint import save_model
-    from transfer_cli.scoring import HELD_OUT
     from transfer_cli.pipeline import build_data, build_text_model
+    from transfer_cli.scoring import HELD_OUT
 
     data = DatasetConfig(name="rt_polarity", root=str(shared_path("datasets", "rt_polarity")), shots=4, cache_dir=None)
     torch.manual_seed(0)

@@ -9,7 +9,6 @@ from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-
 from torch.utils.data import DataLoader
 
 from transfer_cli.errors import UserError
