@@ -183,7 +183,9 @@ def _read_rows(path: Path, bad: BadRows) -> tuple[list[dict], list[str], int]:
     malformed: list[list[str]] = []
     if not text.strip():
         raise UserError(f"{path} is empty: a text table needs a header row and at least one row per class.")
-    frame = pd.read_csv(io.StringIO(text), sep="\t" if tsv else ",", dtype=str, keep_default_na=False,
+    # object, not str: pandas 3 backs str columns with pyarrow when it is installed (mlflow brings it), and
+    # pyarrow refuses the surrogate-escaped bytes by which undecodable rows are found and reported
+    frame = pd.read_csv(io.StringIO(text), sep="\t" if tsv else ",", dtype=object, keep_default_na=False,
                         quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL, engine="python",
                         on_bad_lines=lambda fields: malformed.append(fields))
     for i in range(len(malformed)):
