@@ -15,7 +15,7 @@ from transfer_cli.reporting.sweep import group_over_seed
 def failing_sweep(tmp_path_factory) -> tuple[Path, object]:
     """4 jobs on digits, 1 epoch each; the two with method.freeze=5 fail (small_cnn has 3 stages)."""
     root = tmp_path_factory.mktemp("sweep")
-    result = invoke("sweep", "method.freeze=0,5", "seed=0,1", "trainer.epochs=1", "trainer.progress=none",
+    result = invoke("sweep", "method.freeze=0,5", "seed=0,1", "trainer=debug", "trainer.epochs=1",
                      f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
     return root / "sweep", result
 

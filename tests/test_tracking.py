@@ -93,6 +93,7 @@ def test_tensorboard_events_hold_every_epoch_and_the_hparams(tracked_run):
     assert "plots/curves" in events.Tags()["images"]
 
 
+@pytest.mark.slow  # a 4-job sweep and four backfills, each opening an MLflow store
 def test_a_sweep_is_one_parent_with_a_child_per_job_diverged_ones_failed_and_backfill_adds_nothing(tmp_path):
     args = ("sweep", "dataset=digits", "trainer=debug", "trainer.epochs=1", "optimizer=sgd", "optimizer.lr=0.01,1e6",
             "seed=0,1", "tracker=mlflow")
@@ -122,6 +123,7 @@ def test_a_sweep_is_one_parent_with_a_child_per_job_diverged_ones_failed_and_bac
     check(store(tmp_path, "backfill.db"))
 
 
+@pytest.mark.slow  # a stopped run and its resume, two trackers each
 def test_a_killed_run_resumes_into_the_same_mlflow_run_without_repeating_steps(tmp_path, monkeypatch):
     """Killed after epoch 3 was logged but before it was checkpointed: the resumed start trains epoch 3 again
     (bit for bit) and logs it nowhere twice, in the same MLflow run; TensorBoard purges the stale step."""
