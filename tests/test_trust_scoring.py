@@ -140,8 +140,10 @@ def test_text_labels_are_ordered_as_strings_whatever_the_hash_seed(tmp_path):
               "from transfer_cli.data.identity import split_identities; "
               f"s = build_data(DatasetConfig(name='csv_text', root={str(tmp_path / 't.csv')!r}, val_fraction=0)); "
               "print(s.classes, split_identities(s)['test'])")
-    seen = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO,
-                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                             env={**os.environ, "PYTHONHASHSEED": seed}) for seed in ("1", "2", "3")]  # side by side
+    seen = {run.communicate(timeout=300)[0] for run in runs}
+    assert all(run.returncode == 0 for run in runs)
     assert len(seen) == 1 and "['1', '1.0', '2', 'nan']" in seen.pop()
 
 
