@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast coverage lint bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow"
+
+# The whole suite with line coverage of transfer_cli (in-process tests; subprocess runs are not traced).
+coverage: $(STAMP)
+	$(PYTEST) --cov=transfer_cli --cov-report=term:skip-covered --cov-report=html:outputs/coverage
 
 lint: $(STAMP)
 	$(BIN)/ruff check transfer_cli tests bench
