@@ -39,7 +39,7 @@ class Distill(Finetune):
     student's batch through its own input adapter (its size, channels and normalisation), so augmented images
     get the teacher's view of the same augmentation. A sample seen before (no augmentation: every epoch after
     the first) takes the teachers' outputs from memory, found by its content, so the teachers run once per
-    image rather than once per epoch. ``unlabelled``: each labelled batch comes with a batch of the train
+    image rather than once per epoch; the plain images' outputs are computed before training. ``unlabelled``: each labelled batch comes with a batch of the train
     images the few-shot / fraction draw left unlabelled (labels never read), on which the student learns
     the teachers' outputs alone. Freezing, BN and learning rates as finetune."""
 
@@ -88,6 +88,14 @@ class Distill(Finetune):
 
     def loaders(self, make: LoaderFactory, context: DataContext) -> dict[str, DataLoader]:
         loaders = super().loaders(make, context)
+        # The teachers' outputs for the plain images, computed before training in a fixed order: a resumed run
+        # (whose memory starts empty) then trains on exactly the soft targets the uninterrupted run saw.
+        for split in ("train", *(("unlabelled",) if self.unlabelled else ())):
+            try:
+                for x, *_ in make(split, False):
+                    self.teacher_probs(x)
+            except LookupError:  # no unlabelled split: refused below
+                pass
         if self.unlabelled:
             try:
                 images = make("unlabelled", True)
