@@ -95,6 +95,27 @@ def train_in_process(run_dir: Path, *overrides: str) -> dict:
     return json.loads((Path(resumed[-1]) if resumed else run_dir).joinpath("summary.json").read_text())
 
 
+def train_with_a_copy_at_epoch(run_dir: Path, copy: Path, epoch: int, monkeypatch, *overrides: str) -> dict:
+    """``train_in_process`` into ``run_dir``, copying the folder to ``copy`` right after the training state of
+    ``epoch`` is saved: what a kill at that moment leaves on disk, while the run goes on to its end."""
+    import shutil
+
+    from transfer_cli.engine import train_state
+
+    save = train_state.save
+
+    def save_and_copy(path, payload):
+        save(path, payload)
+        if payload["next_epoch"] == epoch:
+            shutil.copytree(run_dir, copy)
+
+    monkeypatch.setattr(train_state, "save", save_and_copy)
+    try:
+        return train_in_process(run_dir, *overrides)
+    finally:
+        monkeypatch.setattr(train_state, "save", save)
+
+
 @pytest.fixture(autouse=True)
 def _same_threads_for_every_test():
     """trainer.threads=N sets the process's torch threads: give the next test the count it started with."""

@@ -126,23 +126,12 @@ def test_a_stopped_distillation_resumes_bit_identically(teacher, tmp_path, monke
     """The resumed start's memory of teacher outputs is empty; they are computed again before training, in the
     same fixed order, so the soft targets (and the unlabelled batches' order) are the ones the run never stopped
     saw."""
-    import shutil
-
-    from transfer_cli.engine import train_state
+    from conftest import train_with_a_copy_at_epoch
 
     args = ["dataset.shots=12", "trainer.epochs=4", "method=distill", f"method.teacher={teacher}",
             "method.unlabelled=true", f"output_dir={tmp_path}"]
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    save = train_state.save
-
-    def save_and_copy_at_epoch_2(path, payload):
-        save(path, payload)
-        if payload["next_epoch"] == 2:
-            shutil.copytree(reference, stopped)
-
-    monkeypatch.setattr(train_state, "save", save_and_copy_at_epoch_2)
-    train_in_process(reference, *args)
-    monkeypatch.setattr(train_state, "save", save)
+    train_with_a_copy_at_epoch(reference, stopped, 2, monkeypatch, *args)
     train_in_process(tmp_path / "again", *args, f"trainer.resume={stopped}")
     a, b = (pd.read_csv(run / "metrics.csv").drop(columns=TIMING) for run in (reference, stopped))
     assert a.equals(b)

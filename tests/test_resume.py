@@ -101,24 +101,13 @@ def test_a_run_stopped_after_an_epoch_resumes_bit_identically(tmp_path, monkeypa
     complete: the folder a run leaves right after saving its second epoch's state (what a kill at that moment
     leaves on disk, copied while the run goes on) resumes to the end bit-identical to the run never stopped.
     In-process; the SIGKILL itself is tested above, through the real binary."""
-    from conftest import train_in_process
-
-    from transfer_cli.engine import train_state
+    from conftest import train_in_process, train_with_a_copy_at_epoch
 
     small = ["dataset.shots=12", *(["target.dataset.shots=12"] if any(a.startswith("target=") for a in METHODS[method])
                                    else [])]  # 120 images per domain: 8 steps an epoch
     args = [*COMMON, *METHODS[method], *small, f"name={method}", f"output_dir={tmp_path}"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    save = train_state.save
-
-    def save_and_copy_at_epoch_2(path, payload):
-        save(path, payload)
-        if payload["next_epoch"] == 2:
-            shutil.copytree(reference, killed)
-
-    monkeypatch.setattr(train_state, "save", save_and_copy_at_epoch_2)
-    train_in_process(reference, *args)
-    monkeypatch.setattr(train_state, "save", save)
+    train_with_a_copy_at_epoch(reference, killed, 2, monkeypatch, *args)
     assert not (killed / "summary.json").exists()
     assert pd.read_csv(killed / "metrics.csv")["epoch"].max() == 2
     summary = train_in_process(tmp_path / "resumed", *args, f"trainer.resume={killed}")
