@@ -39,7 +39,8 @@ class Distill(Finetune):
     student's batch through its own input adapter (its size, channels and normalisation), so augmented images
     get the teacher's view of the same augmentation. A sample seen before (no augmentation: every epoch after
     the first) takes the teachers' outputs from memory, found by its content, so the teachers run once per
-    image rather than once per epoch; the plain images' outputs are computed before training. ``unlabelled``: each labelled batch comes with a batch of the train
+    image rather than once per epoch; the plain images' outputs are computed before training.
+    ``unlabelled``: each labelled batch comes with a batch of the train
     images the few-shot / fraction draw left unlabelled (labels never read), on which the student learns
     the teachers' outputs alone. Freezing, BN and learning rates as finetune."""
 
@@ -88,31 +89,35 @@ class Distill(Finetune):
 
     def loaders(self, make: LoaderFactory, context: DataContext) -> dict[str, DataLoader]:
         loaders = super().loaders(make, context)
+        plain = [make("train", False)]
+        if self.unlabelled:
+            plain.append(self._unlabelled(make, False))
+            loaders["train"] = PairedLoader(loaders["train"], self._unlabelled(make, True))
         # The teachers' outputs for the plain images, computed before training in a fixed order: a resumed run
         # (whose memory starts empty) then trains on exactly the soft targets the uninterrupted run saw.
-        for split in ("train", *(("unlabelled",) if self.unlabelled else ())):
-            try:
-                for x, *_ in make(split, False):
-                    self.teacher_probs(x)
-            except LookupError:  # no unlabelled split: refused below
-                pass
-        if self.unlabelled:
-            try:
-                images = make("unlabelled", True)
-            except LookupError:  # no draw: no unlabelled remainder
-                images = None
-            if images is None or len(images) == 0:
-                raise UserError("method.unlabelled=true distils on the train images that dataset.shots or "
-                                "dataset.fraction leave unlabelled, and this run's train split keeps them all: set "
-                                "dataset.shots=K (or dataset.fraction), or method.unlabelled=false.")
-            loaders["train"] = PairedLoader(loaders["train"], images)
+        for loader in plain:
+            for x, *_ in loader:
+                self.teacher_probs(x)
         return loaders
+
+    @staticmethod
+    def _unlabelled(make: LoaderFactory, train: bool) -> DataLoader:
+        """Batches of the train images the few-shot / fraction draw left unlabelled."""
+        try:
+            images = make("unlabelled", train)
+        except LookupError:  # nothing was drawn
+            images = None
+        if images is None or len(images) == 0:
+            raise UserError("method.unlabelled=true distils on the train images that dataset.shots or "
+                            "dataset.fraction leave unlabelled, and this run's train split keeps them all: set "
+                            "dataset.shots=K (or dataset.fraction), or method.unlabelled=false.")
+        return images
 
     def training_step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         x, y, *unlabelled = batch  # with unlabelled=true: (labelled images, labels, unlabelled images)
-        logits = self.model(torch.cat([x, *unlabelled]) if unlabelled else x)
-        soft = F.kl_div(F.log_softmax(logits.float() / self.temperature, dim=1),
-                        self.teacher_probs(torch.cat([x, *unlabelled]) if unlabelled else x),
+        inputs = torch.cat([x, *unlabelled]) if unlabelled else x
+        logits = self.model(inputs)
+        soft = F.kl_div(F.log_softmax(logits.float() / self.temperature, dim=1), self.teacher_probs(inputs),
                         reduction="batchmean") * self.temperature**2
         logits = logits[:len(x)]
         hard = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)

@@ -22,7 +22,6 @@ from transfer_cli.reporting.published import add_published
 from transfer_cli.reporting.summary import summary_row
 from transfer_cli.reporting.tables import rich_table, write_table
 from transfer_cli.reporting.tracking import Trackers
-from transfer_cli.reporting.tracking.base import chosen
 from transfer_cli.run_folder import RunFolder, RunSummary
 
 GROUP_METRICS = ["val_acc1", "test_acc1", "target_test_acc1", "test_loss", "best_epoch", "seconds"]
@@ -264,5 +263,6 @@ def sweep_files(sweep_dir: Path) -> list[Path]:
 
 
 def _sweep_trackers(config: DictConfig) -> Trackers:
+    """Opened where used, never kept on the callback: launchers pickle it to their workers."""
     settings = OmegaConf.to_container(config.tracker, resolve=True) if "tracker" in config else {}
-    return Trackers.chosen_in(settings, str(config.output_dir)) if settings and chosen(settings) else Trackers([])
+    return Trackers.chosen_in(settings or {}, str(config.get("output_dir", "outputs")))
