@@ -22,10 +22,13 @@ from transfer_cli.config import register_schemas
 REPO = Path(__file__).resolve().parent.parent
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the two cores: one thread each (and their children)
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+        os.environ[variable] = "1"  # libraries loaded later (scipy's BLAS, the tokenizers' thread pool)
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
+    threadpool_limits(1)  # numpy's BLAS, loaded by now: two threads each made the workers fight for the cores
 SHARED = REPO.parent / "shared"
 
 

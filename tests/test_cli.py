@@ -95,6 +95,7 @@ def test_cfg_job_prints_the_config_and_runs_nothing(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow  # five fresh interpreters: the installed binary's help and exit codes
 def test_help(tmp_path):
     top = run_cli("--help", cwd=tmp_path)
     assert top.returncode == 0 and "train" in top.stdout and "eval" in top.stdout and "sweep" in top.stdout
@@ -142,6 +143,7 @@ def test_sweep_runs_every_job(tmp_path):
     assert [json.loads(p.read_text())["command"].count("seed") for p in summaries] == [1, 1]
 
 
+@pytest.mark.slow  # real data from ../shared; the edit loop's runs use the bundled digits
 def test_usps_from_shared_files_trains_end_to_end(tmp_path):
     root = shared_path("datasets", "usps")
     result = invoke("train", "dataset=usps", f"dataset.root={root}", "trainer.epochs=1",

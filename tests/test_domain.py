@@ -61,6 +61,7 @@ def da_overrides():
             "trainer.log_every=1000"]
 
 
+@pytest.mark.slow  # real data from ../shared; the edit loop's runs use the bundled digits
 def test_short_dann_run_on_real_digits_writes_target_metrics(compose_cfg, tmp_path, quiet_console, da_overrides):
     summary = run_train(compose_cfg(*da_overrides, "method=dann"), tmp_path, quiet_console)
     metrics = pd.read_csv(tmp_path / "metrics.csv")

@@ -28,6 +28,7 @@ def _import_alone(module: str) -> str | None:
     return None
 
 
+@pytest.mark.slow  # fresh interpreters: import order is checked in full runs; the in-process cycle check stays fast
 def test_every_module_imports_on_its_own_first():
     """Each module, imported before any other transfer_cli module, works. Children are forked from a
     process that already imported the third-party libraries (torch alone takes seconds to import here),
@@ -40,6 +41,7 @@ def test_every_module_imports_on_its_own_first():
     assert not failed, failed
 
 
+@pytest.mark.slow  # fresh interpreters: import order is checked in full runs; the in-process cycle check stays fast
 def test_a_fresh_interpreter_imports_the_lowest_and_the_top_module():
     for module in ("transfer_cli.optim", "transfer_cli.cli"):  # optim: the module that once failed alone
         done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True)
@@ -70,6 +72,7 @@ def test_the_cycle_finder_finds_a_planted_circle():
     assert any(c[0] == "transfer_cli.optim" or c[0] == "transfer_cli.registry" for c in _cycles(graph))
 
 
+@pytest.mark.slow  # a fresh interpreter (lint-imports); the in-process cycle check stays fast
 def test_layer_contract_holds():
     lint = Path(sys.executable).with_name("lint-imports")
     if not lint.exists():
@@ -79,6 +82,7 @@ def test_layer_contract_holds():
     assert "1 kept, 0 broken" in done.stdout
 
 
+@pytest.mark.slow  # fresh interpreters: import order is checked in full runs; the in-process cycle check stays fast
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["train", "--cfg", "job"], ["eval", "--help"]])
 def test_inspecting_commands_do_not_import_torch(args, tmp_path):
     """Help and --cfg only read configs: they must start in a fraction of torch's import time."""

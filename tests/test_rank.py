@@ -14,6 +14,7 @@ def rank_table(tmp_path) -> pd.DataFrame:
     return pd.read_csv(table)
 
 
+@pytest.mark.slow  # real data from ../shared; the edit loop's runs use the bundled digits
 def test_mnist_lenet_ranks_above_its_random_init_copy_on_usps_and_a_broken_candidate_is_a_row(transfer, tmp_path):
     usps = shared_path("datasets", "usps")
     lenet = shared_path("weights", "mnist_lenet5", "lenet5_mnist.pth")

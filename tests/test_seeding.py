@@ -3,6 +3,7 @@ cold, not on what ran earlier in the process, not on PYTHONHASHSEED."""
 
 import json
 
+import pytest
 import torch
 from conftest import DEBUG, run_folders
 
@@ -31,6 +32,7 @@ def test_stage_seeds_differ_by_stage_and_seed_and_repeat():
     assert torch.equal(first, torch.rand(4))
 
 
+@pytest.mark.slow  # trains the same run twice to prove it gives the same numbers
 def test_a_run_gives_the_same_numbers_with_a_cold_and_a_warm_source_cache(transfer, tmp_path):
     """Building the source model consumed random numbers that the run then inherited: 92.78 (cold) vs 90.00
     (warm) for the same seed. Now the cold run, the warm run and a run after another run all agree."""
@@ -54,6 +56,7 @@ def test_scratch_builds_no_source_model(transfer, tmp_path):
     assert _latest_summary(tmp_path)["test"]["acc1"] > 20  # it learns from its 5 labels per class
 
 
+@pytest.mark.slow  # trains the same run twice to prove it gives the same numbers
 def test_a_linear_probe_picks_the_same_l2_from_a_cold_and_a_warm_feature_cache(transfer, tmp_path):
     """Features read back from the cache sat at unaligned addresses, so the probe's matrix products rounded
     differently and l2=auto chose 1e-4 (73.89 % test) cold and 0.01 (72.22 %) warm on this very seed."""
@@ -66,6 +69,7 @@ def test_a_linear_probe_picks_the_same_l2_from_a_cold_and_a_warm_feature_cache(t
     assert _numbers(cold["test"]) == _numbers(warm["test"])
 
 
+@pytest.mark.slow  # trains the same run twice to prove it gives the same numbers
 def test_a_linear_probe_gives_the_same_numbers_with_one_or_two_threads(transfer, tmp_path):
     """A parallel sweep gives each job a slice of the cores; the probe's L-BFGS fit used to round with the
     thread count (72.2 % with one thread, 73.9 % with two on this seed), so joblib and sequential sweeps

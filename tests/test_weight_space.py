@@ -147,7 +147,8 @@ def plain_metrics(tmp_path_factory) -> pd.DataFrame:
     return pd.read_csv(folder / "plain" / "metrics.csv")
 
 
-@pytest.mark.parametrize("setting", ["trainer.ema_decay=0.8", "trainer.swa_start=2"])
+# SWA in the full run only: the same swap-in and checkpoint path as EMA, with another average
+@pytest.mark.parametrize("setting", ["trainer.ema_decay=0.8", pytest.param("trainer.swa_start=2", marks=pytest.mark.slow)])
 def test_averaging_leaves_training_untouched_and_checkpoints_the_average(transfer, tmp_path, setting, plain_metrics):
     code, _, err = transfer("train", *AVERAGED, setting, "hydra.run.dir=avg")
     assert code == 0, err

@@ -64,11 +64,10 @@ def torch_predictor(path: str, model: nn.Module, recipe: ModelRecipe, device: to
     return Predictor(path, recipe, kind, run, model)
 
 
-def onnx_predictor(path: str, threads: int | None = None) -> Predictor:
+def onnx_predictor(path: str) -> Predictor:
     onnx, ort = _onnx()
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = torch.get_num_threads()  # the process's budget (trainer.threads), not every core
     try:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - an unreadable file is the user's input problem
