@@ -39,6 +39,7 @@ from transfer_cli.reporting.progress import ProgressHook
 from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary_md
 from transfer_cli.reporting.tables import MetricsWriter, metrics_frame, rich_record, write_table
 from transfer_cli.reporting.tracking import RunRecord, Trackers, TrackingHook
+from transfer_cli.reporting.tracking.background import run_trackers
 from transfer_cli.reporting.tracking.record import epoch_metrics
 from transfer_cli.run import Run, build_run
 from transfer_cli.run_folder import RunFolder, RunStatus, RunSummary, choose_resume
@@ -63,7 +64,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     if payload is not None:  # the run's wall time includes the time before it was stopped
         started -= float(payload.get("wall_time_s", 0.0))
     try:
-        trackers = Trackers.chosen_in(resolved.get("tracker") or {}, cfg.output_dir) if dist.main else Trackers([])
+        trackers = run_trackers(resolved.get("tracker") or {}, cfg.output_dir) if dist.main else Trackers([])
         trackers.start(RunRecord.of_run(folder.path, resolved, sweep_job), payload["next_epoch"] if payload else 0)
     except UserError:
         discard_if_only_hydra(folder.path)  # nothing ran: leave no run folder behind

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from transfer_cli.engine.loop import Hook, State
 from transfer_cli.errors import UserError
@@ -58,14 +59,17 @@ def build_tracker(name: str, settings: Mapping[str, Any], **provided: Any) -> Tr
     except UserError:
         raise
     except ImportError as err:
-        package = (err.name or name).split(".")[0]
-        raise UserError(f"tracker={name} needs the {package} package, which is not installed: {EXTRA} (or leave "
-                        f"tracker={name} out).") from None
+        raise missing_library(name, (err.name or name).split(".")[0]) from None
     except Exception as err:
-        raise _could_not_start(name, err) from err
+        raise could_not_start(name, err) from err
 
 
-def _could_not_start(name: str, err: Exception) -> UserError:
+def missing_library(name: str, package: str) -> UserError:
+    return UserError(f"tracker={name} needs the {package} package, which is not installed: {EXTRA} (or leave "
+                     f"tracker={name} out).")
+
+
+def could_not_start(name: str, err: Exception) -> UserError:
     return UserError(f"tracker={name} could not start ({type(err).__name__}: {err}); nothing was trained. Check "
                      f"the tracker.{name} settings, or leave it out.")
 
@@ -76,32 +80,49 @@ def chosen(settings: Mapping[str, Any]) -> list[str]:
 
 
 class Trackers:
-    """The chosen trackers as one: what one of them fails at mid-run is said once, and that one is dropped."""
+    """The chosen trackers as one: what one of them fails at mid-run is said once (through ``warn``), and
+    that one is dropped."""
 
-    def __init__(self, trackers: list[Tracker], log_model: bool = False) -> None:
+    def __init__(self, trackers: list[Tracker], log_model: bool = False,
+                 warn: Callable[[str], None] | None = None) -> None:
         self.trackers = trackers
         self.log_model = log_model
-        self.warnings = Console(stderr=True)
+        self.warn = warn or _print_warning
+        self.strict = True  # a tracker that cannot start stops the run (False: it is left out with a warning)
 
     @classmethod
-    def chosen_in(cls, settings: Mapping[str, Any], output_dir: str) -> Trackers:
-        """The trackers of a resolved ``tracker`` node."""
-        return cls([build_tracker(name, settings[name], output_dir=output_dir) for name in chosen(settings)],
-                   bool(settings.get("log_model")))
+    def chosen_in(cls, settings: Mapping[str, Any], output_dir: str, warn: Callable[[str], None] | None = None,
+                  strict: bool = True) -> Trackers:
+        """The trackers of a resolved ``tracker`` node; not ``strict``: those that cannot be built or started
+        are left out with a warning."""
+        trackers = cls([], bool(settings.get("log_model")), warn)
+        trackers.strict = strict
+        for name in chosen(settings):
+            try:
+                trackers.trackers.append(build_tracker(name, settings[name], output_dir=output_dir))
+            except UserError as err:
+                if strict:
+                    raise
+                trackers.warn(f"{err} It logs nothing for this run; the run's own files are complete: "
+                              "`transfer report RUN tracker=...` logs them later.")
+        return trackers
 
     def __bool__(self) -> bool:
         return bool(self.trackers)
 
     def without_holders(self, record: RunRecord) -> Trackers:
         """Those whose store does not hold ``record`` yet."""
-        return Trackers([t for t in self.trackers if not t.holds(record)], self.log_model)
+        return Trackers([t for t in self.trackers if not t.holds(record)], self.log_model, self.warn)
 
     def start(self, record: RunRecord, resumed_after: int) -> None:
+        if not self.strict:
+            self._each("start", lambda t: t.start(record, resumed_after))
+            return
         for tracker in self.trackers:
             try:
                 tracker.start(record, resumed_after)
             except Exception as err:
-                raise _could_not_start(tracker.name, err) from err
+                raise could_not_start(tracker.name, err) from err
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
         self._each("log epoch metrics", lambda t: t.log_epoch(step, metrics))
@@ -136,10 +157,13 @@ class Trackers:
                 call(tracker)
             except Exception as err:
                 self.trackers.remove(tracker)
-                self.warnings.print(f"[yellow]warning:[/] tracker={tracker.name} could not {what} "
-                                   f"({type(err).__name__}: {err}); it logs nothing more for this run. The run's "
-                                   "own files are complete: `transfer report RUN tracker=...` logs them later.",
-                                   highlight=False, soft_wrap=True)
+                self.warn(f"tracker={tracker.name} could not {what} ({type(err).__name__}: {err}); it logs nothing "
+                          "more for this run. The run's own files are complete: `transfer report RUN tracker=...` "
+                          "logs them later.")
+
+
+def _print_warning(text: str) -> None:
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 class TrackingHook(Hook):

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from transfer_cli.files import atomic_write_text
 from transfer_cli.reporting.tracking.base import Tracker
+from transfer_cli.reporting.tracking.preflight import mlflow_uri, sqlite_path
 from transfer_cli.reporting.tracking.record import RUN_DIR_TAG, SWEEP_DIR_TAG, RunRecord
 
 PARENT_FILE = "mlflow_parent.json"  # in a sweep folder: the parent run its jobs log under
@@ -28,9 +29,9 @@ class MlflowTracker(Tracker):
     name = "mlflow"
 
     def __init__(self, tracking_uri: str | None, experiment: str, output_dir: str) -> None:
-        self.uri = tracking_uri or f"sqlite:///{Path(output_dir, 'mlflow.db').resolve()}"
+        self.uri = mlflow_uri(tracking_uri, output_dir)
         # a SQLite store keeps its experiments' artifacts beside it (MLflow's default is ./mlruns of the cwd)
-        self.store = Path(self.uri.removeprefix("sqlite:///")).resolve() if self.uri.startswith("sqlite:///") else None
+        self.store = sqlite_path(self.uri)
         if self.store is not None:
             self.store.parent.mkdir(parents=True, exist_ok=True)
         self.experiment = experiment
