@@ -227,6 +227,58 @@ def test_tracker_problems_are_clear_errors_before_training_or_warnings_after(tra
     assert len(pd.read_csv(folder / "metrics.csv")) == 7  # 3 epochs x train/val + test: the CSV is complete
 
 
+def test_trackers_start_and_log_in_a_child_process_and_what_fails_there_is_a_warning(transfer, tmp_path,
+                                                                                        monkeypatch):
+    """The libraries' start-up runs beside the training: the trackers live in a forked child, which the run
+    feeds and waits for at its end. A tracker that cannot start there is left out with a warning."""
+    import os
+
+    from transfer_cli.reporting.tracking.tensorboard_tracker import TensorboardTracker
+
+    started = TensorboardTracker.start
+    pids = tmp_path / "pids"
+
+    def start(self, record, resumed_after):
+        pids.write_text(str(os.getpid()))
+        started(self, record, resumed_after)
+
+    monkeypatch.setattr(TensorboardTracker, "start", start)
+    code, _, err = transfer("train", *QUICK, "trainer=debug", "tracker=tensorboard")
+    assert code == 0, err
+    (folder,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    assert int(pids.read_text()) != os.getpid()  # started in another process ...
+    val = pd.read_csv(folder / "metrics.csv").query("split == 'val'")
+    assert same_points(scalars(folder / "tensorboard", "val/acc1"), zip(val["epoch"], val["acc1"], strict=True))
+
+    def refused(self, record, resumed_after):
+        raise ConnectionError("server went away")
+
+    monkeypatch.setattr(TensorboardTracker, "start", refused)
+    code, _, err = transfer("train", *QUICK, "trainer=debug", "tracker=tensorboard", "seed=1")
+    assert code == 0 and "tracker=tensorboard could not start (ConnectionError: server went away)" in err
+    assert len(run_folders(tmp_path)) == 2
+
+
+def test_a_run_with_nothing_to_train_leaves_no_tracker_process_behind(transfer, tmp_path):
+    import multiprocessing
+
+    code, _, err = transfer("train", *QUICK, "trainer=debug", "tracker=tensorboard", "optimizer.lr=-1")
+    assert code == 2 and "optimizer.lr=-1" in err  # refused after the trackers' child started
+    args = ("sweep", *QUICK, "trainer=debug", "trainer.epochs=1", "seed=0", "tracker=tensorboard", "hydra.sweep.dir=s")
+    assert transfer(*args)[0] == 0
+    events = sorted((tmp_path / "s" / "0" / "tensorboard").iterdir())
+    code, out, _ = transfer(*args)  # the same sweep again: its finished job is reused, nothing is logged
+    assert code == 0 and sorted((tmp_path / "s" / "0" / "tensorboard").iterdir()) == events
+    assert multiprocessing.active_children() == [] and run_folders(tmp_path) == []
+
+
+def test_an_mlflow_store_that_is_not_a_database_is_refused_before_training(transfer, tmp_path):
+    (tmp_path / "mlflow.db").write_text("not a database")
+    code, _, err = transfer("train", *QUICK, "trainer=debug", "tracker=mlflow", f"output_dir={tmp_path}")
+    assert code == 2 and "tracker=mlflow could not start (DatabaseError" in err and "nothing was trained" in err
+    assert run_folders(tmp_path) == [] and (tmp_path / "mlflow.db").read_text() == "not a database"
+
+
 def test_a_missing_tracker_library_names_the_extra(transfer, monkeypatch):
     import sys
 

@@ -131,22 +131,32 @@ def _job_threads(cfg: DictConfig) -> int | None:
 
 @_job
 def _train(cfg: DictConfig) -> float:
+    from transfer_cli.reporting.tracking.background import open_trackers
+
+    trackers = None
+    try:
+        # The trackers start first, in a child process, so that their libraries' start-up runs beside torch's
+        # import (with several processes, process 0 starts its own in run_train).
+        if cfg.trainer.devices == 1 and not os.environ.get("WORLD_SIZE"):
+            trackers = open_trackers(OmegaConf.to_container(cfg.tracker, resolve=True), cfg.output_dir)
+        from transfer_cli.validation import validate
+
+        validate(cfg)
+    except UserError:
+        if trackers is not None:
+            trackers.discard()
+        discard_if_only_hydra(_run_dir())  # nothing ran: leave no run folder behind
+        raise
     from transfer_cli.engine import distributed
     from transfer_cli.engine.selection import selection
     from transfer_cli.train import run_train
-    from transfer_cli.validation import validate
 
-    try:
-        validate(cfg)
-    except UserError:
-        discard_if_only_hydra(_run_dir())  # nothing ran: leave no run folder behind
-        raise
     cfg.trainer.threads = _job_threads(cfg)
     if cfg.trainer.devices > 1 and not distributed.launched():
         summary = _launch_processes(cfg)
     else:
         try:
-            summary = run_train(cfg, _run_dir(), sweep_job=_in_multirun())
+            summary = run_train(cfg, _run_dir(), sweep_job=_in_multirun(), trackers=trackers)
         finally:
             distributed.shutdown()
     return selection(cfg.trainer.select).objective(summary["best"])  # what a sweeper (Optuna) maximises

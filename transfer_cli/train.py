@@ -34,21 +34,25 @@ from transfer_cli.methods.base import METHODS
 from transfer_cli.models.checkpoint import save_model
 from transfer_cli.pipeline import build_data, sample_loader
 from transfer_cli.reporting.alignment import analyze_alignment
+from transfer_cli.reporting.epoch_hooks import MetricsWriter, TrackingHook
 from transfer_cli.reporting.plots import plot_curves, plot_lr_find
 from transfer_cli.reporting.progress import ProgressHook
 from transfer_cli.reporting.summary import command_line, summary_frame, versions, write_summary_md
-from transfer_cli.reporting.tables import MetricsWriter, metrics_frame, rich_record, write_table
-from transfer_cli.reporting.tracking import RunRecord, Trackers, TrackingHook
-from transfer_cli.reporting.tracking.background import run_trackers
+from transfer_cli.reporting.tables import metrics_frame, rich_record, write_table
+from transfer_cli.reporting.tracking import RunRecord, Trackers
+from transfer_cli.reporting.tracking.background import open_trackers
 from transfer_cli.reporting.tracking.record import epoch_metrics
 from transfer_cli.run import Run, build_run
 from transfer_cli.run_folder import RunFolder, RunStatus, RunSummary, choose_resume
 from transfer_cli.scoring import HELD_OUT
 
 
-def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sweep_job: bool = False) -> dict[str, Any]:
+def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sweep_job: bool = False,
+              trackers: Trackers | None = None) -> dict[str, Any]:
     """Train one run into ``run_dir``. ``sweep_job``: the folder belongs to a sweep job, so a finished
-    run there is reused as it is and an unfinished one resumes (this is how sweeps resume)."""
+    run there is reused as it is and an unfinished one resumes (this is how sweeps resume). ``trackers``:
+    the run's trackers when the command opened them already (`open_trackers`, before torch is imported, so
+    that their start-up overlaps it); chosen here when None."""
     console = console or Console()
     started = time.perf_counter()
     dist, device = distributed.init(resolve_device(cfg.trainer.device))
@@ -58,13 +62,21 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
     if not dist.main:  # the others train and evaluate but write and print nothing
         console = Console(file=io.StringIO())
     resolved = OmegaConf.to_container(cfg, resolve=True)  # once: every checkpoint sidecar embeds it
-    folder, payload, finished = _start(cfg, run_dir, resolved, sweep_job, dist, console)
+    try:
+        folder, payload, finished = _start(cfg, run_dir, resolved, sweep_job, dist, console)
+    except BaseException:
+        if trackers is not None:
+            trackers.discard()
+        raise
     if finished is not None:
+        if trackers is not None:
+            trackers.discard()
         return finished
     if payload is not None:  # the run's wall time includes the time before it was stopped
         started -= float(payload.get("wall_time_s", 0.0))
     try:
-        trackers = run_trackers(resolved.get("tracker") or {}, cfg.output_dir) if dist.main else Trackers([])
+        if trackers is None:
+            trackers = open_trackers(resolved.get("tracker") or {}, cfg.output_dir) if dist.main else Trackers([])
         trackers.start(RunRecord.of_run(folder.path, resolved, sweep_job), payload["next_epoch"] if payload else 0)
     except UserError:
         discard_if_only_hydra(folder.path)  # nothing ran: leave no run folder behind

@@ -7,8 +7,6 @@ import sys
 from typing import Any
 
 import pandas as pd
-import torch
-import torchvision
 
 from transfer_cli import __version__
 from transfer_cli.files import atomic_write_text
@@ -17,6 +15,9 @@ from transfer_cli.run_folder import RunFolder, RunSummary
 
 
 def versions() -> dict[str, str]:
+    import torch  # here: the trackers' child process reads summaries without torch
+    import torchvision
+
     return {"transfer_cli": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__}
 

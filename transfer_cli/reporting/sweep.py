@@ -22,6 +22,7 @@ from transfer_cli.reporting.published import add_published
 from transfer_cli.reporting.summary import summary_row
 from transfer_cli.reporting.tables import rich_table, write_table
 from transfer_cli.reporting.tracking import Trackers
+from transfer_cli.reporting.tracking.background import open_trackers
 from transfer_cli.run_folder import RunFolder, RunSummary
 
 GROUP_METRICS = ["val_acc1", "test_acc1", "target_test_acc1", "test_loss", "best_epoch", "seconds"]
@@ -236,7 +237,9 @@ class SweepReport(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         overrides = [str(o) for o in config.hydra.overrides.task if not str(o).startswith("hydra.")]
-        _sweep_trackers(config).start_sweep(sweep_dir, sweep_dir.name, {"overrides": " ".join(overrides)})
+        trackers = _sweep_trackers(config)
+        trackers.start_sweep(sweep_dir, sweep_dir.name, {"overrides": " ".join(overrides)})
+        trackers.close()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -246,11 +249,10 @@ class SweepReport(Callback):
             if self.status_file:
                 status = {"sweep_dir": str(sweep_dir), "report_error": f"{type(err).__name__}: {err}"}
                 atomic_write_text(Path(self.status_file), json.dumps(status))
-            _sweep_trackers(config).finish_sweep(sweep_dir.resolve(), "FAILED", [])
+            _close_sweep(config, sweep_dir, "FAILED", [])
             raise
         failed = df[df["status"] != "ok"].astype(object).where(df.notna(), None)
-        _sweep_trackers(config).finish_sweep(sweep_dir.resolve(), "FAILED" if len(failed) else "FINISHED",
-                                             sweep_files(sweep_dir))
+        _close_sweep(config, sweep_dir, "FAILED" if len(failed) else "FINISHED", sweep_files(sweep_dir))
         if self.status_file:
             status = {"sweep_dir": str(sweep_dir), "jobs": len(df), "failed": failed.to_dict("records")}
             atomic_write_text(Path(self.status_file), json.dumps(status, default=str))
@@ -265,4 +267,10 @@ def sweep_files(sweep_dir: Path) -> list[Path]:
 def _sweep_trackers(config: DictConfig) -> Trackers:
     """Opened where used, never kept on the callback: launchers pickle it to their workers."""
     settings = OmegaConf.to_container(config.tracker, resolve=True) if "tracker" in config else {}
-    return Trackers.chosen_in(settings or {}, str(config.get("output_dir", "outputs")))
+    return open_trackers(settings or {}, str(config.get("output_dir", "outputs")))
+
+
+def _close_sweep(config: DictConfig, sweep_dir: Path, status: str, files: list[Path]) -> None:
+    trackers = _sweep_trackers(config)
+    trackers.finish_sweep(sweep_dir.resolve(), status, files)
+    trackers.close()

@@ -10,7 +10,6 @@ from typing import Any
 import pandas as pd
 from rich.table import Table
 
-from transfer_cli.engine.loop import Hook, State
 from transfer_cli.files import atomic_write, atomic_write_text
 
 METRIC_COLUMNS = ["epoch", "split", "loss", "acc1", "acc5", "lr", "seconds", "samples_per_s"]
@@ -57,15 +56,3 @@ def metrics_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(history)
     known = [c for c in METRIC_COLUMNS if c in df.columns]
     return df[known + sorted(c for c in df.columns if c not in METRIC_COLUMNS)]
-
-
-class MetricsWriter(Hook):
-    """Adds one row per split to the history and rewrites metrics.csv, so it is current after every epoch."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def after_epoch(self, state: State) -> None:
-        for split, metrics in state.epoch_metrics.items():
-            state.history.append({"epoch": state.epoch + 1, "split": split, **metrics})
-        write_table(metrics_frame(state.history), self.path, markdown=False)

@@ -3,7 +3,7 @@ written. Each tracker's library is imported only when it is chosen (the ``[track
 
 from __future__ import annotations
 
-from transfer_cli.reporting.tracking.base import TRACKERS, Tracker, Trackers, TrackingHook, build_tracker
+from transfer_cli.reporting.tracking.base import TRACKERS, Tracker, Trackers, build_tracker
 from transfer_cli.reporting.tracking.record import RunRecord
 
 
@@ -28,4 +28,4 @@ def _wandb(output_dir: str, mode: str, project: str, entity: str | None) -> Trac
     return WandbTracker(mode, project, entity)
 
 
-__all__ = ["TRACKERS", "RunRecord", "Tracker", "Trackers", "TrackingHook", "build_tracker"]
+__all__ = ["TRACKERS", "RunRecord", "Tracker", "Trackers", "build_tracker"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Mapping
@@ -19,10 +20,12 @@ from transfer_cli.reporting.tracking.preflight import check_trackers
 from transfer_cli.reporting.tracking.record import RunRecord
 
 
-def run_trackers(settings: Mapping[str, Any], output_dir: str) -> Trackers:
-    """The trackers of a ``tracker`` config node for one training run: checked here (a missing library, a
-    store that cannot be opened: a UserError before anything trains), then started in a child process
-    where the platform forks safely (Linux), else in this one."""
+def open_trackers(settings: Mapping[str, Any], output_dir: str) -> Trackers:
+    """The trackers of a ``tracker`` config node, for one training run or a sweep's parent run: checked
+    here (a missing library, a store that cannot be opened: a UserError before anything trains), then
+    built in a child process where the platform forks safely (Linux), else in this one. The command's own
+    process then never holds a tracker library's state (a database connection, W&B's service), which its
+    later children would inherit."""
     names = chosen(settings)
     if not names:
         return Trackers([])
@@ -40,8 +43,8 @@ class TrackerProcess(Trackers):
         self.names = names
         context = multiprocessing.get_context("fork")
         self.connection, child_end = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child_end, dict(settings), output_dir), daemon=True,
-                                       name="transfer-trackers")
+        self.process = context.Process(target=_serve, args=(child_end, self.connection, dict(settings), output_dir),
+                                       daemon=True, name="transfer-trackers")
         self.process.start()
         child_end.close()
 
@@ -58,14 +61,35 @@ class TrackerProcess(Trackers):
 
     def finish(self, status: str, final: Mapping[str, float], notes: Mapping[str, str], files: list[Path]) -> None:
         """Hand over the end of the run and wait until the child has logged everything."""
+        if self.connection.closed:  # finished already (a failure after the end was logged)
+            return
         self._send("finish", status, dict(final), dict(notes), files)
+        self._wait()
+
+    def _wait(self) -> None:
         try:
             while self._said(self.connection.recv()):
                 pass
         except EOFError:
-            self.warn(f"the tracker process ({', '.join(self.names)}) ended before the run's end was logged; the "
+            self.warn(f"the tracker process ({', '.join(self.names)}) ended before it had logged everything; the "
                       "run's own files are complete: `transfer report RUN tracker=...` logs them later.")
         self.connection.close()
+        self.process.join()
+
+    def start_sweep(self, sweep_dir: Path, name: str, params: Mapping[str, Any]) -> None:
+        self._send("start_sweep", sweep_dir, name, dict(params))
+
+    def finish_sweep(self, sweep_dir: Path, status: str, files: list[Path]) -> None:
+        self._send("finish_sweep", sweep_dir, status, files)
+
+    def close(self) -> None:
+        """Wait until the child has done what it was sent, and let it go."""
+        if not self.connection.closed:
+            self._send("close")
+            self._wait()
+
+    def discard(self) -> None:
+        self.connection.close()  # the child reads the end of its input and leaves
         self.process.join()
 
     def _send(self, method: str, *args: Any) -> None:
@@ -81,9 +105,12 @@ class TrackerProcess(Trackers):
         return kind != "done"
 
 
-def _serve(connection: Connection, settings: dict[str, Any], output_dir: str) -> None:
-    """The child: build and start the trackers, then log what the run sends until it finishes."""
+def _serve(connection: Connection, run_end: Connection, settings: dict[str, Any], output_dir: str) -> None:
+    """The child: build the trackers (import their libraries, open their stores) while the run imports its
+    own and builds, start them with the run's record, then log what the run sends until it finishes."""
+    run_end.close()  # the fork's copy of the run's end: open here, the run's closing it would never read as EOF
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the run, which ends the trackers as KILLED
+    os.nice(10)  # the training's threads come first: logging takes the time they leave
 
     def warn(text: str) -> None:
         connection.send(("warning", text))
@@ -92,9 +119,10 @@ def _serve(connection: Connection, settings: dict[str, Any], output_dir: str) ->
     while True:
         try:
             method, args = connection.recv()
-        except EOFError:  # the run was killed: its tracker runs stay open, and a resume continues them
-            return
-        getattr(trackers, method)(*args)
-        if method == "finish":
+        except EOFError:  # no run (it had nothing to train), or a killed one: its tracker runs stay open, and a
+            return  # resume continues them
+        if method != "close":
+            getattr(trackers, method)(*args)
+        if method in ("finish", "close"):
             connection.send(("done", ""))
             return

@@ -14,10 +14,9 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from transfer_cli.engine.loop import Hook, State
 from transfer_cli.errors import UserError
 from transfer_cli.registry import Registry
-from transfer_cli.reporting.tracking.record import RunRecord, epoch_metrics, final_metrics, run_files
+from transfer_cli.reporting.tracking.record import RunRecord, final_metrics, run_files
 from transfer_cli.run_folder import RunFolder, RunSummary
 
 TRACKERS = Registry("tracker")  # name -> builder of a Tracker; each builder imports its library when called
@@ -110,6 +109,12 @@ class Trackers:
     def __bool__(self) -> bool:
         return bool(self.trackers)
 
+    def discard(self) -> None:
+        """Let go of trackers that were never started (the run turned out to have nothing to train)."""
+
+    def close(self) -> None:
+        """Done with trackers that only opened or closed a sweep (their runs end with ``finish``)."""
+
     def without_holders(self, record: RunRecord) -> Trackers:
         """Those whose store does not hold ``record`` yet."""
         return Trackers([t for t in self.trackers if not t.holds(record)], self.log_model, self.warn)
@@ -164,15 +169,3 @@ class Trackers:
 
 def _print_warning(text: str) -> None:
     Console(stderr=True).print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
-
-
-class TrackingHook(Hook):
-    """Each epoch's rows (every split) to the trackers as the run goes; the epoch is the step."""
-
-    def __init__(self, trackers: Trackers) -> None:
-        self.trackers = trackers
-
-    def after_epoch(self, state: State) -> None:
-        step = state.epoch + 1
-        rows = [{"epoch": step, "split": split, **values} for split, values in state.epoch_metrics.items()]
-        self.trackers.log_epoch(step, epoch_metrics(rows).get(step, {}))

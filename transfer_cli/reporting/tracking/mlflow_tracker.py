@@ -38,9 +38,9 @@ class MlflowTracker(Tracker):
         for chatty in ("mlflow", "alembic"):  # schema migrations of a new store log at INFO
             logging.getLogger(chatty).setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=self.uri)
+        self.client.get_experiment_by_name(experiment)  # opens the store now: its schema check takes a second
         self.run_id: str | None = None
         self.logged: dict[str, int] = {}  # key -> the last step an earlier start of this run logged
-        self.pending: list[Any] = []  # epochs logged in MLflow's background thread, awaited before the run ends
 
     def start(self, record: RunRecord, resumed_after: int) -> None:
         found = self._find(RUN_DIR_TAG, str(record.run_dir), kind="run") if resumed_after else None
@@ -59,12 +59,9 @@ class MlflowTracker(Tracker):
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
         # a resumed run trains again (bit for bit) the epochs its last checkpoint did not hold: logged once
-        self._metrics({k: v for k, v in metrics.items() if step > self.logged.get(k, 0)}, step, wait=False)
+        self._metrics({k: v for k, v in metrics.items() if step > self.logged.get(k, 0)}, step)
 
     def finish(self, status: str, final: Mapping[str, float], notes: Mapping[str, str], files: list[Path]) -> None:
-        pending, self.pending = self.pending, []
-        for operations in pending:
-            operations.wait()
         self._metrics(final, 0)
         if notes:
             self.client.log_batch(self.run_id, tags=[RunTag(k, v[:_VALUE_CHARS]) for k, v in notes.items()])
@@ -108,14 +105,13 @@ class MlflowTracker(Tracker):
         found = self._find(SWEEP_DIR_TAG, str(sweep_dir), kind="sweep")
         return {"run_id": found.info.run_id, "experiment_id": found.info.experiment_id} if found else None
 
-    def _metrics(self, values: Mapping[str, float], step: int, wait: bool = True) -> None:
-        """``wait=False``: in MLflow's logging thread, so an epoch does not wait for the store's disk write."""
+    def _metrics(self, values: Mapping[str, float], step: int) -> None:
+        # Synchronous: a run's trackers already log in their own process, and MLflow's asynchronous queue
+        # costs a second at the end (its thread polls once a second and is joined when the run ends).
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
         for i in range(0, len(metrics), _BATCH):
-            operations = self.client.log_batch(self.run_id, metrics=metrics[i:i + _BATCH], synchronous=wait)
-            if not wait:
-                self.pending.append(operations)
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + _BATCH])
 
     def _experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)

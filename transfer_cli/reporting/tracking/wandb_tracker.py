@@ -22,6 +22,8 @@ class WandbTracker(Tracker):
         self.run = None
         self.run_dir: Path | None = None
         self.last_step = 0  # W&B steps only go forward
+        if mode != "disabled":
+            wandb.setup()  # starts W&B's service process now, before the run needs it
 
     def start(self, record: RunRecord, resumed_after: int) -> None:
         tags = [f"{k}:{v}"[:64] for k, v in record.tags.items() if k in ("command", "dataset", "backbone", "method")]
