@@ -83,19 +83,18 @@ class Trackers:
     that one is dropped."""
 
     def __init__(self, trackers: list[Tracker], log_model: bool = False,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, strict: bool = True) -> None:
         self.trackers = trackers
         self.log_model = log_model
         self.warn = warn or _print_warning
-        self.strict = True  # a tracker that cannot start stops the run (False: it is left out with a warning)
+        self.strict = strict  # a tracker that cannot start stops the run (False: it is left out with a warning)
 
     @classmethod
     def chosen_in(cls, settings: Mapping[str, Any], output_dir: str, warn: Callable[[str], None] | None = None,
                   strict: bool = True) -> Trackers:
         """The trackers of a resolved ``tracker`` node; not ``strict``: those that cannot be built or started
         are left out with a warning."""
-        trackers = cls([], bool(settings.get("log_model")), warn)
-        trackers.strict = strict
+        trackers = cls([], bool(settings.get("log_model")), warn, strict)
         for name in chosen(settings):
             try:
                 trackers.trackers.append(build_tracker(name, settings[name], output_dir=output_dir))

@@ -5,6 +5,7 @@ fail; what only the library itself can find out (a server that does not answer) 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from collections.abc import Mapping
 from importlib.metadata import entry_points
@@ -58,9 +59,14 @@ def _check_mlflow_store(uri: str) -> None:
         raise ValueError(f"no tracking store serves the scheme {scheme!r} of {uri!r} (MLflow serves "
                          f"{', '.join(sorted(s for s in MLFLOW_SCHEMES | plugins if s))}, or a local path)")
     path = sqlite_path(uri)
-    if path is not None:  # a locked database or a file that is not one fails here, not after training
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
-            db.execute("PRAGMA schema_version").fetchone()
-            db.execute("BEGIN IMMEDIATE")
-            db.rollback()
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():  # MLflow creates it; a refused command leaves none behind
+        if not os.access(path.parent, os.W_OK):
+            raise PermissionError(f"cannot create {path}: its folder is not writable")
+        return
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:  # not a database, or locked: fails here
+        db.execute("PRAGMA schema_version").fetchone()
+        db.execute("BEGIN IMMEDIATE")
+        db.rollback()
