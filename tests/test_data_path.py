@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
 import shutil
 import sys
 from pathlib import Path
@@ -143,12 +144,14 @@ def test_batched_flip_crop_flips_half_and_crops_each_image_on_its_own():
 def test_a_run_on_the_decoded_path_equals_the_per_sample_path(photos, tmp_path, compose_cfg, quiet_console):
     from transfer_cli.train import run_train
 
-    tables = []
+    tables, children = [], set(multiprocessing.active_children())
     for mode in ("true", "false"):
         cfg = compose_cfg("dataset=imagefolder", f"dataset.root={photos}", "dataset.image_size=32",
                           "dataset.augment=none", f"dataset.in_memory={mode}", f"output_dir={tmp_path}",
-                          "trainer.epochs=3", "trainer.plots=false", "dataset.batch_size=8")
+                          "trainer.epochs=3", "trainer.plots=false", "dataset.batch_size=8", "dataset.num_workers=1")
         summary = run_train(cfg, tmp_path / mode, quiet_console)
+        # the per-sample path's worker processes (persistent across epochs) end with the run, not at some later gc
+        assert set(multiprocessing.active_children()) == children
         tables.append(pd.read_csv(tmp_path / mode / "metrics.csv"))
     assert summary["test"]["acc1"] > 50
     columns = ["epoch", "split", "loss", "acc1"]

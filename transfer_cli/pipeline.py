@@ -112,9 +112,11 @@ def prepare_splits(splits: DataSplits, spec: InputSpec | TextSpec, cfg: DatasetC
 
 
 def make_loader(dataset: Dataset, spec: InputSpec | TextSpec, cfg: DatasetConfig, train: bool,
-                device: torch.device, seed: int = 0, batch_size: int | None = None, dist: Dist = SINGLE) -> Batches:
+                device: torch.device, seed: int = 0, batch_size: int | None = None, dist: Dist = SINGLE,
+                persistent: bool = False) -> Batches:
     """Batches of ``dataset`` as the model takes them: cut from memory (and images augmented on ``device``)
-    when the data is an in-memory tensor (see ``prepare_splits``), else decoded and transformed per sample."""
+    when the data is an in-memory tensor (see ``prepare_splits``), else decoded and transformed per sample
+    (``persistent``: by workers that stay between epochs until ``Batches.close``)."""
     size = batch_size or (cfg.batch_size if train else cfg.eval_batch_size or 2 * cfg.batch_size)
     drop_last = train and len(dataset) > size  # a last batch of one breaks BatchNorm statistics
     augment = cfg.augment if train else "none"
@@ -130,7 +132,7 @@ def make_loader(dataset: Dataset, spec: InputSpec | TextSpec, cfg: DatasetConfig
         return Batches(Rows(base.tensor, rows, labels), size, train, drop_last, seed, device,
                        BatchAugment(augment, spec.size, decoded=isinstance(base, DecodedImages)), dist=dist)
     return Batches(Transformed(dataset, sample_transform(spec, augment)), size, train, drop_last, seed, device,
-                   workers=resolve_workers(cfg.num_workers), dist=dist)
+                   workers=resolve_workers(cfg.num_workers), dist=dist, persistent=persistent)
 
 
 def sample_loader(dataset: Dataset, spec: InputSpec, cfg: DatasetConfig, device: torch.device, samples: int,

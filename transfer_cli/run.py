@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,17 +62,28 @@ class Run:
     held_out: dict[str, Any]  # the identity of each split's samples: eval refuses a test split other than this
     lr_found: float | None = None  # optimizer.lr=auto: the rate the range test chose (or the resumed run recorded)
     lr_curve: LrCurve | None = None  # the range test's curve (process 0; None when resumed)
+    opened: list[Batches] = field(default_factory=list)  # every loader made below, for `close`
 
     def loader(self, split: str, train: bool, sharded: bool = True) -> Batches:
         """Batches of one split of the dataset; ``sharded``: each process takes its share."""
         if self.splits.split(split) is None:
             raise LookupError(f"this run's data has no {split} split")
-        return make_loader(self.splits.split(split), self.model.spec, self.cfg.dataset, train, self.device,
-                           self.cfg.seed, dist=self.dist if sharded else SINGLE)
+        return self._opened(make_loader(self.splits.split(split), self.model.spec, self.cfg.dataset, train,
+                                        self.device, self.cfg.seed, dist=self.dist if sharded else SINGLE,
+                                        persistent=True))
 
     def target_loader(self, split: str, train: bool) -> Batches:
-        return make_loader(self.target.split(split), self.model.spec, self.cfg.target.dataset, train, self.device,
-                           self.cfg.seed + 1, dist=self.dist)
+        return self._opened(make_loader(self.target.split(split), self.model.spec, self.cfg.target.dataset, train,
+                                        self.device, self.cfg.seed + 1, dist=self.dist, persistent=True))
+
+    def _opened(self, loader: Batches) -> Batches:
+        self.opened.append(loader)
+        return loader
+
+    def close(self) -> None:
+        """End the worker processes of the run's loaders (a sweep's next job should not inherit them)."""
+        for loader in self.opened:
+            loader.close()
 
 
 def build_run(cfg: DictConfig, device: torch.device, precision: Precision, dist: Dist = SINGLE,
@@ -103,10 +114,14 @@ def build_run(cfg: DictConfig, device: torch.device, precision: Precision, dist:
               cfg.trainer.epochs, 0, data, split_identities(splits, labels=False))
     identity = input_identities(splits, model.spec)
     seed_stage(cfg.seed, "features")
-    with dist.main_first():  # cached features (LP-FT's probe) are computed once, by process 0
-        run.loaders = method.loaders(run.loader, DataContext(device, precision, identity,
-                                                             run.target_loader if target else None))
-    _build_optimization(run, resumed.get("lr_found") if resumed else None)
+    try:
+        with dist.main_first():  # cached features (LP-FT's probe) are computed once, by process 0
+            run.loaders = method.loaders(run.loader, DataContext(device, precision, identity,
+                                                                 run.target_loader if target else None))
+        _build_optimization(run, resumed.get("lr_found") if resumed else None)
+    except BaseException:
+        run.close()
+        raise
     return run
 
 

@@ -59,14 +59,18 @@ def _pretrain(source: DictConfig, splits: DataSplits, backbone: str, folder: Pat
     model = build_image_model(source.dataset, splits, backbone, "none", HeadConfig())
     method = Method(model).to(device)  # plain cross-entropy, every layer trains
     splits = prepare_splits(splits, model.spec, source.dataset, lambda message: console.print(message, highlight=False, soft_wrap=True))
-    train = make_loader(splits.train, model.spec, source.dataset, True, device, source.seed)
-    val = make_loader(splits.val, model.spec, source.dataset, False, device)
+    train = make_loader(splits.train, model.spec, source.dataset, True, device, source.seed, persistent=True)
+    val = make_loader(splits.val, model.spec, source.dataset, False, device, persistent=True)
     optimizer, scheduler = build_optimization(method, source.optimizer, source.scheduler, len(train), source.epochs)
     console.print(f"pretraining {backbone} on source {source.dataset.name} ({len(splits.train)} train, "
                   f"{len(splits.classes)} classes, {source.epochs} epochs) -> {folder}", highlight=False)
     state = State(method, optimizer, scheduler, source.epochs, len(train))
-    fit(state, train, device, precision, [EvalHook(val, device, precision, "source_val"),
-                                          _History(), ProgressHook(console, progress)])
+    try:
+        fit(state, train, device, precision, [EvalHook(val, device, precision, "source_val"),
+                                              _History(), ProgressHook(console, progress)])
+    finally:
+        train.close()
+        val.close()
     save_model(folder / "model.safetensors", method.model.state_dict(), model.recipe,
                config=OmegaConf.to_container(source, resolve=True))
     atomic_write_text(folder / "history.json", json.dumps(state.history, indent=1))

@@ -87,7 +87,7 @@ def run_train(cfg: DictConfig, run_dir: Path, console: Console | None = None, sw
 
 def _train(cfg: DictConfig, folder: RunFolder, payload: dict[str, Any] | None, resolved: dict[str, Any],
            device: torch.device, dist: Dist, trackers: Trackers, started: float, console: Console) -> dict[str, Any]:
-    """Build the run, fit it (from the resumed state when there is one) and finish it."""
+    """Build the run, fit it and finish it; the run's loader workers end with it."""
     deterministic_algorithms(cfg.trainer.deterministic)
     configure_threads(cfg.trainer.threads)
     precision = Precision(str(cfg.trainer.precision), device)
@@ -95,6 +95,16 @@ def _train(cfg: DictConfig, folder: RunFolder, payload: dict[str, Any] | None, r
         atomic_write_text(folder.config, OmegaConf.to_yaml(resolved))
 
     run = build_run(cfg, device, precision, dist, console, resumed=payload)
+    try:
+        return _fit(run, folder, payload, resolved, trackers, started, console)
+    finally:
+        run.close()
+
+
+def _fit(run: Run, folder: RunFolder, payload: dict[str, Any] | None, resolved: dict[str, Any], trackers: Trackers,
+         started: float, console: Console) -> dict[str, Any]:
+    """Train the built run (from the resumed state when there is one), then evaluate and write it."""
+    cfg, device, dist, precision = run.cfg, run.device, run.dist, run.precision
     if run.lr_curve and dist.main:
         write_lr_curve(run.lr_curve, folder)
     _describe(run, console)

@@ -87,11 +87,13 @@ class Batches:
     whole batch per list of positions, and each batch is augmented on the device by ``augment``.
     Otherwise every sample is decoded and transformed by ``dataset`` itself, in ``workers`` processes.
     ``lengths`` (texts' token counts): shuffled batches group texts of similar length (``LengthGrouped``).
-    ``dist``: several processes each take their shard of every epoch (see engine/distributed.py)."""
+    ``dist``: several processes each take their shard of every epoch (see engine/distributed.py).
+    ``persistent``: worker processes outlive an epoch (for loaders read every epoch); ``close`` ends them."""
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
                  device: torch.device, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 workers: int = 0, lengths: torch.Tensor | None = None, dist: Dist = SINGLE) -> None:
+                 workers: int = 0, lengths: torch.Tensor | None = None, dist: Dist = SINGLE,
+                 persistent: bool = False) -> None:
         self.generator = torch.Generator().manual_seed(seed)
         count = len(dataset)
         order = SequentialSampler(range(count))
@@ -109,13 +111,21 @@ class Batches:
                                      pin_memory=pin)
         else:
             self.loader = DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=drop_last,
-                                     num_workers=workers, persistent_workers=workers > 0, pin_memory=pin,
+                                     num_workers=workers, persistent_workers=workers > 0 and persistent, pin_memory=pin,
                                      generator=torch.Generator().manual_seed(seed + 1))  # worker seeds only
         self.dataset, self.batch_size, self.device, self.augment = dataset, batch_size, device, augment
         self.dist = dist
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def close(self) -> None:
+        """End persistent workers now. Left to the garbage collector, their shutdown (a join of each worker)
+        happens at some later allocation: inside a sweep's next job, or a later test."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()  # DataLoader offers no public call for this
+            self.loader._iterator = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:
