@@ -10,13 +10,16 @@ and trains every candidate as a linear probe (GT1: test top-1, L2 chosen on val)
 Per score: weighted tau (scipy.stats.weightedtau, as LogME reports) and Kendall tau_b against GT1, with and
 without the random-init controls, the top-1 regret, and 95 % intervals from resampling the settings; the
 noise ceiling is the weighted tau between the GT1 orders of two draws of the same target and shots.
-``--finetune`` adds GT2 on USPS 10-shot draw 0: every candidate fine-tuned at lr 1e-3 and 1e-2 (15 epochs),
-the rate kept by val top-1, and the cost of ranking against fine-tuning the pool.
+``--finetune`` adds GT2 on draw 0 of every target and shots: every candidate fine-tuned (15 epochs) at each rate
+of LR_GRID, the rate kept by val top-1, and the cost of ranking against fine-tuning the pool.
+``--jobs N`` runs N `transfer rank` processes at once (on a GPU machine; one is right for 2 CPU cores).
 
-    python bench/rank.py [--shared ../shared] [--out outputs/bench/rank] [--draws 3] [--finetune] [--finished-only]
+    python bench/rank.py [--shared ../shared] [--out outputs/bench/rank] [--draws 3] [--finetune] [--jobs 1]
+                         [--finished-only]
 
 Writes bench/results/rank_scores.csv/.md (one row per score), rank_targets.csv/.md (per target and shots),
-rank_runs.csv (every candidate of every setting). Settings already ranked in --out are reused.
+rank_runs.csv (every candidate of every setting), with --finetune rank_finetune.csv/.md and rank_gt2.csv.
+Settings already ranked in --out are reused.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import itertools
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +39,7 @@ from scipy import stats
 
 SCORES = ["logme", "leep", "nce", "hscore", "sfda", "knn", "probe", "size"]
 TRAIN_QUIET = ["trainer.progress=none", "trainer.plots=false"]
+LR_GRID = ("1e-3", "3e-3", "1e-2")  # GT2: AdamW; a body with weights from elsewhere trains at 0.1x (the default)
 
 
 def transfer(*args: str) -> None:
@@ -156,28 +161,56 @@ def noise_ceiling(runs: pd.DataFrame) -> dict[bool, float]:
     return {k: float(np.mean(v)) for k, v in found.items()}
 
 
-def finetune_truth(out: Path, shared: Path, entries: list, runs: pd.DataFrame) -> None:
-    """GT2 on USPS 10-shot, draw 0: each candidate fine-tuned at two rates, the rate kept by val top-1."""
-    dataset = targets(shared)["usps"][0]
-    by_lr = {}
-    for lr in ("1e-3", "1e-2"):
-        folder = rank_setting(out, f"finetune_usps_10_lr{lr}", dataset, 10, 0, entries, "finetune",
-                              [f"optimizer.lr={lr}", "trainer.epochs=15"])
-        summaries = [json.loads((folder / "validate" / str(i) / "summary.json").read_text()) for i in range(len(entries))]
-        by_lr[lr] = summaries
+def finetune_name(target: str, shots: int, lr: str) -> str:
+    return f"finetune_{target}_{shots}_lr{lr}"
+
+
+def finetune_truth(out: Path, targets_: dict, entries: list, runs: pd.DataFrame) -> None:
+    """GT2 on draw 0 of each target and shots: each candidate's test top-1 at the rate its val top-1 prefers."""
+    gt2_rows, agree = [], []
+    for target, (_, shot_levels) in targets_.items():
+        for shots in shot_levels:
+            folders = {lr: out / finetune_name(target, shots, lr) for lr in LR_GRID}
+            if not all((f / "validation.csv").is_file() for f in folders.values()):
+                continue
+            by_lr = {lr: [json.loads((f / "validate" / str(i) / "summary.json").read_text())
+                          for i in range(len(entries))] for lr, f in folders.items()}
+            rows = []
+            for i, (label, _, control) in enumerate(entries):
+                lr, best = max(((lr, s[i]) for lr, s in by_lr.items()), key=lambda t: t[1]["at_best"]["val"]["acc1"])
+                rows.append({"target": target, "shots": shots, "candidate": label, "control": control, "lr": lr,
+                             "gt2": best["test"]["acc1"],
+                             "finetune_s": float(np.mean([s[i]["wall_time_s"] for s in by_lr.values()]))})
+            gt2 = pd.DataFrame(rows)
+            gt2_rows += rows
+            setting = runs[(runs.target == target) & (runs.shots == shots) & (runs.draw == 0)].merge(
+                gt2, on=["target", "shots", "candidate", "control"])
+            cost = {"rank_s": setting["rank_s"].sum(), "finetune_all_s": setting["finetune_s"].sum()}
+            agree += [{"target": target, "shots": shots, **r, **cost} for r in agreement(setting, "gt2")]
+            agree += [{"target": target, "shots": shots, "score": "gt1 (probe accuracy)", "controls": controls,
+                       **_gt1_row(setting, controls), **cost} for controls in (True, False)]
+    pd.DataFrame(gt2_rows).to_csv(Path(__file__).resolve().parent / "results" / "rank_gt2.csv", index=False)
+    per_setting = pd.DataFrame(agree)
     rows = []
-    for i, (label, _, control) in enumerate(entries):
-        best = max(by_lr.values(), key=lambda s: s[i]["at_best"]["val"]["acc1"])[i]
-        rows.append({"candidate": label, "control": control, "gt2": best["test"]["acc1"],
-                     "finetune_s": sum(s[i]["wall_time_s"] for s in by_lr.values()) / len(by_lr)})
-    gt2 = pd.DataFrame(rows)
-    setting = runs[(runs.target == "usps") & (runs.shots == 10) & (runs.draw == 0)].merge(gt2, on=["candidate", "control"])
-    table = pd.DataFrame(agreement(setting, "gt2"))
-    table.insert(0, "truth", "GT2 finetune (USPS 10-shot, draw 0)")
-    rank_s, train_s = setting["rank_s"].sum(), setting["finetune_s"].sum()
-    table["rank_s"], table["finetune_all_s"] = round(rank_s, 1), round(train_s, 1)
-    table["rank_cost_pct"] = round(100 * rank_s / train_s, 1)
-    record("rank_finetune", table.round(3).to_dict("records"), "rank scores against fine-tuning (GT2)")
+    for (score, controls), part in per_setting.groupby(["score", "controls"], sort=False):
+        low, high = interval(part["weighted_tau"].to_numpy())
+        rows.append({"score": score, "controls": controls, "settings": len(part),
+                     "weighted_tau": f"{part['weighted_tau'].mean():.2f} [{low:.2f}, {high:.2f}]",
+                     "kendall_tau_b": round(part["kendall_tau_b"].mean(), 2), "regret": round(part["regret"].mean(), 2),
+                     "rank_cost_pct": round(100 * part["rank_s"].sum() / part["finetune_all_s"].sum(), 1)})
+    record("rank_finetune", rows, "weighted tau of each score against fine-tune accuracy at the best of "
+           f"lr {'/'.join(LR_GRID)} on val (GT2), draw 0 of each target and shots; rank_cost_pct: ranking the "
+           "pool over fine-tuning it once at one rate")
+
+
+def _gt1_row(setting: pd.DataFrame, controls: bool) -> dict:
+    """How the probe's measured accuracy (GT1) itself orders the fine-tuned pool: the ceiling a probe-based
+    score could reach against GT2."""
+    part = setting if controls else setting[~setting["control"]]
+    gt1, gt2 = part["gt1"].to_numpy(float), part["gt2"].to_numpy(float)
+    return {"weighted_tau": stats.weightedtau(gt1, gt2).statistic,
+            "kendall_tau_b": stats.kendalltau(gt1, gt2, variant="b").statistic,
+            "regret": float(gt2.max() - gt2[np.argmax(gt1)])}
 
 
 def main() -> None:
@@ -186,22 +219,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "outputs" / "bench" / "rank")
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--finetune", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--finished-only", action="store_true", help="summarise the settings already ranked in --out")
     args = parser.parse_args()
     out, shared = args.out.resolve(), args.shared.resolve()
     entries = pool(shared, sources(out, shared))
+    settings = {(target, shots, draw): dataset for target, (dataset, shot_levels) in targets(shared).items()
+                for shots, draw in itertools.product(shot_levels, range(args.draws))}
+    if args.finished_only:
+        settings = {k: v for k, v in settings.items() if (out / "_".join(map(str, k)) / "validation.csv").is_file()}
+    work = [(lambda k=k, d=d: rank_setting(out, "_".join(map(str, k)), d, k[1], k[2], entries, "linear_probe", []))
+            for k, d in settings.items()]
+    if args.finetune and not args.finished_only:
+        work += [(lambda t=t, d=d, n=n, lr=lr: rank_setting(out, finetune_name(t, n, lr), d, n, 0, entries, "finetune",
+                                                           [f"optimizer.lr={lr}", "trainer.epochs=15"]))
+                 for t, (d, levels) in targets(shared).items() for n in levels for lr in LR_GRID]
+    with ThreadPoolExecutor(args.jobs) as pool_:  # each job is a `transfer rank` process
+        list(pool_.map(lambda job: job(), work))
     rows = []
-    for target, (dataset, shot_levels) in targets(shared).items():
-        for shots, draw in itertools.product(shot_levels, range(args.draws)):
-            if args.finished_only and not (out / f"{target}_{shots}_{draw}" / "validation.csv").is_file():
-                continue
-            folder = rank_setting(out, f"{target}_{shots}_{draw}", dataset, shots, draw, entries, "linear_probe", [])
-            ranked = pd.read_csv(folder / "rank.csv")
-            for (label, _, control), (_, r) in zip(entries, ranked.iterrows(), strict=True):
-                rows.append({"target": target, "shots": shots, "draw": draw, "candidate": label, "control": control,
-                             **{s: r.get(s, np.nan) for s in SCORES}, "gt1": r["measured_acc1"],
-                             "rank_s": r["seconds"], "error": r.get("error", "")})
-            print(f"{target} {shots} shots draw {draw}: ranked", flush=True)
+    for (target, shots, draw) in settings:
+        ranked = pd.read_csv(out / f"{target}_{shots}_{draw}" / "rank.csv")
+        for (label, _, control), (_, r) in zip(entries, ranked.iterrows(), strict=True):
+            rows.append({"target": target, "shots": shots, "draw": draw, "candidate": label, "control": control,
+                         **{s: r.get(s, np.nan) for s in SCORES}, "gt1": r["measured_acc1"],
+                         "rank_s": r["seconds"], "error": r.get("error", "")})
     runs = pd.DataFrame(rows)
     runs.to_csv(Path(__file__).resolve().parent / "results" / "rank_runs.csv", index=False)
     per_setting = []
@@ -214,7 +255,7 @@ def main() -> None:
                  [["weighted_tau", "regret"]].mean().round(2).reset_index())
     record("rank_targets", by_target.to_dict("records"), "per target and shots (with controls)")
     if args.finetune:
-        finetune_truth(out, shared, entries, runs)
+        finetune_truth(out, targets(shared), entries, runs)
 
 
 if __name__ == "__main__":
