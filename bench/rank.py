@@ -29,6 +29,7 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -228,14 +229,18 @@ def main() -> None:
                 for shots, draw in itertools.product(shot_levels, range(args.draws))}
     if args.finished_only:
         settings = {k: v for k, v in settings.items() if (out / "_".join(map(str, k)) / "validation.csv").is_file()}
-    work = [(lambda k=k, d=d: rank_setting(out, "_".join(map(str, k)), d, k[1], k[2], entries, "linear_probe", []))
-            for k, d in settings.items()]
-    if args.finetune and not args.finished_only:
-        work += [(lambda t=t, d=d, n=n, lr=lr: rank_setting(out, finetune_name(t, n, lr), d, n, 0, entries, "finetune",
-                                                           [f"optimizer.lr={lr}", "trainer.epochs=15"]))
-                 for t, (d, levels) in targets(shared).items() for n in levels for lr in LR_GRID]
-    with ThreadPoolExecutor(args.jobs) as pool_:  # each job is a `transfer rank` process
-        list(pool_.map(lambda job: job(), work))
+    work = {"_".join(map(str, k)): (d, k[1], k[2], "linear_probe", []) for k, d in settings.items()}
+    if args.finetune and not args.finished_only:  # first: the longest jobs
+        work = {**{finetune_name(t, n, lr): (d, n, 0, "finetune", [f"optimizer.lr={lr}", "trainer.epochs=15"])
+                   for t, (d, levels) in targets(shared).items() for n in levels for lr in LR_GRID}, **work}
+    started = time.perf_counter()
+
+    def run(name: str) -> None:
+        rank_setting(out, name, *work[name][:3], entries, *work[name][3:])
+        print(f"{name}: done at {time.perf_counter() - started:.0f} s", flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as jobs:  # each job is a `transfer rank` process
+        list(jobs.map(run, work))
     rows = []
     for (target, shots, draw) in settings:
         ranked = pd.read_csv(out / f"{target}_{shots}_{draw}" / "rank.csv")
