@@ -221,18 +221,22 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--finetune", action="store_true")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--targets", nargs="+", help="only these targets (default: all)")
+    parser.add_argument("--shots", nargs="+", type=int, help="only these label counts (default: each target's)")
     parser.add_argument("--finished-only", action="store_true", help="summarise the settings already ranked in --out")
     args = parser.parse_args()
     out, shared = args.out.resolve(), args.shared.resolve()
     entries = pool(shared, sources(out, shared))
-    settings = {(target, shots, draw): dataset for target, (dataset, shot_levels) in targets(shared).items()
+    chosen = {t: (d, [n for n in levels if not args.shots or n in args.shots])
+              for t, (d, levels) in targets(shared).items() if not args.targets or t in args.targets}
+    settings = {(target, shots, draw): dataset for target, (dataset, shot_levels) in chosen.items()
                 for shots, draw in itertools.product(shot_levels, range(args.draws))}
     if args.finished_only:
         settings = {k: v for k, v in settings.items() if (out / "_".join(map(str, k)) / "validation.csv").is_file()}
     work = {"_".join(map(str, k)): (d, k[1], k[2], "linear_probe", []) for k, d in settings.items()}
     if args.finetune and not args.finished_only:  # first: the longest jobs
         work = {**{finetune_name(t, n, lr): (d, n, 0, "finetune", [f"optimizer.lr={lr}", "trainer.epochs=15"])
-                   for t, (d, levels) in targets(shared).items() for n in levels for lr in LR_GRID}, **work}
+                   for t, (d, levels) in chosen.items() for n in levels for lr in LR_GRID}, **work}
     started = time.perf_counter()
 
     def run(name: str) -> None:
@@ -260,7 +264,7 @@ def main() -> None:
                  [["weighted_tau", "regret"]].mean().round(2).reset_index())
     record("rank_targets", by_target.to_dict("records"), "per target and shots (with controls)")
     if args.finetune:
-        finetune_truth(out, targets(shared), entries, runs)
+        finetune_truth(out, chosen, entries, runs)
 
 
 if __name__ == "__main__":

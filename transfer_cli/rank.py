@@ -164,7 +164,9 @@ def _features(cfg: DictConfig, candidate: DictConfig, data_cfg: DatasetConfig, s
         with torch.no_grad():
             source_probs = torch.softmax(head(features.to(device).float()), 1).double().cpu().numpy()
     params = sum(p.numel() for p in model.body.parameters())
-    return Features(features.double().numpy(), labels.numpy(), source_probs, params, model)
+    # The quick probe's L-BFGS fits are thousands of tiny synchronous steps: about a second on the CPU, while on
+    # a GPU each one waits for a kernel launch. On the CPU the probe also scores the same on every machine.
+    return Features(features.double().numpy(), labels.numpy(), source_probs, params, model.cpu())
 
 
 def _score(got: Features, chosen: list[str], cfg: DictConfig) -> dict[str, Any]:
