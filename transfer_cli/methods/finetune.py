@@ -41,8 +41,9 @@ class Finetune(Method):
 class LinearProbeThenFinetune(Finetune):
     """LP-FT (Kumar et al. 2022): the head is first fitted as a linear probe (L2-regularised logistic
     regression with L-BFGS on the frozen backbone's cached features), then fine-tuning starts from that
-    head, so early gradients do not tear pretrained features apart to fit a random head. The backbone
-    trains at ``backbone_lr_mult`` (0.1 by default) of the head's rate."""
+    head, so early gradients do not tear pretrained features apart to fit a random head. Then the whole
+    network, the fitted head too, trains at ``backbone_lr_mult`` (0.1 by default) of ``optimizer.lr``, as
+    LP-FT fine-tunes at one small rate."""
 
     def __init__(self, model: Classifier, *, freeze: int | Literal["all"], bn: BNMode, label_smoothing: Fraction,
                  layer_decay: LayerDecay, backbone_lr_mult: BackboneLrMult, probe_l2: NonNegative, probe_iters: Count,
@@ -61,6 +62,14 @@ class LinearProbeThenFinetune(Finetune):
                                        self.probe_l2)
         self.probe = {"probe_train_loss": float(loss), "probe_train_acc1": 100 * float((logits.argmax(1) == labels).float().mean())}
         return super().loaders(make, context)
+
+    def lr_scale(self) -> dict[int, float]:
+        # A fitted head at the full rate leaves its optimum in the first steps and drags the features with it:
+        # ImageNet MobileNetV2 -> USPS 20-shot (3 seeds, H200) scored 86.9 +- 0.3 with the head at 2e-3 and the
+        # body at 2e-4, below the probe alone (87.1); 88.0 +- 0.6 with both at 2e-4.
+        scales = super().lr_scale()
+        scales.update({id(p): self.backbone_lr_mult for p in self.model.head.parameters()})
+        return scales
 
     def describe(self) -> dict:
         return {**super().describe(), **self.probe}
