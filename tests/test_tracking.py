@@ -88,7 +88,9 @@ def test_mlflow_holds_the_params_every_epoch_the_summary_and_the_files(tracked_r
 
 
 def test_tensorboard_events_hold_every_epoch_and_the_hparams(tracked_run):
+    import yaml
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     events_dir = tracked_run / "run" / "tensorboard"
     metrics = pd.read_csv(tracked_run / "run" / "metrics.csv")
@@ -97,7 +99,14 @@ def test_tensorboard_events_hold_every_epoch_and_the_hparams(tracked_run):
     events = EventAccumulator(str(events_dir), size_guidance={"tensors": 0, "images": 0})
     events.Reload()
     assert "_hparams_/experiment" in events.summary_metadata
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.summary_metadata["_hparams_/session_start_info"].plugin_data.content).session_start_info
+    config = yaml.safe_load((tracked_run / "run" / "config.yaml").read_text())
+    assert start.hparams["optimizer.lr"].number_value == pytest.approx(config["optimizer"]["lr"])
+    assert start.hparams["dataset.name"].string_value == "digits"
     assert "plots/curves" in events.Tags()["images"]
+    (curves,) = events.Images("plots/curves")  # the PNG as written, its size read back
+    assert curves.encoded_image_string == (tracked_run / "run" / "curves.png").read_bytes() and curves.width > 100
 
 
 @pytest.mark.slow  # a 4-job sweep and four backfills, each opening an MLflow store
@@ -297,3 +306,15 @@ def test_the_record_flattens_the_config_and_leaves_empty_cells_out(tmp_path):
     rows = [{"epoch": 1, "split": "train", "loss": 0.5, "lr": 0.1}, {"epoch": 1, "split": "val", "loss": 0.4,
                                                                    "lr": float("nan")}]
     assert epoch_metrics(rows) == {1: {"train/loss": 0.5, "train/lr": 0.1, "val/loss": 0.4}}
+
+
+def test_the_trackers_process_needs_no_torch():
+    """It is forked before the run imports torch; TensorBoard's writer must not import torch there (a second of
+    CPU on the cores the training uses)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import transfer_cli.reporting.tracking.background, "
+            "transfer_cli.reporting.tracking.tensorboard_tracker; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

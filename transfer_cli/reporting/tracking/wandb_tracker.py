@@ -32,7 +32,9 @@ class WandbTracker(Tracker):
             project=self.project, entity=self.entity, mode=self.mode, dir=str(record.run_dir), id=run_id(record.run_dir),
             resume="allow", name=record.name, group=record.sweep_dir.name if record.sweep_dir else None,
             job_type=record.command, tags=tags, config=record.params, reinit="finish_previous",
-            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, x_disable_machine_info=True))
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, x_disable_machine_info=True,
+                                    # the git commit is one of the run's tags already; a pip freeze costs ~0.1 s
+                                    disable_git=True, disable_code=True, x_save_requirements=False))
         self.last_step = resumed_after
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
