@@ -281,6 +281,13 @@ def test_a_run_with_nothing_to_train_leaves_no_tracker_process_behind(transfer, 
     assert multiprocessing.active_children() == [] and run_folders(tmp_path) == []
 
 
+def test_a_refused_run_creates_no_mlflow_store(transfer, tmp_path):
+    code, _, err = transfer("train", *QUICK, "trainer=debug", "tracker=mlflow", "optimizer.lr=-1",
+                            f"output_dir={tmp_path}")
+    assert code == 2 and "optimizer.lr=-1" in err
+    assert not (tmp_path / "mlflow.db").exists() and run_folders(tmp_path) == []
+
+
 def test_an_mlflow_store_that_is_not_a_database_is_refused_before_training(transfer, tmp_path):
     (tmp_path / "mlflow.db").write_text("not a database")
     code, _, err = transfer("train", *QUICK, "trainer=debug", "tracker=mlflow", f"output_dir={tmp_path}")

@@ -4,6 +4,7 @@ resumed run continues its MLflow run and how a backfill never logs a run twice."
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -37,10 +38,15 @@ class MlflowTracker(Tracker):
         self.experiment = experiment
         for chatty in ("mlflow", "alembic"):  # schema migrations of a new store log at INFO
             logging.getLogger(chatty).setLevel(logging.WARNING)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        self.client.get_experiment_by_name(experiment)  # opens the store now: its schema check takes a second
+        if self.store is None or self.store.is_file():  # a new SQLite store is created by the run's start, so
+            # a run refused before it starts leaves no empty database behind
+            self.client.get_experiment_by_name(experiment)  # opens the store now: its schema check takes a second
         self.run_id: str | None = None
         self.logged: dict[str, int] = {}  # key -> the last step an earlier start of this run logged
+
+    @functools.cached_property
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri)  # opens (for SQLite: creates) the store
 
     def start(self, record: RunRecord, resumed_after: int) -> None:
         found = self._find(RUN_DIR_TAG, str(record.run_dir), kind="run") if resumed_after else None
