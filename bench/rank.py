@@ -221,7 +221,8 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--finetune", action="store_true")
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--targets", nargs="+", help="only these targets (default: all)")
+    parser.add_argument("--targets", nargs="+", choices=["usps", "mnist", "digits5to9"],
+                        help="only these targets (default: all)")
     parser.add_argument("--shots", nargs="+", type=int, help="only these label counts (default: each target's)")
     parser.add_argument("--finished-only", action="store_true", help="summarise the settings already ranked in --out")
     args = parser.parse_args()
@@ -231,6 +232,9 @@ def main() -> None:
               for t, (d, levels) in targets(shared).items() if not args.targets or t in args.targets}
     settings = {(target, shots, draw): dataset for target, (dataset, shot_levels) in chosen.items()
                 for shots, draw in itertools.product(shot_levels, range(args.draws))}
+    if not settings:
+        raise SystemExit(f"--targets {args.targets} --shots {args.shots} --draws {args.draws}: no setting left to rank "
+                         "(shots per target: usps and mnist 10/100, digits5to9 10/50; draws >= 1)")
     if args.finished_only:
         settings = {k: v for k, v in settings.items() if (out / "_".join(map(str, k)) / "validation.csv").is_file()}
     work = {"_".join(map(str, k)): (d, k[1], k[2], "linear_probe", []) for k, d in settings.items()}
