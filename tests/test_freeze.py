@@ -8,7 +8,8 @@ from torch import nn
 from transfer_cli.data.transforms import InputSpec
 from transfer_cli.errors import UserError
 from transfer_cli.methods.finetune import Finetune
-from transfer_cli.models.backbone import Classifier, build_backbone, in_stage
+from transfer_cli.models.backbone import Classifier, build_backbone
+from transfer_cli.models.stages import in_stage
 from transfer_cli.optim import OPTIMIZERS, optimizer_entry
 
 # timm families: stages come from timm's own group_matcher.

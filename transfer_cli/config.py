@@ -86,6 +86,9 @@ class BackboneConfig:
     # repeated to 3 channels), e.g. MNIST -> an RGB target. Architectures with a fixed stem refuse a change.
     in_channels: int | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # Keep the body's first k stages (the stem is stage 1; the stages method.freeze counts); the features are
+    # the last kept stage's output, average-pooled. null keeps the whole body. Images only.
+    cut: int | None = None
     # Text backbones (minilm, hf, tfidf):
     path: str | None = None  # backbone=hf: a local model folder, or a Hugging Face hub name (needs a network)
     max_length: int = 128  # tokens kept per text; longer texts are truncated (batches pad to their longest)

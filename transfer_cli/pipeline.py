@@ -59,10 +59,12 @@ def build_text_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: Back
 
 def build_image_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str, weights: str,
                 head: HeadConfig, pretrained: PretrainedBody | None = None,
-                preprocess: Mapping[str, Any] | None = None, in_channels: int | None = None) -> Classifier:
+                preprocess: Mapping[str, Any] | None = None, in_channels: int | None = None,
+                cut: int | None = None) -> Classifier:
     """The classifier of an image backbone for ``splits``; with ``pretrained``, its body starts from those
     weights. ``preprocess`` (backbone.preprocess) overrides the preprocessing the weights bring;
-    ``in_channels`` (backbone.in_channels) the number of channels the model takes, else the data's."""
+    ``in_channels`` (backbone.in_channels) the number of channels the model takes, else the data's;
+    ``cut`` (backbone.cut) the body's stages kept, cut after the weights are in."""
     _check_kind(splits, data_cfg, backbone)
     if pretrained is None:
         data_channels = in_channels or splits.channels
@@ -85,9 +87,11 @@ def build_image_model(data_cfg: DatasetConfig, splits: DataSplits, backbone: str
             base = bb.weights_meta or WeightsMeta(crop=None, resize=None, mean=None, std=None)
             bb.weights_meta = base.updated(dict(values))
     spec = resolve_input(data_cfg, splits, bb.channels, bb.min_size, bb.fixed_size, bb.weights_meta)
+    if cut is not None:
+        bb = bb.cut(cut, spec.size)
     head = HeadConfig(hidden=list(head.hidden), dropout=float(head.dropout))
     recipe = ModelRecipe(backbone=backbone, weights=weights, data_channels=data_channels,
-                         classes=list(splits.classes), input=spec, head=head)
+                         classes=list(splits.classes), input=spec, head=head, cut=cut)
     return Classifier(bb, recipe)
 
 
@@ -97,9 +101,13 @@ def build_model(cfg: Any, splits: DataSplits, pretrained: PretrainedBody | None 
     ``weights`` replaces ``cfg.backbone.weights``."""
     if splits.text or takes_text(cfg.backbone.name):
         _check_kind(splits, cfg.dataset, cfg.backbone.name)
+        if cfg.backbone.cut is not None:
+            raise UserError(f"backbone.cut={cfg.backbone.cut}: backbone={cfg.backbone.name} is a text encoder; "
+                            "choose its layers with backbone.pool_layers instead (backbone.cut=null).")
         return build_text_model(cfg.dataset, splits, cfg.backbone, cfg.head)
     return build_image_model(cfg.dataset, splits, cfg.backbone.name, weights or cfg.backbone.weights, cfg.head, pretrained,
-                       preprocess=cfg.backbone.preprocess, in_channels=cfg.backbone.in_channels)
+                             preprocess=cfg.backbone.preprocess, in_channels=cfg.backbone.in_channels,
+                             cut=cfg.backbone.cut)
 
 
 def prepare_splits(splits: DataSplits, spec: InputSpec | TextSpec, cfg: DatasetConfig,

@@ -77,7 +77,8 @@ def run_rank(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
             row.update(feature_dim=got.features.shape[1], params=got.params, error="")
         except (UserError, OmegaConfBaseException, OSError, RuntimeError, ValueError, KeyError) as err:
             row = {"error": " ".join(str(err).split())}
-        rows.append({"candidate": label, "backbone": candidate.name, "weights": candidate.weights, **row,
+        rows.append({"candidate": label, "backbone": candidate.name, "weights": candidate.weights, "cut": candidate.cut,
+                     **row,
                      "seconds": round(time.perf_counter() - started, 2)})
     table = _ranked(rows, chosen)
     write_table(table, out_dir / "rank.csv")
@@ -145,7 +146,7 @@ def _check_kinds(candidates: list[DictConfig], splits: DataSplits, data_cfg: Dat
 
 def _label(candidate: DictConfig) -> str:
     weights = Path(candidate.weights).name if "/" in candidate.weights else candidate.weights
-    return f"{candidate.name} ({weights})"
+    return f"{candidate.name} ({weights}{f', cut {candidate.cut}' if candidate.cut else ''})"
 
 
 def _features(cfg: DictConfig, candidate: DictConfig, data_cfg: DatasetConfig, splits: DataSplits,
@@ -247,7 +248,7 @@ def _ranked(rows: list[dict[str, Any]], chosen: list[str]) -> pd.DataFrame:
         if name not in table:
             table[name] = np.nan
         table[f"{name}_rank"] = table[name].rank(ascending=False, method="min").astype("Int64")
-    ordered = ["candidate", "backbone", "weights", "feature_dim", "params", "seconds"]
+    ordered = ["candidate", "backbone", "weights", "cut", "feature_dim", "params", "seconds"]
     for name in chosen:
         ordered += [name, f"{name}_low", f"{name}_high", f"{name}_rank"]
     return table.reindex(columns=[*ordered, "error"])
@@ -255,7 +256,7 @@ def _ranked(rows: list[dict[str, Any]], chosen: list[str]) -> pd.DataFrame:
 
 def _announce(table: pd.DataFrame, recommend: str, out_dir: Path, console: Console) -> None:
     shown = table[[c for c in table.columns if not c.endswith(("_low", "_high", "_rank"))
-                   and c not in ("backbone", "weights", "params")]].copy()
+                   and c not in ("backbone", "weights", "cut", "params")]].copy()
     shown["error"] = shown["error"].fillna("").str.slice(0, 60)
     ranked = table[recommend].notna()
     best = int(table.loc[ranked, recommend].idxmax()) if ranked.any() else None

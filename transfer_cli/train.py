@@ -187,7 +187,8 @@ def _describe(run: Run, console: Console) -> None:
     console.print(
         f"[bold]{cfg.dataset.name}[/] ({len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
         f"{len(splits.classes)} classes{f', {splits.skipped} unusable {unit} skipped' if splits.skipped else ''}) "
-        f"-> [bold]{cfg.backbone.name}[/] weights={cfg.backbone.weights} {run.model.spec.describe()} "
+        f"-> [bold]{cfg.backbone.name}[/] weights={cfg.backbone.weights}"
+        f"{f' cut={cfg.backbone.cut}' if cfg.backbone.cut else ''} {run.model.spec.describe()} "
         f"-> [bold]{cfg.method.name}[/]: {about['params_trainable']:,}/{about['params_total']:,} "
         f"parameters trainable, on {run.device} ({run.precision.name})",
         highlight=False,

@@ -51,6 +51,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "backbone.preprocess.std": (lambda v: v is None or all(math.isfinite(s) and s > 0 for s in v), "null or numbers > 0"),
     "backbone.preprocess.mean": (lambda v: v is None or all(math.isfinite(m) for m in v), "null or finite numbers"),
     "backbone.in_channels": (lambda v: v is None or v in (1, 3), "null (the data's channels), 1 or 3"),
+    "backbone.cut": (lambda v: v is None or v >= 1, "null (the whole body) or an integer >= 1 (stages kept)"),
     "backbone.max_length": (lambda v: v >= 8, "an integer >= 8 (tokens kept per text)"),
     "backbone.pool_layers": (lambda v: v >= 1, "an integer >= 1 (up to the encoder's number of layers)"),
     "backbone.tfidf.ngram_max": (lambda v: 1 <= v <= 5, "an integer from 1 to 5"),

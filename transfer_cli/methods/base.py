@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transfer_cli.errors import UserError
-from transfer_cli.models.backbone import Classifier, describe_stage
+from transfer_cli.models.backbone import Classifier
+from transfer_cli.models.stages import describe_stage
 from transfer_cli.registry import Registry
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -13,9 +13,10 @@ from torch import nn
 from transfer_cli.data.tokens import TextSpec
 from transfer_cli.data.transforms import WeightsMeta
 from transfer_cli.errors import UserError
+from transfer_cli.models.cut import cut_body
 from transfer_cli.models.input import InputAdapter
 from transfer_cli.models.recipe import ModelRecipe
-from transfer_cli.models.stages import Stage
+from transfer_cli.models.stages import Stage, complete_stages, describe_stage, in_stage
 from transfer_cli.models.weights import last_linear, load_weights_file
 from transfer_cli.registry import Registry
 
@@ -33,6 +34,14 @@ class Backbone:
     notes: list[str] = field(default_factory=list)  # what loading the weights reported, for the run log
     text: TextSpec | None = None  # text backbones: how texts become the token ids the body takes
     source_head: nn.Module | None = None  # the classifier the network came with (its source task's classes)
+
+    def cut(self, stages: int, probe_size: int) -> Backbone:
+        """This backbone with only its first ``stages`` stages (backbone.cut; models/cut.py); ``probe_size``
+        is an input size the body takes."""
+        body, width, kept = cut_body(self.name, self.body, self.stages, self.channels, stages, probe_size)
+        note = f"cut after stage {stages} of {len(self.stages)} ({describe_stage(self.stages[stages - 1])}): {width} features"
+        # the source classifier read the whole body's features: a cut has none (LEEP and NCE score NaN)
+        return replace(self, body=body, feature_dim=width, stages=kept, source_head=None, notes=[*self.notes, note])
 
 
 # name -> builder(weights: str[, in_channels: int]) -> Backbone. Builders of architectures whose first
@@ -91,24 +100,6 @@ def backbone_from_classifier(name: str, model: nn.Module, weights: str,
                     channels=channels, notes=notes, source_head=classifier if from_source else None, **extra)
 
 
-def in_stage(param_name: str, stage: Stage) -> bool:
-    return any(param_name == p or param_name.startswith(p + ".") for p in stage)
-
-
-def complete_stages(body: nn.Module, stages: list[Stage]) -> list[Stage]:
-    """Drop stages without parameters; give parameters no stage claims (e.g. ViT's class token) to the stem."""
-    names = [n for n, _ in body.named_parameters()]
-    stages = [s for s in stages if any(in_stage(n, s) for n in names)]
-    orphans = [n for n in names if not any(in_stage(n, s) for s in stages)]
-    if orphans:
-        stages[0] = stages[0] + orphans
-    return stages
-
-
-def describe_stage(stage: Stage) -> str:
-    return "+".join(stage) if len(stage) <= 3 else f"{stage[0]}+...({len(stage)})"
-
-
 def make_head(feature_dim: int, num_classes: int, hidden: list[int] = (), dropout: float = 0.0) -> nn.Sequential:
     """Linear head, or an MLP with ReLU between ``hidden`` layers; dropout before every linear layer."""
     layers: list[nn.Module] = []
@@ -146,7 +137,8 @@ class Classifier(nn.Module):
         """The architecture ``recipe`` describes, randomly initialised; the caller loads its weights."""
         if recipe.text is not None:
             return cls(BACKBONES.get(recipe.backbone)(weights="none", text=recipe.text), recipe)
-        return cls(build_backbone(recipe.backbone, "none", recipe.data_channels), recipe)
+        backbone = build_backbone(recipe.backbone, "none", recipe.data_channels)
+        return cls(backbone.cut(recipe.cut, recipe.input.size) if recipe.cut else backbone, recipe)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.input(x))

@@ -23,6 +23,7 @@ class ModelRecipe:
     input: InputSpec | None  # what the model's InputAdapter does to images (None: a text model)
     head: HeadConfig
     text: TextSpec | None = None  # how a text model tokenizes
+    cut: int | None = None  # backbone.cut: the body's stages kept (None: all)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -30,8 +31,8 @@ class ModelRecipe:
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> ModelRecipe:
         """The recipe in ``raw``, or a UserError naming the first key that does not fit the schema."""
-        if isinstance(raw, dict) and "text" not in raw:  # written before text models existed
-            raw = {**raw, "text": None}
+        if isinstance(raw, dict):  # written before text models / backbone.cut existed
+            raw = {"text": None, "cut": None, **raw}
         _keys(raw, [f.name for f in fields(cls)], where)
         _keys(raw["head"], [f.name for f in fields(HeadConfig)], f"{where} head")
         head = raw["head"]
@@ -49,10 +50,12 @@ class ModelRecipe:
                "a number in [0, 1)")
         _check(where, "input", raw["input"], (raw["input"] is None) == (raw["text"] is not None),
                "a mapping for image models, null for text models (which have a text mapping)")
+        _check(where, "cut", raw["cut"], raw["cut"] is None or (_positive_int(raw["cut"]) and raw["text"] is None),
+               "null, or an integer >= 1 for an image model")
         text = _text_spec(raw["text"], where) if raw["text"] is not None else None
         return cls(backbone=raw["backbone"], weights=raw["weights"], data_channels=raw["data_channels"],
                    classes=list(classes), input=_input_spec(raw["input"], where) if text is None else None,
-                   head=HeadConfig(**head), text=text)
+                   head=HeadConfig(**head), text=text, cut=raw["cut"])
 
 
 def _input_spec(spec: Any, where: str) -> InputSpec:

@@ -71,3 +71,21 @@ def torchvision_stages(name: str, body: nn.Module) -> list[Stage]:
     family = next((f for f in _FAMILIES if name.startswith(f)), None)
     split = _FAMILIES[family] if family else generic_stages
     return split(body)
+
+
+def in_stage(param_name: str, stage: Stage) -> bool:
+    return any(param_name == p or param_name.startswith(p + ".") for p in stage)
+
+
+def complete_stages(body: nn.Module, stages: list[Stage]) -> list[Stage]:
+    """Drop stages without parameters; give parameters no stage claims (e.g. ViT's class token) to the stem."""
+    names = [n for n, _ in body.named_parameters()]
+    stages = [s for s in stages if any(in_stage(n, s) for n in names)]
+    orphans = [n for n in names if not any(in_stage(n, s) for s in stages)]
+    if orphans:
+        stages[0] = stages[0] + orphans
+    return stages
+
+
+def describe_stage(stage: Stage) -> str:
+    return "+".join(stage) if len(stage) <= 3 else f"{stage[0]}+...({len(stage)})"

@@ -22,8 +22,8 @@ from torch import nn
 from transfer_cli.config import TfidfConfig
 from transfer_cli.data.tokens import PAD, TextSpec, fit_tfidf, from_pretrained
 from transfer_cli.errors import UserError
-from transfer_cli.models.backbone import BACKBONES, Backbone, complete_stages
-from transfer_cli.models.stages import Stage
+from transfer_cli.models.backbone import BACKBONES, Backbone
+from transfer_cli.models.stages import Stage, complete_stages
 
 WEIGHTS = ("pretrained", "none")
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from transfer_cli.data.transforms import INTERPOLATIONS, WeightsMeta
 from transfer_cli.errors import UserError
-from transfer_cli.models.backbone import BACKBONES, Backbone, complete_stages
-from transfer_cli.models.stages import Stage, generic_stages
+from transfer_cli.models.backbone import BACKBONES, Backbone
+from transfer_cli.models.stages import Stage, complete_stages, generic_stages
 from transfer_cli.models.weights import load_weights_file, looks_like_path
 
 PREFIX = "timm/"
