@@ -32,8 +32,11 @@ class CutBody(nn.Module):
         self.trunk = trunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.trunk(x)[CUT_NODE]
-        return out.flatten(2).mean(2) if out.dim() == 4 else out.mean(1) if out.dim() == 3 else out
+        return pooled(self.trunk(x)[CUT_NODE])
+
+
+def pooled(out: torch.Tensor) -> torch.Tensor:
+    return out.flatten(2).mean(2) if out.dim() == 4 else out.mean(1) if out.dim() == 3 else out
 
 
 def cut_body(name: str, body: nn.Module, stages: list[Stage], channels: int, cut: int,
@@ -50,9 +53,13 @@ def cut_body(name: str, body: nn.Module, stages: list[Stage], channels: int, cut
     was_training = cut_one.training
     cut_one.eval()
     with torch.no_grad():
-        width = int(cut_one(torch.zeros(1, channels, probe_size, probe_size)).shape[1])
+        out = cut_one.trunk(torch.zeros(1, channels, probe_size, probe_size))[CUT_NODE]
     cut_one.train(was_training)
-    return cut_one, width, kept
+    if not isinstance(out, torch.Tensor) or not 2 <= out.dim() <= 4:
+        raise UserError(f"backbone.cut={cut}: backbone={name}'s traced graph gives {type(out).__name__} "
+                        f"{list(out.shape) if isinstance(out, torch.Tensor) else ''} before stage {cut + 1}, not a "
+                        "feature map or token sequence, so it cannot be cut there.")
+    return cut_one, int(pooled(out).shape[1]), kept
 
 
 def _in_stage(node: str, stage: Stage, params: set[str]) -> bool:
