@@ -1,8 +1,9 @@
 """Does `transfer rank` order candidate backbones as training them does? (needs ../shared)
 
-A pool of 14 candidates: ImageNet MobileNetV2 (96 px), CIFAR-10 ResNet-20/32/44/56, MNIST LeNet-5, small CNNs
-this CLI pretrains on other tasks and budgets (digits 0-4 for 1 and 30 epochs, 5 % of MNIST for 5 epochs), and
-random-init copies as negative controls (MobileNetV2, ResNet-20, LeNet-5, small CNN). Targets: USPS, MNIST
+A pool of 17 candidates: ImageNet MobileNetV2 (96 px), CIFAR-10 ResNet-20/32/44/56, MNIST LeNet-5, small CNNs
+this CLI pretrains on other tasks and budgets (digits 0-4 for 1 and 30 epochs, 5 % of MNIST for 5 epochs), layer
+cuts of the pretrained bodies (MobileNetV2 after stages 7 and 14 of 19, ResNet-56 after layer2, LeNet-5 before
+its last layer), and random-init copies as negative controls (MobileNetV2, ResNet-20, LeNet-5, small CNN). Targets: USPS, MNIST
 (val 2 %), digits 5-9; 10 and 100 labels per class (digits: 10 and 50, its classes hold ~110 train images);
 3 draws each. For every setting, `transfer rank ... validate=all` scores the pool on the labelled train split
 and trains every candidate as a linear probe (GT1: test top-1, L2 chosen on val).
@@ -19,7 +20,7 @@ of LR_GRID, the rate kept by val top-1, and the cost of ranking against fine-tun
 
 Writes bench/results/rank_scores.csv/.md (one row per score), rank_targets.csv/.md (per target and shots),
 rank_runs.csv (every candidate of every setting), with --finetune rank_finetune.csv/.md and rank_gt2.csv.
-Settings already ranked in --out are reused.
+Settings already ranked in --out with a pool of the same size are reused.
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ def pool(shared: Path, made: dict[str, Path]) -> list[tuple[str, dict, bool]]:
                    (w / "cifar10_resnets").glob(f"resnet{d}-*.th")))}, False) for d in (20, 32, 44, 56)],
                ("lenet mnist", {"name": "lenet", "weights": str(w / "mnist_lenet5" / "lenet5_mnist.pth")}, False),
                *[(f"small_cnn {name}", {"name": "small_cnn", "weights": str(path)}, False) for name, path in made.items()],
+               *[(f"mobilenet_v2 imagenet cut {k}", {"name": "mobilenet_v2", "weights": str(mbv2), "cut": k, **at96}, False)
+                 for k in (7, 14)],
+               ("cifar_resnet56 cifar10 cut 3", {"name": "cifar_resnet56", "cut": 3, "weights": str(next(
+                   (w / "cifar10_resnets").glob("resnet56-*.th")))}, False),
+               ("lenet mnist cut 3", {"name": "lenet", "weights": str(w / "mnist_lenet5" / "lenet5_mnist.pth"), "cut": 3},
+                False),
                ("mobilenet_v2 random", {"name": "mobilenet_v2", "weights": "none", **at96}, True),
                ("cifar_resnet20 random", {"name": "cifar_resnet20", "weights": "none"}, True),
                ("lenet random", {"name": "lenet", "weights": "none"}, True),
@@ -98,9 +105,14 @@ def targets(shared: Path) -> dict[str, tuple[list[str], tuple[int, int]]]:
             "digits5to9": (["dataset=digits", "dataset.classes=[5,6,7,8,9]"], (10, 50))}
 
 
+def folder_of(out: Path, name: str, entries: list) -> Path:
+    """A setting's folder, tagged with the pool's size: results of another pool are never reused."""
+    return out / f"{name}_pool{len(entries)}"
+
+
 def rank_setting(out: Path, name: str, dataset: list[str], shots: int, draw: int, entries: list, method: str,
                  extra: list[str]) -> Path:
-    folder = out / name
+    folder = folder_of(out, name, entries)
     if not (folder / "validation.csv").is_file():
         candidates = "[" + ",".join(hydra_value(c) for _, c, _ in entries) + "]"
         overrides = ",".join(f"'{o}'" for o in [*TRAIN_QUIET, *extra])
@@ -171,7 +183,7 @@ def finetune_truth(out: Path, targets_: dict, entries: list, runs: pd.DataFrame)
     gt2_rows, agree = [], []
     for target, (_, shot_levels) in targets_.items():
         for shots in shot_levels:
-            folders = {lr: out / finetune_name(target, shots, lr) for lr in LR_GRID}
+            folders = {lr: folder_of(out, finetune_name(target, shots, lr), entries) for lr in LR_GRID}
             if not all((f / "validation.csv").is_file() for f in folders.values()):
                 continue
             by_lr = {lr: [json.loads((f / "validate" / str(i) / "summary.json").read_text())
@@ -236,7 +248,8 @@ def main() -> None:
         raise SystemExit(f"--targets {args.targets} --shots {args.shots} --draws {args.draws}: no setting left to rank "
                          "(shots per target: usps and mnist 10/100, digits5to9 10/50; draws >= 1)")
     if args.finished_only:
-        settings = {k: v for k, v in settings.items() if (out / "_".join(map(str, k)) / "validation.csv").is_file()}
+        settings = {k: v for k, v in settings.items()
+                    if (folder_of(out, "_".join(map(str, k)), entries) / "validation.csv").is_file()}
     work = {"_".join(map(str, k)): (d, k[1], k[2], "linear_probe", []) for k, d in settings.items()}
     if args.finetune and not args.finished_only:  # first: the longest jobs
         work = {**{finetune_name(t, n, lr): (d, n, 0, "finetune", [f"optimizer.lr={lr}", "trainer.epochs=15"])
@@ -251,7 +264,7 @@ def main() -> None:
         list(jobs.map(run, work))
     rows = []
     for (target, shots, draw) in settings:
-        ranked = pd.read_csv(out / f"{target}_{shots}_{draw}" / "rank.csv")
+        ranked = pd.read_csv(folder_of(out, f"{target}_{shots}_{draw}", entries) / "rank.csv")
         for (label, _, control), (_, r) in zip(entries, ranked.iterrows(), strict=True):
             rows.append({"target": target, "shots": shots, "draw": draw, "candidate": label, "control": control,
                          **{s: r.get(s, np.nan) for s in SCORES}, "gt1": r["measured_acc1"],

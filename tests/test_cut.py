@@ -84,8 +84,9 @@ def test_recipes_written_before_cuts_existed_read_as_whole_bodies():
 
 def test_rank_scores_cuts_as_candidates_with_their_own_rows(transfer, tmp_path):
     code, out, err = transfer("rank", "candidates=[small_cnn,{name:small_cnn,cut:1},{name:small_cnn,cut:5}]",
-                              "bootstrap=0", "scores=[logme,knn]", "recommend=logme")
+                              "bootstrap=0", "scores=[knn,logme]")
     assert code == 0, err
+    assert "(best logme)" in out  # recommend=auto without the probe: LogME, the next best measured
     table = pd.read_csv(next((tmp_path / "outputs" / "ranks").glob("*/rank.csv")))
     assert list(table["candidate"]) == ["small_cnn (none)", "small_cnn (none, cut 1)", "small_cnn (none, cut 5)"]
     assert list(table["feature_dim"].iloc[:2]) == [128, 32]

@@ -33,7 +33,7 @@ def test_mnist_lenet_ranks_above_its_random_init_copy_on_usps_and_a_broken_candi
     assert pretrained["logme_low"] <= pretrained["logme"] <= pretrained["logme_high"]
     assert pretrained["feature_dim"] == 84 and pretrained["params"] == random_init["params"]
     assert "missing.pth" in broken["error"] and np.isnan(broken["logme"])
-    assert "recommended: lenet (lenet5_mnist.pth) (best logme)" in out
+    assert "recommended: lenet (lenet5_mnist.pth) (best probe)" in out  # recommend=auto: the probe, when computed
     (folder,) = (tmp_path / "outputs" / "ranks").iterdir()
     assert (folder / "rank.md").is_file() and (folder / "rank.png").stat().st_size > 0
 
@@ -49,7 +49,7 @@ def test_mnist_lenet_ranks_above_its_random_init_copy_on_usps_and_a_broken_candi
 @pytest.mark.parametrize("args, message", [
     (["candidates=[]"], "candidates=[]"),
     (["candidates=[small_cnn]", "scores=[logme,magic]"], "scores=['logme', 'magic']"),
-    (["candidates=[small_cnn]", "scores=[knn]"], "recommend='logme'"),
+    (["candidates=[small_cnn]", "scores=[knn]", "recommend=logme"], "recommend='logme'"),
     (["candidates=[{name:small_cnn,wieghts:none}]"], "candidates[0]"),
     (["candidates=[{name:small_cnn,weights:source}]"], "weights=source"),
     (["candidates=[minilm]"], "candidates[0] name=minilm takes text but dataset=digits holds images"),

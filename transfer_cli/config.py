@@ -293,7 +293,9 @@ class RankConfig:
     candidates: list[Any] = MISSING
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     scores: list[str] = field(default_factory=lambda: ["logme", "leep", "nce", "hscore", "sfda", "knn", "probe", "size"])
-    recommend: str = "logme"  # the score whose best candidate is recommended
+    # The score whose best candidate is recommended; auto: of the scores computed, the one that ordered the
+    # benchmark pool best (rank.MEASURED_ORDER, from bench/results/rank_scores.md)
+    recommend: str = "auto"
     bootstrap: int = 20  # resamples (within each class) for the confidence intervals; 0: none
     knn_k: int = 5
     # Measure the ranking: train the top K candidates by `recommend` (top_k:K) or all of them (all) with

@@ -40,6 +40,10 @@ from transfer_cli.validation import check_dataset
 SOURCE_SCORES = ("leep", "nce")  # need the classifier the candidate came with
 NO_INTERVAL = ("probe", "size")  # the probe is fitted 14 times per draw; the size does not depend on the data
 SCORES = ("logme", "leep", "nce", "hscore", "sfda", "knn", "probe", "size")
+# By mean weighted tau against the linear probe's test accuracy on bench/rank.py's 17 candidates x 18 settings
+# (probe 0.80, logme 0.76, knn 0.70, sfda 0.62, nce 0.61, hscore 0.34, leep 0.35, size -0.26); the probe also
+# had the lowest top-1 regret (0.56 points against LogME's 1.16) and ordered fine-tuning best (0.40 vs 0.29).
+MEASURED_ORDER = ("probe", "logme", "knn", "sfda", "nce", "hscore", "leep", "size")
 
 
 @dataclass
@@ -57,7 +61,7 @@ def run_rank(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     console = console or Console()
     log = plain_log(console)
     candidates = _candidates(cfg)
-    chosen = _check_scores(cfg)
+    chosen, recommend = _check_scores(cfg)
     to_train = check_validate(cfg)
     data_cfg: DatasetConfig = OmegaConf.to_object(cfg.dataset)
     check_dataset(data_cfg)
@@ -82,10 +86,10 @@ def run_rank(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
                      "seconds": round(time.perf_counter() - started, 2)})
     table = _ranked(rows, chosen)
     write_table(table, out_dir / "rank.csv")
-    plot_rank(table, cfg.recommend, out_dir / "rank.png")
-    _announce(table, cfg.recommend, out_dir, console)
+    plot_rank(table, recommend, out_dir / "rank.png")
+    _announce(table, recommend, out_dir, console)
     if to_train != 0:
-        validate_ranking(cfg, table, candidates, to_train, out_dir, console)
+        validate_ranking(cfg, table, candidates, recommend, to_train, out_dir, console)
         write_table(table, out_dir / "rank.csv")  # now with each trained candidate's measured_acc1
     return table
 
@@ -113,18 +117,20 @@ def _candidates(cfg: DictConfig) -> list[DictConfig]:
     return out
 
 
-def _check_scores(cfg: DictConfig) -> list[str]:
+def _check_scores(cfg: DictConfig) -> tuple[list[str], str]:
+    """(the scores to compute, the one that recommends)."""
     chosen = list(cfg.scores)
     unknown = [s for s in chosen if s not in SCORES]
     if unknown or not chosen:
         raise bad_value("scores", chosen, f"a non-empty list of {', '.join(SCORES)}")
-    if cfg.recommend not in chosen:
-        raise bad_value("recommend", cfg.recommend, f"one of the scores computed ({', '.join(chosen)})")
+    recommend = next(s for s in MEASURED_ORDER if s in chosen) if cfg.recommend == "auto" else cfg.recommend
+    if recommend not in chosen:
+        raise bad_value("recommend", cfg.recommend, f"auto or one of the scores computed ({', '.join(chosen)})")
     if cfg.bootstrap < 0:
         raise bad_value("bootstrap", cfg.bootstrap, "an integer >= 0 (0: no intervals)")
     if cfg.knn_k < 1:
         raise bad_value("knn_k", cfg.knn_k, "an integer >= 1")
-    return chosen
+    return chosen, recommend
 
 
 def _check_labels(splits: DataSplits, data_cfg: DatasetConfig) -> None:

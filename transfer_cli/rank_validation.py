@@ -35,12 +35,12 @@ def check_validate(cfg: DictConfig) -> int | None:
     return int(found.group(1))
 
 
-def validate_ranking(cfg: DictConfig, table: pd.DataFrame, candidates: list[DictConfig], count: int | None,
-                     out_dir: Path, console: Console) -> pd.DataFrame:
-    """Train the chosen candidates (rows of ``table`` without error), add their ``measured_acc1`` to the table
-    and return one row per score: how its order agrees with the measured one."""
+def validate_ranking(cfg: DictConfig, table: pd.DataFrame, candidates: list[DictConfig], recommend: str,
+                     count: int | None, out_dir: Path, console: Console) -> pd.DataFrame:
+    """Train the chosen candidates (rows of ``table`` without error; the top ``count`` by ``recommend``), add
+    their ``measured_acc1`` to the table and return one row per score: how its order agrees with the measured one."""
     scored = table.index[table["error"].fillna("") == ""]
-    order = table.loc[scored].sort_values(cfg.recommend, ascending=False).index
+    order = table.loc[scored].sort_values(recommend, ascending=False).index
     chosen = list(order if count is None else order[:count])
     table["measured_acc1"] = np.nan
     for i in chosen:
