@@ -185,7 +185,7 @@ class CountingBody(nn.Module):
         return self.inner(x)
 
 
-def probe_with_counter(cache_dir, image_size=None, seed=0):
+def probe_with_counter(cache_dir, image_size=None, seed=0, precision="32"):
     torch.manual_seed(seed)
     data_cfg = DatasetConfig(name="digits", batch_size=64, image_size=image_size)
     splits = build_data(data_cfg)
@@ -198,7 +198,7 @@ def probe_with_counter(cache_dir, image_size=None, seed=0):
         return make_loader(splits.split(split), model.spec, data_cfg, train, CPU)
 
     identity = input_identities(splits, model.spec)
-    loaders = method.loaders(make, DataContext(CPU, Precision("32", CPU), identity))
+    loaders = method.loaders(make, DataContext(CPU, Precision(precision, CPU), identity))
     torch.manual_seed(1)
     method.model.head.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
     for _ in range(3):
@@ -214,13 +214,17 @@ def test_feature_cache_skips_the_backbone_on_the_second_run_with_identical_resul
     assert all(torch.equal(a, b) for a, b in zip(head, head_again, strict=True))
 
 
-def test_feature_cache_is_invalidated_by_other_preprocessing_or_weights(tmp_path):
-    probe_with_counter(tmp_path)
+def test_feature_cache_is_invalidated_by_other_preprocessing_weights_or_precision(tmp_path):
+    _, head = probe_with_counter(tmp_path)
     calls_resized, _ = probe_with_counter(tmp_path, image_size=16)
     assert calls_resized > 0
     calls_other_weights, _ = probe_with_counter(tmp_path, seed=5)  # another random initialisation
     assert calls_other_weights > 0
-    assert len(list(tmp_path.glob("*.safetensors"))) == 9
+    calls_bf16, head_bf16 = probe_with_counter(tmp_path, precision="bf16-mixed")
+    assert calls_bf16 > 0 and not all(torch.equal(a, b) for a, b in zip(head, head_bf16, strict=True))
+    assert len(list(tmp_path.glob("*.safetensors"))) == 12
+    _, head_again = probe_with_counter(tmp_path)  # fp32 again: its own features, not the bf16 ones
+    assert all(torch.equal(a, b) for a, b in zip(head, head_again, strict=True))
 
 
 def test_lp_ft_starts_fine_tuning_from_a_fitted_probe_head_and_trains_it_at_the_backbone_rate():

@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 from conftest import DEBUG, run_folders
+from omegaconf import OmegaConf
 
-from transfer_cli.engine.device import deterministic_algorithms, seed_stage, stage_seed
+from transfer_cli.engine.device import Precision, deterministic_algorithms, seed_stage, stage_seed
+from transfer_cli.source import source_key
 
 QUICK = (DEBUG, "trainer.epochs=3", "source.epochs=2")
 
@@ -45,6 +47,15 @@ def test_a_run_gives_the_same_numbers_with_a_cold_and_a_warm_source_cache(transf
     assert _numbers(cold["test"]) == _numbers(warm["test"])
     assert cold["best"] == warm["best"]
     assert {k: _numbers(v) for k, v in cold["final"].items()} == {k: _numbers(v) for k, v in warm["final"].items()}
+
+
+def test_a_source_model_trained_at_another_precision_or_device_is_not_reused():
+    """A bf16-pretrained source read back by an fp32 run would make its numbers depend on which run came first."""
+    source = OmegaConf.create({"dataset": {"name": "digits"}, "epochs": 2, "seed": 0})
+    cpu32 = source_key(source, "small_cnn", "data", Precision("32", torch.device("cpu")))
+    assert cpu32 == source_key(source, "small_cnn", "data", Precision("32", torch.device("cpu")))
+    assert cpu32 != source_key(source, "small_cnn", "data", Precision("bf16-mixed", torch.device("cpu")))
+    assert cpu32 != source_key(source, "small_cnn", "data", Precision("32", torch.device("cuda")))
 
 
 def test_scratch_builds_no_source_model(transfer, tmp_path):

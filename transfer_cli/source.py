@@ -1,7 +1,7 @@
 """Source -> target transfer: pretrain the backbone on a source task once, cache it, reuse it.
 
-The cache key is a hash of the source config, the backbone and the source data's identity (its files'
-sizes and modification times, where it has files), so a sweep over target-side settings (method, shots,
+The cache key is a hash of the source config, the backbone, the source data's identity (its files'
+sizes and modification times, where it has files) and the device type and precision it trains with, so a sweep over target-side settings (method, shots,
 seed ...) pretrains once and every later run reuses the model, while changed source data retrains.
 """
 
@@ -47,9 +47,9 @@ class SourceModel:
     path: Path
 
 
-def source_key(source: DictConfig, backbone: str, data_identity: str) -> str:
-    described = json.dumps({"backbone": backbone, "data": data_identity,
-                            **OmegaConf.to_container(source, resolve=True)}, sort_keys=True)
+def source_key(source: DictConfig, backbone: str, data_identity: str, precision: Precision) -> str:
+    described = json.dumps({"backbone": backbone, "data": data_identity, "trained_with": [precision.device.type,
+                            precision.name], **OmegaConf.to_container(source, resolve=True)}, sort_keys=True)
     return hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
@@ -86,7 +86,7 @@ class _History(Hook):
 def source_model(cfg: DictConfig, device: torch.device, precision: Precision, console: Console) -> SourceModel:
     """The cached source model for ``cfg.source`` and ``cfg.backbone.name``, pretraining it if needed."""
     splits = build_data(cfg.source.dataset)
-    folder = Path(cfg.source.cache_dir) / source_key(cfg.source, cfg.backbone.name, data_identity(splits))
+    folder = Path(cfg.source.cache_dir) / source_key(cfg.source, cfg.backbone.name, data_identity(splits), precision)
     weights = folder / "model.safetensors"
     if not (weights.is_file() and (folder / "history.json").is_file()):
         _pretrain(cfg.source, splits, cfg.backbone.name, folder, device, precision, console, cfg.trainer.progress)

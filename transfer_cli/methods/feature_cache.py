@@ -25,9 +25,11 @@ def weights_digest(model: Classifier) -> str:
     return digest.hexdigest()
 
 
-def cache_key(model: Classifier, split: str, identity: dict[str, Any], digest: str) -> str:
-    described = json.dumps({"backbone": model.backbone_name, "split": split, "weights": digest, **identity},
-                           sort_keys=True, default=str)
+def cache_key(model: Classifier, split: str, identity: dict[str, Any], digest: str, precision: Any) -> str:
+    # The device and precision the features were computed with are part of what they are: bf16 features read
+    # back into an fp32 run would make its numbers depend on which run filled the cache.
+    described = json.dumps({"backbone": model.backbone_name, "split": split, "weights": digest, **identity,
+                            "computed_with": [precision.device.type, precision.name]}, sort_keys=True, default=str)
     return hashlib.sha256(described.encode()).hexdigest()[:24]
 
 
@@ -43,7 +45,7 @@ def cached_features(model: Classifier, loader: DataLoader, split: str, identity:
     """(features, labels) of ``loader``; read from ``cache_dir`` when present, else computed and stored."""
     if cache_dir is None:
         return compute_features(model, loader, device, precision)
-    path = cache_dir / f"{cache_key(model, split, identity, digest)}.safetensors"
+    path = cache_dir / f"{cache_key(model, split, identity, digest, precision)}.safetensors"
     if path.is_file():
         stored = load_file(str(path))
         # Copies in fresh (aligned) memory: tensors read from the file sit at any byte offset, and the vectorised
