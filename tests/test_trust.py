@@ -105,6 +105,29 @@ def digits_5to9(trained_5to9, tmp_path):
     return tmp_path / "best.safetensors"
 
 
+def test_starting_weights_that_trained_on_the_scored_samples_are_refused(transfer, tmp_path, trained_5to9):
+    """A checkpoint of this tool as backbone.weights, or as a rank candidate, on the data it was trained on: another
+    split_seed puts its training samples into the new test split, and rank scores its own training samples; both
+    gave inflated numbers with exit 0."""
+    ckpt = trained_5to9 / "best.safetensors"
+    five = "dataset.classes=[5,6,7,8,9]"
+    code, _, err = transfer("train", f"backbone.weights={ckpt}", five, "dataset.split_seed=1", DEBUG)
+    assert code == 2 and f"backbone.weights='{ckpt}' was trained on" in err
+    assert " of the 90 val and " in err and " of the 180 test samples of dataset=digits" in err
+    assert not run_folders(tmp_path) or not (run_folders(tmp_path)[0] / "summary.json").exists()
+    assert transfer("train", f"backbone.weights={ckpt}", five, DEBUG)[0] == 0  # the same split: val/test unseen
+    assert transfer("train", f"backbone.weights={ckpt}", "dataset.classes=[0,1,2,3,4]", DEBUG)[0] == 0  # other samples
+
+    for classes, refused in ((five, True), ("dataset.classes=[0,1,2,3,4]", False)):
+        code, _, err = transfer("rank", f"candidates=[{{name:small_cnn,weights:'{ckpt}'}},small_cnn]", classes,
+                                "bootstrap=0", "scores=[logme]", "output_dir=ranked")
+        assert code == 0, err
+        table = pd.read_csv(max((tmp_path / "ranked" / "ranks").glob("*/rank.csv")))
+        error = str(table["error"].astype("string").fillna("").iloc[0])
+        assert ("candidates[0].weights=" in error and "was trained on" in error and "train samples" in error) == refused
+        assert np.isnan(table["logme"].iloc[0]) == refused and np.isfinite(table["logme"].iloc[1])
+
+
 def test_eval_refuses_other_classes_and_maps_a_reordering_by_name(transfer, tmp_path, digits_5to9):
     code, _, err = transfer("eval", f"checkpoint={digits_5to9}", "dataset=digits", "dataset.classes=[0,1,2,3,4]")
     assert code == 2 and "has the classes 0, 1, 2, 3, 4" in err and "predicts 5, 6, 7, 8, 9" in err

@@ -35,6 +35,7 @@ from transfer_cli.rank_validation import check_validate, validate_ranking
 from transfer_cli.reporting.plots import plot_rank
 from transfer_cli.reporting.progress import plain_log
 from transfer_cli.reporting.tables import rich_table, write_table
+from transfer_cli.scoring import check_weights_unseen
 from transfer_cli.validation import check_dataset
 
 SOURCE_SCORES = ("leep", "nce")  # need the classifier the candidate came with
@@ -75,7 +76,8 @@ def run_rank(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
         label = _label(candidate)
         log(f"[{i + 1}/{len(candidates)}] {label}")
         started = time.perf_counter()
-        try:
+        try:  # a candidate that trained on these samples would score its own training labels
+            check_weights_unseen(candidate.weights, data_cfg, splits, ("train",), f"candidates[{i}].weights")
             got = _features(cfg, candidate, data_cfg, splits, device, precision, log)
             row = _score(got, chosen, cfg)
             row.update(feature_dim=got.features.shape[1], params=got.params, error="")

@@ -36,7 +36,7 @@ from transfer_cli.pipeline import (
     prepare_splits,
 )
 from transfer_cli.reporting.progress import plain_log
-from transfer_cli.scoring import open_teachers
+from transfer_cli.scoring import check_weights_unseen, open_teachers
 from transfer_cli.source import SourceModel, source_model
 
 
@@ -96,6 +96,9 @@ def build_run(cfg: DictConfig, device: torch.device, precision: Precision, dist:
         source = source_model(cfg, device, precision, console) if uses_source(cfg, console) else None
         splits = build_data(cfg.dataset)
     target = _target_data(cfg, splits)
+    # a checkpoint of this tool as starting weights must not have trained on what this run is scored on
+    check_weights_unseen(cfg.backbone.weights, OmegaConf.to_object(cfg.dataset), splits, ("val", "test"),
+                         "backbone.weights")
     seed_stage(cfg.seed, "init")  # every random stream from here on depends on the seed and its stage only
     model = build_model(cfg, splits, source.body if source else None,
                         weights="none" if cfg.backbone.weights == "source" and not source else None)

@@ -16,17 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf, ValidationError
 
 from transfer_cli.config import DatasetConfig
 from transfer_cli.data.batches import Batches
-from transfer_cli.data.identity import split_identities
+from transfer_cli.data.identity import sample_positions, split_identities
 from transfer_cli.data.splits import DataSplits
 from transfer_cli.errors import UserError, choices
 from transfer_cli.methods.distill import Teacher
 from transfer_cli.models.backbone import Classifier
-from transfer_cli.models.checkpoint import load_model
+from transfer_cli.models.checkpoint import load_model, read_sidecar, sidecar_path
 from transfer_cli.models.ensemble import check_same_classes
 from transfer_cli.models.recipe import ModelRecipe
 from transfer_cli.pipeline import build_data, make_loader, prepare_splits
@@ -48,12 +49,8 @@ class Member:
         return self.model.recipe
 
     def trained(self, *keys: str) -> dict[str, Any]:
-        """A group of the training run's config as the sidecar records it (``trained("target", "dataset")``);
-        {} where it records none: the one reader of that untyped record."""
-        group: Any = self.meta.get("config")
-        for key in keys:
-            group = group.get(key) if isinstance(group, dict) else None
-        return group if isinstance(group, dict) else {}
+        """A group of the training run's config as the sidecar records it (``trained("target", "dataset")``)."""
+        return recorded_config(self.meta, *keys)
 
     @property
     def trained_on(self) -> dict[str, Any]:
@@ -133,6 +130,42 @@ def open_teachers(paths: list[str], data: DatasetConfig, splits: DataSplits, tex
                             "samples.") from None
         teachers.append(Teacher(path, member.model, order))
     return teachers
+
+
+def recorded_config(meta: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """A group of the training run's config as a checkpoint's sidecar ``meta`` records it; {} where it records
+    none: the one reader of that untyped record."""
+    group: Any = meta.get("config")
+    for key in keys:
+        group = group.get(key) if isinstance(group, dict) else None
+    return group if isinstance(group, dict) else {}
+
+
+def check_weights_unseen(weights: str, data: DatasetConfig, splits: DataSplits, scored: tuple[str, ...],
+                         use: str) -> None:
+    """Starting weights (``use``: backbone.weights=, a rank candidate) that are a checkpoint of this tool trained
+    on ``data`` must not have trained on the ``scored`` splits' samples: its features would have learned their
+    labels, and every number measured on them would be inflated. Any other file passes."""
+    path = Path(weights).expanduser()
+    if path.suffix != ".safetensors" or not sidecar_path(path).is_file():
+        return
+    trained = recorded_config(read_sidecar(weights), "dataset")
+    if not trained or not _same_source(data, trained):
+        return
+    digest, seen = sample_positions(build_data(stored_dataset(trained)).train)
+    overlaps = []
+    for split in scored:
+        other, positions = sample_positions(splits.split(split))
+        overlap = int(np.isin(positions, seen).sum()) if other == digest else 0
+        if overlap:
+            overlaps.append(f"{overlap} of the {len(positions)} {split}")
+    if overlaps:
+        how = ", ".join(f"dataset.{k}={json.dumps(trained.get(k))}" for k in ("classes", "shots", "split_seed", "fraction"))
+        raise UserError(
+            f"{use}={weights!r} was trained on {' and '.join(overlaps)} samples of dataset={data.name} scored here "
+            f"(its run read the same data with {how}): its features have learned their labels, so the numbers would "
+            "be inflated. Use weights that never trained on them, or score on data the checkpoint did not train on "
+            "(other classes, another dataset).")
 
 
 def dataset_to_score(override: Any, member: Member, changes: Mapping[str, Any] | None = None) -> DatasetConfig:

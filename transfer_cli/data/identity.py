@@ -81,6 +81,17 @@ def split_identities(splits: DataSplits, labels: bool = True) -> dict[str, str]:
     return {name: _dataset_digest(splits.split(name), memo, labels)[:32] for name in ("train", "val", "test")}
 
 
+def sample_positions(dataset: Dataset) -> tuple[str, np.ndarray]:
+    """(the digest of the dataset under every subset of ``dataset``, the positions of its samples there): two
+    splits hold a sample in common exactly when the digests match and the positions intersect."""
+    positions = None
+    while isinstance(dataset, Subset):
+        indices = np.asarray(dataset.indices, dtype=np.int64)
+        positions = indices if positions is None else indices[positions]
+        dataset = dataset.dataset
+    return base_digest(dataset), np.arange(len(dataset)) if positions is None else positions
+
+
 def input_identities(splits: DataSplits, spec: Any) -> dict[str, dict[str, Any]]:
     """Per split, what identifies the model input it gives: its samples' digest and the preprocessing
     (``spec``, an InputSpec or TextSpec); the key of a split's cached features."""
