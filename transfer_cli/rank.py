@@ -42,7 +42,7 @@ SOURCE_SCORES = ("leep", "nce")  # need the classifier the candidate came with
 NO_INTERVAL = ("probe", "size")  # the probe is fitted 14 times per draw; the size does not depend on the data
 SCORES = ("logme", "leep", "nce", "hscore", "sfda", "knn", "probe", "size")
 # By mean weighted tau against the linear probe's test accuracy on bench/rank.py's 17 candidates x 18 settings
-# (probe 0.80, logme 0.76, knn 0.70, sfda 0.62, nce 0.61, hscore 0.34, leep 0.35, size -0.26); the probe also
+# (probe 0.80, logme 0.75, knn 0.69, sfda 0.62, nce 0.56, hscore 0.34, leep 0.30, size -0.23); the probe also
 # had the lowest top-1 regret (0.56 points against LogME's 1.16) and ordered fine-tuning best (0.40 vs 0.29).
 MEASURED_ORDER = ("probe", "logme", "knn", "sfda", "nce", "hscore", "leep", "size")
 
