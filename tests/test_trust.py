@@ -120,9 +120,10 @@ def test_starting_weights_that_trained_on_the_scored_samples_are_refused(transfe
 
     for classes, refused in ((five, True), ("dataset.classes=[0,1,2,3,4]", False)):
         code, _, err = transfer("rank", f"candidates=[{{name:small_cnn,weights:'{ckpt}'}},small_cnn]", classes,
-                                "bootstrap=0", "scores=[logme]", "output_dir=ranked")
+                                "bootstrap=0", "scores=[logme]", f"output_dir=ranked_{refused}")
         assert code == 0, err
-        table = pd.read_csv(max((tmp_path / "ranked" / "ranks").glob("*/rank.csv")))
+        (found,) = (tmp_path / f"ranked_{refused}" / "ranks").glob("*/rank.csv")
+        table = pd.read_csv(found)
         error = str(table["error"].astype("string").fillna("").iloc[0])
         assert ("candidates[0].weights=" in error and "was trained on" in error and "train samples" in error) == refused
         assert np.isnan(table["logme"].iloc[0]) == refused and np.isfinite(table["logme"].iloc[1])
