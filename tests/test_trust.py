@@ -129,6 +129,17 @@ def test_starting_weights_that_trained_on_the_scored_samples_are_refused(transfe
         assert np.isnan(table["logme"].iloc[0]) == refused and np.isfinite(table["logme"].iloc[1])
 
 
+def test_a_source_model_that_trains_on_the_target_test_samples_is_refused_before_pretraining(transfer, tmp_path):
+    """The source split carved with another seed from the target's own data held 252 of its 360 test samples:
+    a probe on that source model scored 100.0 % (98.9 % with the source carved like the target), exit 0."""
+    source = ("backbone.weights=source", "source=digits_0to4", "source.dataset.classes=null", "source.epochs=2")
+    code, _, err = transfer("train", *source, "source.dataset.split_seed=1", DEBUG)
+    assert code == 2 and "the source model (source.dataset=digits) was trained on " in err
+    assert " of the 360 test samples of dataset=digits" in err and "source.dataset.split_seed=1" in err
+    assert not (tmp_path / "outputs" / "cache" / "source").exists()  # refused before any pretraining
+    assert transfer("train", *source, DEBUG)[0] == 0  # carved like the target: val and test held out
+
+
 def test_eval_refuses_other_classes_and_maps_a_reordering_by_name(transfer, tmp_path, digits_5to9):
     code, _, err = transfer("eval", f"checkpoint={digits_5to9}", "dataset=digits", "dataset.classes=[0,1,2,3,4]")
     assert code == 2 and "has the classes 0, 1, 2, 3, 4" in err and "predicts 5, 6, 7, 8, 9" in err

@@ -36,7 +36,7 @@ from transfer_cli.pipeline import (
     prepare_splits,
 )
 from transfer_cli.reporting.progress import plain_log
-from transfer_cli.scoring import check_weights_unseen, open_teachers
+from transfer_cli.scoring import check_unseen, check_weights_unseen, open_teachers
 from transfer_cli.source import SourceModel, source_model
 
 
@@ -93,12 +93,17 @@ def build_run(cfg: DictConfig, device: torch.device, precision: Precision, dist:
     features) are built by process 0 first."""
     console = console or Console(quiet=True)
     with dist.main_first():
-        source = source_model(cfg, device, precision, console) if uses_source(cfg, console) else None
         splits = build_data(cfg.dataset)
+        # starting weights (a checkpoint of this tool, a source model) must not have trained on what is scored
+        check_weights_unseen(cfg.backbone.weights, OmegaConf.to_object(cfg.dataset), splits, ("val", "test"),
+                             "backbone.weights")
+        source_splits = build_data(cfg.source.dataset) if uses_source(cfg, console) else None
+        if source_splits is not None:
+            check_unseen(source_splits.train, cfg.dataset.name, splits, ("val", "test"), "the source model (source."
+                         f"dataset={cfg.source.dataset.name})", "source.dataset",
+                         OmegaConf.to_container(cfg.source.dataset, resolve=True))
+        source = source_model(cfg, source_splits, device, precision, console) if source_splits else None
     target = _target_data(cfg, splits)
-    # a checkpoint of this tool as starting weights must not have trained on what this run is scored on
-    check_weights_unseen(cfg.backbone.weights, OmegaConf.to_object(cfg.dataset), splits, ("val", "test"),
-                         "backbone.weights")
     seed_stage(cfg.seed, "init")  # every random stream from here on depends on the seed and its stage only
     model = build_model(cfg, splits, source.body if source else None,
                         weights="none" if cfg.backbone.weights == "source" and not source else None)

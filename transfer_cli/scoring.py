@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf, ValidationError
+from torch.utils.data import Dataset
 
 from transfer_cli.config import DatasetConfig
 from transfer_cli.data.batches import Batches
@@ -150,22 +151,28 @@ def check_weights_unseen(weights: str, data: DatasetConfig, splits: DataSplits, 
     if path.suffix != ".safetensors" or not sidecar_path(path).is_file():
         return
     trained = recorded_config(read_sidecar(weights), "dataset")
-    if not trained or not _same_source(data, trained):
-        return
-    digest, seen = sample_positions(build_data(stored_dataset(trained)).train)
+    if trained and _same_source(data, trained):
+        check_unseen(build_data(stored_dataset(trained)).train, data.name, splits, scored, f"{use}={weights!r}",
+                     "dataset", trained)
+
+
+def check_unseen(seen: Dataset, name: str, splits: DataSplits, scored: tuple[str, ...], what: str, group: str,
+                 settings: Mapping[str, Any]) -> None:
+    """Refuse when ``seen`` (the samples a model was trained on: ``what``, read with ``settings``, the keys of
+    config ``group``) shares samples with the ``scored`` splits of ``splits`` (dataset ``name``)."""
+    digest, trained_positions = sample_positions(seen)
     overlaps = []
     for split in scored:
         other, positions = sample_positions(splits.split(split))
-        overlap = int(np.isin(positions, seen).sum()) if other == digest else 0
+        overlap = int(np.isin(positions, trained_positions).sum()) if other == digest else 0
         if overlap:
             overlaps.append(f"{overlap} of the {len(positions)} {split}")
     if overlaps:
-        how = ", ".join(f"dataset.{k}={json.dumps(trained.get(k))}" for k in ("classes", "shots", "split_seed", "fraction"))
+        how = ", ".join(f"{group}.{k}={json.dumps(settings.get(k))}" for k in ("classes", "shots", "split_seed", "fraction"))
         raise UserError(
-            f"{use}={weights!r} was trained on {' and '.join(overlaps)} samples of dataset={data.name} scored here "
-            f"(its run read the same data with {how}): its features have learned their labels, so the numbers would "
-            "be inflated. Use weights that never trained on them, or score on data the checkpoint did not train on "
-            "(other classes, another dataset).")
+            f"{what} was trained on {' and '.join(overlaps)} samples of dataset={name} scored here (read with {how}): "
+            "its features have learned their labels, so the numbers would be inflated. Use weights that never "
+            "trained on them, or score on data they did not train on (other classes, another dataset).")
 
 
 def dataset_to_score(override: Any, member: Member, changes: Mapping[str, Any] | None = None) -> DatasetConfig:

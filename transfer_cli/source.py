@@ -29,7 +29,6 @@ from transfer_cli.methods.base import Method
 from transfer_cli.models.backbone import PretrainedBody
 from transfer_cli.models.checkpoint import load_model, save_model
 from transfer_cli.pipeline import (
-    build_data,
     build_image_model,
     build_optimization,
     make_loader,
@@ -83,9 +82,10 @@ class _History(Hook):
         state.history.append({"epoch": state.epoch + 1, "split": "source_val", **state.epoch_metrics["source_val"]})
 
 
-def source_model(cfg: DictConfig, device: torch.device, precision: Precision, console: Console) -> SourceModel:
-    """The cached source model for ``cfg.source`` and ``cfg.backbone.name``, pretraining it if needed."""
-    splits = build_data(cfg.source.dataset)
+def source_model(cfg: DictConfig, splits: DataSplits, device: torch.device, precision: Precision,
+                 console: Console) -> SourceModel:
+    """The cached source model for ``cfg.source`` (whose data is ``splits``) and ``cfg.backbone.name``,
+    pretraining it if needed."""
     folder = Path(cfg.source.cache_dir) / source_key(cfg.source, cfg.backbone.name, data_identity(splits), precision)
     weights = folder / "model.safetensors"
     if not (weights.is_file() and (folder / "history.json").is_file()):
