@@ -1,12 +1,16 @@
 """`transfer rank` through the entry point: real pretrained weights rank above their random-init copy, a failing
 candidate is a row with its error, bad input is refused before any work."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import shared_path
+from omegaconf import OmegaConf
 
-from transfer_cli.rank import _bootstrap_draws, shifted_interval
+from transfer_cli.config import BackboneConfig
+from transfer_cli.rank import _bootstrap_draws, shifted_interval, train_overrides
 
 
 def rank_table(tmp_path) -> pd.DataFrame:
@@ -35,6 +39,9 @@ def test_mnist_lenet_ranks_above_its_random_init_copy_on_usps_and_a_broken_candi
     assert "missing.pth" in broken["error"] and np.isnan(broken["logme"])
     assert "recommended: lenet (lenet5_mnist.pth) (best probe)" in out  # recommend=auto: the probe, when computed
     (folder,) = (tmp_path / "outputs" / "ranks").iterdir()
+    recommended = json.loads((folder / "recommended.json").read_text())
+    assert recommended["train_overrides"] == ["backbone.name=lenet", f"backbone.weights='{lenet}'"]
+    assert "transfer train dataset=usps <the same dataset.* overrides> backbone.name=lenet" in out
     assert (folder / "rank.md").is_file() and (folder / "rank.png").stat().st_size > 0
 
     # The features come from the cache the second time: the same numbers, the pass skipped.
@@ -92,3 +99,15 @@ def test_bootstrap_keeps_every_class_and_the_interval_surrounds_the_estimate():
         assert np.array_equal(np.bincount(labels[draw]), np.bincount(labels))
     low, high = shifted_interval(0.5, [0.60, 0.62, 0.58, 0.61, 0.59])  # resamples all biased upward
     assert low < 0.5 < high
+
+
+def test_the_train_overrides_of_a_candidate_rebuild_it_in_transfer_train(compose_cfg):
+    candidate = OmegaConf.merge(OmegaConf.structured(BackboneConfig),
+                                {"name": "mobilenet_v2", "weights": "/w/m v2.safetensors", "cut": 14,
+                                 "preprocess": {"crop": 96, "mean": [0.5, 0.5, 0.5]}})
+    overrides = train_overrides(candidate)
+    assert overrides == ["backbone.name=mobilenet_v2", "backbone.weights='/w/m v2.safetensors'",
+                         "backbone.preprocess.crop=96", "backbone.preprocess.mean=[0.5,0.5,0.5]", "backbone.cut=14"]
+    cfg = compose_cfg(*overrides)
+    assert OmegaConf.to_container(cfg.backbone) == OmegaConf.to_container(candidate)
+

@@ -7,6 +7,7 @@ recommended candidate. A candidate that fails to build or load is a row with its
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ def run_rank(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
     table = _ranked(rows, chosen)
     write_table(table, out_dir / "rank.csv")
     plot_rank(table, recommend, out_dir / "rank.png")
-    _announce(table, recommend, out_dir, console)
+    _announce(table, recommend, candidates, data_cfg.name, out_dir, console)
     if to_train != 0:
         validate_ranking(cfg, table, candidates, recommend, to_train, out_dir, console)
         write_table(table, out_dir / "rank.csv")  # now with each trained candidate's measured_acc1
@@ -262,7 +263,31 @@ def _ranked(rows: list[dict[str, Any]], chosen: list[str]) -> pd.DataFrame:
     return table.reindex(columns=[*ordered, "error"])
 
 
-def _announce(table: pd.DataFrame, recommend: str, out_dir: Path, console: Console) -> None:
+def train_overrides(candidate: DictConfig) -> list[str]:
+    """The `transfer train` overrides that make ``candidate`` the run's backbone: its name and every key that
+    differs from backbone='s defaults (weights, cut, preprocessing ...)."""
+    def leaves(tree: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(tree, dict):
+            return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}.{key}").items()}
+        return {prefix: tree}
+
+    default = leaves(OmegaConf.to_container(OmegaConf.structured(BackboneConfig)), "backbone")
+    own = leaves(OmegaConf.to_container(candidate), "backbone")
+    return [f"{key}={_override_value(value)}" for key, value in own.items()
+            if key == "backbone.name" or value != default.get(key)]
+
+
+def _override_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    text = str(value)
+    return f"'{text}'" if isinstance(value, str) and any(c in text for c in "/ ,=:'[]{}") else text
+
+
+def _announce(table: pd.DataFrame, recommend: str, candidates: list[DictConfig], dataset: str, out_dir: Path,
+              console: Console) -> None:
     shown = table[[c for c in table.columns if not c.endswith(("_low", "_high", "_rank"))
                    and c not in ("backbone", "weights", "cut", "params")]].copy()
     shown["error"] = shown["error"].fillna("").str.slice(0, 60)
@@ -271,4 +296,9 @@ def _announce(table: pd.DataFrame, recommend: str, out_dir: Path, console: Conso
     console.print(rich_table(shown, title=f"rank -> {out_dir}/rank.csv", highlight=[best] if best is not None else []))
     if best is None:
         raise UserError(f"no candidate could be scored by {recommend}: every row of {out_dir}/rank.csv holds its error.")
-    console.print(f"recommended: {table.loc[best, 'candidate']} (best {recommend})", highlight=False)
+    overrides = train_overrides(candidates[best])
+    (out_dir / "recommended.json").write_text(json.dumps(
+        {"score": recommend, "candidate": table.loc[best, "candidate"], "train_overrides": overrides}, indent=1))
+    console.print(f"recommended: {table.loc[best, 'candidate']} (best {recommend}); train it with\n"
+                  f"  transfer train dataset={dataset} <the same dataset.* overrides> {' '.join(overrides)}",
+                  highlight=False, soft_wrap=True)
