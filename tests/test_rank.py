@@ -53,12 +53,28 @@ def test_mnist_lenet_ranks_above_its_random_init_copy_on_usps_and_a_broken_candi
     assert pd.read_csv(again).iloc[0]["logme"] == pretrained["logme"]
 
 
+def test_a_source_candidate_is_pretrained_once_and_scored_with_its_source_classifier(transfer, tmp_path):
+    args = ("rank", "dataset.classes=[5,6,7,8,9]", "dataset.shots=10", "source=digits_0to4", "source.epochs=2",
+            "candidates=[{name:small_cnn,weights:source}]", "bootstrap=0", "scores=[logme,leep,probe]")
+    code, out, err = transfer(*args)
+    assert code == 0, err
+    assert "pretraining small_cnn on source digits" in out
+    (made,) = (tmp_path / "outputs" / "cache" / "source").glob("*/model.safetensors")
+    first = rank_table(tmp_path).iloc[0]
+    assert first["candidate"] == "small_cnn (source)" and first["weights"] == str(made.resolve())
+    assert np.isfinite(first["leep"]) and np.isfinite(first["logme"])  # the source task's head is its classifier
+    assert f"backbone.weights='{made.resolve()}'" in out  # train it: the very body that was ranked
+    code, out, err = transfer(*args, "hydra.run.dir=again")
+    assert code == 0 and "source model from cache" in out and "pretraining" not in out
+    assert pd.read_csv(tmp_path / "again" / "rank.csv").iloc[0][["logme", "leep", "probe"]].tolist() == first[["logme", "leep", "probe"]].tolist()
+
+
 @pytest.mark.parametrize("args, message", [
     (["candidates=[]"], "candidates=[]"),
     (["candidates=[small_cnn]", "scores=[logme,magic]"], "scores=['logme', 'magic']"),
     (["candidates=[small_cnn]", "scores=[knn]", "recommend=logme"], "recommend='logme'"),
     (["candidates=[{name:small_cnn,wieghts:none}]"], "candidates[0]"),
-    (["candidates=[{name:small_cnn,weights:source}]"], "weights=source"),
+    (["candidates=[{name:small_cnn,weights:source}]"], "weights=source needs the source task to pretrain on: source=NAME"),
     (["candidates=[minilm]"], "candidates[0] name=minilm takes text but dataset=digits holds images"),
     (["candidates=[small_cnn]", "dataset.shots=1"], "fewer than 2 labelled training samples"),
     (["candidates=[small_cnn]", "validate=top3"], "validate='top3'"),

@@ -303,6 +303,7 @@ class RankConfig:
     validate: str | None = None
     validate_method: str = "linear_probe"
     validate_overrides: list[str] = field(default_factory=list)  # more `transfer train` overrides, e.g. trainer.epochs=15
+    source: SourceConfig | None = None  # source=NAME: the task candidates with weights=source are pretrained on
     seed: int = 0  # random-init candidates, the bootstrap and the probe's folds
     cache: bool = True
     cache_dir: str = "${output_dir}/cache/features"  # shared with linear_probe: a probed backbone ranks for free

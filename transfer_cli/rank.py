@@ -37,6 +37,7 @@ from transfer_cli.reporting.plots import plot_rank
 from transfer_cli.reporting.progress import plain_log
 from transfer_cli.reporting.tables import rich_table, write_table
 from transfer_cli.scoring import check_weights_unseen
+from transfer_cli.source import source_model
 from transfer_cli.validation import check_dataset
 
 SOURCE_SCORES = ("leep", "nce")  # need the classifier the candidate came with
@@ -78,6 +79,8 @@ def run_rank(cfg: DictConfig, out_dir: Path, console: Console | None = None) -> 
         log(f"[{i + 1}/{len(candidates)}] {label}")
         started = time.perf_counter()
         try:  # a candidate that trained on these samples would score its own training labels
+            if candidate.weights == "source":  # from here on the candidate is the source model's file
+                candidates[i] = candidate = _source_candidate(cfg, candidate, device, precision, console)
             check_weights_unseen(candidate.weights, data_cfg, splits, ("train",), f"candidates[{i}].weights")
             got = _features(cfg, candidate, data_cfg, splits, device, precision, log)
             row = _score(got, chosen, cfg)
@@ -113,11 +116,20 @@ def _candidates(cfg: DictConfig) -> list[DictConfig]:
             raise UserError(f"candidates[{i}]={OmegaConf.to_container(item) if not isinstance(item, str) else item}: "
                             f"{str(err).splitlines()[0]}. A candidate takes the keys of backbone= "
                             f"({', '.join(BackboneConfig.__dataclass_fields__)}).") from None
-        if out[-1].weights == "source":
-            raise UserError(f"candidates[{i}] weights=source: rank scores bodies that exist before training; a "
-                            "source-pretrained body is made by `transfer train ... backbone.weights=source`, whose "
-                            "checkpoint can then be ranked as weights=PATH.")
+        if out[-1].weights == "source" and cfg.source is None:
+            raise UserError(f"candidates[{i}] weights=source needs the source task to pretrain on: source=NAME "
+                            "(conf/source/, e.g. source=digits_0to4), as for `transfer train backbone.weights=source`.")
     return out
+
+
+def _source_candidate(cfg: DictConfig, candidate: DictConfig, device: torch.device, precision: Precision,
+                      console: Console) -> DictConfig:
+    """``candidate`` with weights=source replaced by the source model's checkpoint (pretrained on ``cfg.source``,
+    or read from the cache `transfer train backbone.weights=source` shares); its head is the source classifier."""
+    source = OmegaConf.to_container(cfg.source, resolve=True)
+    run = OmegaConf.create({"source": source, "backbone": {"name": candidate.name}, "trainer": {"progress": "none"}})
+    made = source_model(run, build_data(run.source.dataset), device, precision, console)
+    return OmegaConf.merge(candidate, {"weights": str(made.path.resolve())})
 
 
 def _check_scores(cfg: DictConfig) -> tuple[list[str], str]:
