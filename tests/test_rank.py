@@ -75,6 +75,7 @@ def test_a_source_candidate_is_pretrained_once_and_scored_with_its_source_classi
     (["candidates=[small_cnn]", "scores=[knn]", "recommend=logme"], "recommend='logme'"),
     (["candidates=[{name:small_cnn,wieghts:none}]"], "candidates[0]"),
     (["candidates=[{name:small_cnn,weights:source}]"], "weights=source needs the source task to pretrain on: source=NAME"),
+    (["candidates=[{name:small_cnn,weights:source}]", "source=digits_0to4", "source.epochs=0"], "source.epochs=0"),
     (["candidates=[minilm]"], "candidates[0] name=minilm takes text but dataset=digits holds images"),
     (["candidates=[small_cnn]", "dataset.shots=1"], "fewer than 2 labelled training samples"),
     (["candidates=[small_cnn]", "validate=top3"], "validate='top3'"),

@@ -38,7 +38,7 @@ from transfer_cli.reporting.progress import plain_log
 from transfer_cli.reporting.tables import rich_table, write_table
 from transfer_cli.scoring import check_weights_unseen
 from transfer_cli.source import source_model
-from transfer_cli.validation import check_dataset
+from transfer_cli.validation import check_dataset, check_source
 
 SOURCE_SCORES = ("leep", "nce")  # need the classifier the candidate came with
 NO_INTERVAL = ("probe", "size")  # the probe is fitted 14 times per draw; the size does not depend on the data
@@ -116,9 +116,11 @@ def _candidates(cfg: DictConfig) -> list[DictConfig]:
             raise UserError(f"candidates[{i}]={OmegaConf.to_container(item) if not isinstance(item, str) else item}: "
                             f"{str(err).splitlines()[0]}. A candidate takes the keys of backbone= "
                             f"({', '.join(BackboneConfig.__dataclass_fields__)}).") from None
-        if out[-1].weights == "source" and cfg.source is None:
-            raise UserError(f"candidates[{i}] weights=source needs the source task to pretrain on: source=NAME "
-                            "(conf/source/, e.g. source=digits_0to4), as for `transfer train backbone.weights=source`.")
+        if out[-1].weights == "source":
+            if cfg.source is None:
+                raise UserError(f"candidates[{i}] weights=source needs the source task to pretrain on: source=NAME "
+                                "(conf/source/, e.g. source=digits_0to4), as for `transfer train backbone.weights=source`.")
+            check_source(cfg.source)
     return out
 
 

@@ -151,12 +151,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.source is None:
             raise UserError("backbone.weights=source needs a source task to pretrain on: add source=NAME "
                             "(e.g. source=digits_0to4) or a source: block.")
-        DATASETS.get(cfg.source.dataset.name)
-        _check_ranges(cfg.source, "source.")
-        if cfg.source.epochs < 1:
-            raise bad_value("source.epochs", cfg.source.epochs, "an integer >= 1")
-        OPTIMIZERS.check(optimizer_entry(cfg.source.optimizer), provided=("params",))
-        SCHEDULERS.check(cfg.source.scheduler, provided=("optimizer", "total_steps", "steps_per_epoch"))
+        check_source(cfg.source)
     BACKBONES.get(cfg.backbone.name)
     METHODS.check(cfg.method, provided=("model", "teachers"))
     _check_weight_average(cfg)
@@ -170,6 +165,16 @@ def validate(cfg: DictConfig) -> None:
         entry["lr"] = 1e-3
     OPTIMIZERS.check(entry, provided=("params",))
     SCHEDULERS.check(cfg.scheduler, provided=("optimizer", "total_steps", "steps_per_epoch"))
+
+
+def check_source(source: DictConfig) -> None:
+    """The source task of backbone.weights=source (train) or of a weights=source candidate (rank)."""
+    DATASETS.get(source.dataset.name)
+    _check_ranges(source, "source.")
+    if source.epochs < 1:
+        raise bad_value("source.epochs", source.epochs, "an integer >= 1")
+    OPTIMIZERS.check(optimizer_entry(source.optimizer), provided=("params",))
+    SCHEDULERS.check(source.scheduler, provided=("optimizer", "total_steps", "steps_per_epoch"))
 
 
 def _check_weight_average(cfg: DictConfig) -> None:
