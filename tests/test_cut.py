@@ -20,22 +20,25 @@ def _pooled_output_of(body: torch.nn.Module, module: str, x: torch.Tensor) -> to
     with torch.no_grad():
         body(x)
     handle.remove()
-    return seen["out"].flatten(2).mean(2)
+    out = seen["out"]
+    return out.mean(1) if out.dim() == 3 else out.flatten(2).mean(2)  # tokens, or a spatial map
 
 
 @pytest.mark.parametrize("name, cut, module", [("resnet18", 3, "layer2"), ("timm/resnet18", 4, "layer3"),
-                                               ("mobilenet_v2", 5, "features.4")])
+                                               ("mobilenet_v2", 5, "features.4"),
+                                               ("timm/vit_tiny_patch16_224", 3, "blocks.1")])
 def test_a_cut_body_gives_the_pooled_output_of_its_last_stage_and_holds_only_its_stages(name, cut, module):
     pytest.importorskip("timm") if name.startswith("timm/") else None
     torch.manual_seed(0)
     full = build_backbone(name, "none", 3)
     full.body.eval()
     kept_stages = full.stages[:cut]
-    cut_bb = build_backbone(name, "none", 3).cut(cut, 64)
+    size = full.fixed_size or 64
+    cut_bb = build_backbone(name, "none", 3).cut(cut, size)
     cut_bb.body.load_state_dict({f"trunk.{k}": v for k, v in full.body.state_dict().items()
                                  if f"trunk.{k}" in cut_bb.body.state_dict()})
     cut_bb.body.eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         got = cut_bb.body(x)
     torch.testing.assert_close(got, _pooled_output_of(full.body, module, x))
