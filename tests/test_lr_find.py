@@ -1,6 +1,7 @@
 """optimizer.lr=auto: the learning-rate range test chooses the rate, leaves no trace in the run it precedes,
 is never repeated on resume, and is refused where there is no rate to search."""
 
+import json
 import math
 import shutil
 
@@ -27,13 +28,19 @@ def test_the_suggestion_is_halfway_between_the_steepest_descent_and_the_minimum(
 @pytest.fixture(scope="module")
 def auto_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("auto")
-    return folder, train_in_process(folder / "auto", "optimizer.lr=auto", f"output_dir={folder}")
+    result = invoke("train", DEBUG, "optimizer.lr=auto", f"output_dir={folder}", f"hydra.run.dir={folder / 'auto'}",
+                    cwd=folder)
+    assert result.returncode == 0, result.stderr
+    return folder, json.loads((folder / "auto" / "summary.json").read_text()), result.stdout
 
 
 def test_lr_auto_writes_its_curve_and_trains_exactly_as_the_rate_it_found(auto_run):
-    folder, summary = auto_run
+    folder, summary, out = auto_run
     found = summary["lr_found"]
     curve = pd.read_csv(folder / "auto" / "lr_find.csv")
+    # the header says what the test cost beside the training it precedes (debug: 2 epochs of 19 batches)
+    assert f"optimizer.lr=auto: {found:.3g} from the learning-rate range test ({len(curve)} batches, against 38 " \
+           "training batches)" in out
     assert (folder / "auto" / "lr_find.png").stat().st_size > 0
     assert curve["chosen"].sum() == 1 and curve.loc[curve["chosen"], "lr"].item() == found
     assert 1e-5 < found < 1e-1 and len(curve) > 10 and curve["lr"].is_monotonic_increasing

@@ -195,8 +195,11 @@ def _describe(run: Run, console: Console) -> None:
         soft_wrap=True,
     )
     if run.lr_found is not None:
-        console.print(f"optimizer.lr=auto: {run.lr_found:.3g} from the learning-rate range test"
-                      f"{'' if run.lr_curve else ' (recorded by the run this one resumes)'}", highlight=False)
+        # the test's cost is its steps, whatever the run's length: say so where it outweighs the training
+        cost = (f" ({len(run.lr_curve.lrs)} batches, against {run.steps_per_epoch * run.epochs} training batches)"
+                if run.lr_curve else " (recorded by the run this one resumes)")
+        console.print(f"optimizer.lr=auto: {run.lr_found:.3g} from the learning-rate range test{cost}",
+                      highlight=False, soft_wrap=True)
     if len(splits.val) == 0:
         console.print("no validation split (dataset.val_fraction=0): the last epoch's weights are kept and tested.")
 
