@@ -7,7 +7,16 @@ from sklearn.covariance import LedoitWolf
 from sklearn.model_selection import LeaveOneOut, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from transfer_cli.transferability import _fisher_probs, h_score, knn_loo, leep, logme, nce, sfda
+from transfer_cli.transferability import (
+    _fisher_probs,
+    _shrunk_solve,
+    h_score,
+    knn_loo,
+    leep,
+    logme,
+    nce,
+    sfda,
+)
 
 
 def clusters(n: int, d: int, classes: int, spread: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -155,15 +164,25 @@ def test_knn_never_counts_a_bootstrap_copy_of_a_sample_as_its_neighbour():
     assert knn_loo(features[picked], labels[picked], k=1, groups=picked) == knn_loo(features, labels, k=1)  # ... unless
 
 
+@pytest.mark.parametrize("n, dim", [(50, 6), (12, 30)])  # N > D, and N < D (the N x N Woodbury solve)
+def test_the_shrunk_within_class_solve_equals_the_direct_d_by_d_one(n, dim):
+    rng = np.random.default_rng(1)
+    spread, rhs = rng.normal(size=(n, dim)), rng.normal(size=(dim, 3))
+    within = spread.T @ spread / n
+    direct = np.linalg.solve(0.7 * within + 0.3 * np.trace(within) / dim * np.eye(dim), rhs)
+    assert np.allclose(_shrunk_solve(spread, 0.3, rhs), direct, atol=1e-10)
+
+
 def test_sfda_discriminant_is_the_papers_eigenvector_projection():
-    features, labels = clusters(50, 6, 3, spread=1.0)
+    dim = 6
+    features, labels = clusters(50, dim, 3, spread=1.0)
     probs, shrinkage = _fisher_probs(features, labels, None)
     priors = np.bincount(labels) / len(labels)
     means = np.stack([features[labels == c].mean(0) for c in range(3)])
     within = sum(p * np.cov(features[labels == c].T, bias=True) for c, p in enumerate(priors))
-    shrunk = (1 - shrinkage) * within + shrinkage * np.trace(within) / 6 * np.eye(6)
+    shrunk = (1 - shrinkage) * within + shrinkage * np.trace(within) / dim * np.eye(dim)
     total = np.cov(features.T, bias=True)
-    shrunk_total = (1 - shrinkage) * total + shrinkage * np.trace(total) / 6 * np.eye(6)
+    shrunk_total = (1 - shrinkage) * total + shrinkage * np.trace(total) / dim * np.eye(dim)
     _, vectors = linalg.eigh(shrunk_total - shrunk, shrunk)  # the paper: generalised eigenvectors of (S_b, S_w)
     coef = means @ vectors @ vectors.T
     scores = features @ coef.T - 0.5 * np.diag(means @ coef.T) + np.log(priors)
