@@ -116,6 +116,18 @@ def test_a_run_stopped_after_an_epoch_resumes_bit_identically(tmp_path, monkeypa
     assert_same_end(reference, killed)
 
 
+def test_a_cut_backbone_resumes_bit_identically(tmp_path, monkeypatch, keep_threads):
+    """backbone.cut rebuilds the traced body from the config on resume: the same parameters under the same names."""
+    from conftest import train_in_process, train_with_a_copy_at_epoch
+
+    args = [*COMMON, "backbone.cut=2", "dataset.shots=12", "name=cut", f"output_dir={tmp_path}"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    train_with_a_copy_at_epoch(reference, killed, 2, monkeypatch, *args)
+    summary = train_in_process(tmp_path / "resumed", *args, f"trainer.resume={killed}")
+    assert summary["run_dir"] == str(killed) and summary["params_total"] < 60_000  # the cut body, not the whole
+    assert_same_end(reference, killed)
+
+
 def test_resume_auto_finds_the_unfinished_run_and_refuses_another_config(transfer, tmp_path):
     args = ("train", "trainer.epochs=3", "trainer.save_every_s=0", "trainer.progress=none", "trainer.plots=false",
             "name=auto")

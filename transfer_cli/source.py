@@ -1,8 +1,9 @@
 """Source -> target transfer: pretrain the backbone on a source task once, cache it, reuse it.
 
 The cache key is a hash of the source config, the backbone, the source data's identity (its files'
-sizes and modification times, where it has files) and the device type and precision it trains with, so a sweep over target-side settings (method, shots,
-seed ...) pretrains once and every later run reuses the model, while changed source data retrains.
+sizes and modification times, where it has files) and the device type and precision it trains with, so a
+sweep over target-side settings (method, shots, seed ...) pretrains once and every later run reuses the
+model, while changed source data retrains.
 """
 
 from __future__ import annotations
