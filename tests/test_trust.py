@@ -129,6 +129,17 @@ def test_starting_weights_that_trained_on_the_scored_samples_are_refused(transfe
         assert np.isnan(table["logme"].iloc[0]) == refused and np.isfinite(table["logme"].iloc[1])
 
 
+def test_starting_weights_are_refused_when_their_data_changed_since_training(transfer, tmp_path):
+    """Which samples a checkpoint trained on is rebuilt from today's files: with files added since, the carve
+    differs and the overlap check would be blind, so the run is refused."""
+    data = digit_folder(tmp_path / "digits", per_class=8)
+    train_in_process(tmp_path / "first", "dataset=imagefolder", f"dataset.root={data}")
+    ckpt = tmp_path / "first" / "checkpoints" / "best.safetensors"
+    digit_folder(tmp_path / "digits", per_class=12)  # four more images per class
+    code, _, err = transfer("train", "dataset=imagefolder", f"dataset.root={data}", f"backbone.weights={ckpt}", DEBUG)
+    assert code == 2 and "changed since checkpoint=" in err and "held out then" in err
+
+
 def test_a_source_model_that_trains_on_the_target_test_samples_is_refused_before_pretraining(transfer, tmp_path):
     """The source split carved with another seed from the target's own data held 252 of its 360 test samples:
     a probe on that source model scored 100.0 % (98.9 % with the source carved like the target), exit 0."""

@@ -101,7 +101,7 @@ def open_checkpoints(paths: list[str], scored: set[str], dataset: Any = None,
     if own:
         held = split_identities(splits, labels=False)
         for member in own:
-            _check_same_samples(member, held, scored, data)
+            _check_same_samples(member.path, member.meta, held, scored, data)
     else:
         log(f"dataset={data.name} is not the data the checkpoint was trained and tested on: it is scored as new data.")
     if order is not None:
@@ -124,7 +124,8 @@ def open_teachers(paths: list[str], data: DatasetConfig, splits: DataSplits, tex
             order = class_order(member.recipe.classes, list(splits.classes), data.name, path)
             if _same_source(data, member.trained_on):
                 check_held_out(data, member, {"val", "test"})
-                _check_same_samples(member, split_identities(splits, labels=False), {"val", "test"}, data)
+                _check_same_samples(member.path, member.meta, split_identities(splits, labels=False), {"val", "test"},
+                                    data)
         except UserError as err:
             raise UserError(f"method.teacher={path!r} cannot teach this run: {err} A teacher is a checkpoint of "
                             "this tool that predicts the student's classes and never trained on its val/test "
@@ -150,10 +151,13 @@ def check_weights_unseen(weights: str, data: DatasetConfig, splits: DataSplits, 
     path = Path(weights).expanduser()
     if path.suffix != ".safetensors" or not sidecar_path(path).is_file():
         return
-    trained = recorded_config(read_sidecar(weights), "dataset")
+    meta = read_sidecar(weights)
+    trained = recorded_config(meta, "dataset")
     if trained and _same_source(data, trained):
-        check_unseen(build_data(stored_dataset(trained)).train, data.name, splits, scored, f"{use}={weights!r}",
-                     "dataset", trained)
+        theirs = build_data(stored_dataset(trained))  # carved from today's files: the check needs them unchanged
+        if HELD_OUT in meta:  # a training run's checkpoint (a cached source model records no held-out split)
+            _check_same_samples(weights, meta, split_identities(theirs, labels=False), {"val", "test"}, data)
+        check_unseen(theirs.train, data.name, splits, scored, f"{use}={weights!r}", "dataset", trained)
 
 
 def check_unseen(seen: Dataset, name: str, splits: DataSplits, scored: tuple[str, ...], what: str, group: str,
@@ -218,15 +222,16 @@ def check_held_out(data: DatasetConfig, member: Member, scored: set[str]) -> Non
                             f"Allowed: dataset.{key}={trained[key]} (as in training), or data the model never saw.")
 
 
-def _check_same_samples(member: Member, held: dict[str, str], scored: set[str], data: DatasetConfig) -> None:
-    recorded = member.meta.get(HELD_OUT)
+def _check_same_samples(path: str, meta: dict[str, Any], held: dict[str, str], scored: set[str],
+                        data: DatasetConfig) -> None:
+    recorded = meta.get(HELD_OUT)
     if not isinstance(recorded, dict):
-        raise UserError(f"checkpoint={member.path!r} does not record which samples it held out from training, so "
+        raise UserError(f"checkpoint={path!r} does not record which samples it held out from training, so "
                         f"scoring it on dataset={data.name} could score training samples. Train it again with this "
                         "version, or pass another dataset (dataset=NAME dataset.root=DIR) to score new data.")
     for split in sorted(scored - {"train"}):
         if recorded.get(split) != held[split]:
-            raise UserError(f"dataset={data.name} (dataset.root={data.root!r}) changed since checkpoint={member.path!r} "
+            raise UserError(f"dataset={data.name} (dataset.root={data.root!r}) changed since checkpoint={path!r} "
                             f"was trained: its {split} split now holds other samples than the ones held out then "
                             "(files added, removed or edited, or rows re-ordered), so it would be re-split and could "
                             "hold samples the model trained on. Restore the data, or score data the model never saw "
